@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both do their own set-up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/sparse-rl demo
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check sparse_rl kernels benchmarks tests
+
+bench: setup
+	TRITON_INTERPRET=1 $(PY) benchmarks/bench_optimizer_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,51 @@
+"""``SparseConfig``: everything that decides how a trainer is made sparse, in one dataclass (PEFT/TRL style)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .mask import SubnetworkMask
+
+
+@dataclass
+class SparseConfig:
+    """How to choose and train the subnetwork.
+
+    Args:
+        density: share of the entries of each trained matrix that is selected, in (0, 1]. The research finds RL
+            updates 5-30% of parameters; 0.1 is a middle value.
+        discovery: how to pick the entries when no ``mask`` is given. ``"gradient"`` runs ``probe_steps`` batches of
+            the trainer's own loss and keeps the entries with the largest accumulated |gradient| in every matrix;
+            ``"random"`` draws a uniform random subset (a strong baseline in the literature).
+        probe_steps: batches of the real loss used by ``"gradient"`` discovery.
+        mask: a ready :class:`SubnetworkMask` or a path to one saved with ``SubnetworkMask.save``; overrides
+            ``discovery``/``density``.
+        exclude: substrings of parameter names that stay frozen (e.g. ``("embed_tokens",)``).
+        master_weights: fp32 copy of the selected entries of bf16/fp16 weights, so tiny RL updates are not rounded
+            away.
+        seed: seed of random discovery.
+    """
+
+    density: float = 0.1
+    discovery: Literal["gradient", "random"] = "gradient"
+    probe_steps: int = 4
+    mask: SubnetworkMask | str | os.PathLike | None = None
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    master_weights: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        check_density(self.density)
+        if self.discovery not in ("gradient", "random"):
+            raise ValueError(f"discovery must be 'gradient' or 'random', got {self.discovery!r}")
+        if self.probe_steps < 1:
+            raise ValueError(f"probe_steps must be >= 1, got {self.probe_steps}")
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+
+
+def check_density(density: float) -> None:
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")

@@ -1,0 +1,61 @@
+"""Restrict gradients to the subnetwork during backward.
+
+Masking happens in a tensor hook, i.e. while autograd produces each gradient, so everything that reads ``.grad``
+afterwards (gradient clipping, ``grad_norm`` logging, DDP all-reduce, gradient accumulation) sees the masked gradient.
+A callback before ``optimizer.step()`` would be too late: TRL/transformers clip before the step callbacks run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .mask import SubnetworkMask
+
+
+@dataclass
+class GradientRestriction:
+    """Handles of the installed hooks, and which parameters were frozen, so the restriction can be undone."""
+
+    handles: list = field(default_factory=list)
+    frozen: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for param in self.frozen:
+            param.requires_grad_(True)
+        self.handles.clear()
+        self.frozen.clear()
+
+
+def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask) -> GradientRestriction:
+    """Zero gradients outside ``mask`` on every parameter of ``model``.
+
+    Parameters that are not in the mask, or whose selection is empty, get ``requires_grad=False``: no gradient is
+    computed or stored for them at all. Fully selected parameters need no hook.
+    """
+    named = list(model.named_parameters())
+    mask.check_matches(named)
+    restriction = GradientRestriction()
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        selection = mask.selections.get(name)
+        if selection is None or not bool(selection.any()):
+            param.requires_grad_(False)
+            restriction.frozen.append(param)
+            continue
+        if bool(selection.all()):
+            continue
+        keep = selection.to(param.device)
+        restriction.handles.append(param.register_hook(_masking_hook(keep)))
+    return restriction
+
+
+def _masking_hook(keep: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+    return hook

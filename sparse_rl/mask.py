@@ -1,0 +1,140 @@
+"""``SubnetworkMask``: which entries of which parameters are trained.
+
+A mask is a boolean tensor per parameter, keyed by the parameter's name in ``model.named_parameters()``. Parameters
+absent from the mask are frozen. Masks are saved as safetensors with the bits packed (1 bit per entry), so a mask for
+SmolLM2-135M is ~17 MB whatever its density.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MASK_FORMAT = "sparse_rl.mask.v1"
+
+
+class SubnetworkMask:
+    """Boolean selection per parameter name.
+
+    ``selections[name][i] is True`` means entry ``i`` of parameter ``name`` is trained; everything else stays
+    bit-identical. Tensors are kept on CPU; consumers move them where they need them.
+    """
+
+    def __init__(self, selections: Mapping[str, torch.Tensor]):
+        checked: dict[str, torch.Tensor] = {}
+        for name, selection in selections.items():
+            if not isinstance(selection, torch.Tensor):
+                raise TypeError(f"mask entry {name!r} must be a torch.Tensor, got {type(selection).__name__}")
+            if selection.dtype != torch.bool:
+                raise TypeError(f"mask entry {name!r} must be a bool tensor, got dtype {selection.dtype}")
+            checked[name] = selection.detach().to("cpu").contiguous()
+        self.selections = checked
+
+    # ------------------------------------------------------------------ container protocol
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.selections[name]
+        except KeyError:
+            raise KeyError(f"parameter {name!r} is not in this mask; it holds {len(self.selections)} parameters, "
+                           f"e.g. {list(self.selections)[:3]}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.selections
+
+    def __iter__(self):
+        return iter(self.selections)
+
+    def __len__(self) -> int:
+        return len(self.selections)
+
+    def items(self):
+        return self.selections.items()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SubnetworkMask) or self.selections.keys() != other.selections.keys():
+            return False
+        return all(torch.equal(v, other.selections[k]) for k, v in self.selections.items())
+
+    def __repr__(self) -> str:
+        return (f"SubnetworkMask({len(self)} tensors, {self.num_selected:,}/{self.num_total:,} entries, "
+                f"density={self.density:.4f})")
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def num_selected(self) -> int:
+        return int(sum(int(v.sum()) for v in self.selections.values()))
+
+    @property
+    def num_total(self) -> int:
+        return int(sum(v.numel() for v in self.selections.values()))
+
+    @property
+    def density(self) -> float:
+        """Selected entries over all entries of the masked tensors."""
+        total = self.num_total
+        return self.num_selected / total if total else 0.0
+
+    def density_of(self, model: torch.nn.Module) -> float:
+        """Selected entries over *all* parameters of ``model`` (frozen tensors count as unselected)."""
+        total = sum(p.numel() for p in model.parameters())
+        return self.num_selected / total if total else 0.0
+
+    def per_tensor_density(self) -> dict[str, float]:
+        return {name: (float(v.float().mean()) if v.numel() else 0.0) for name, v in self.selections.items()}
+
+    def flat_indices(self, name: str) -> torch.Tensor:
+        """Sorted int64 positions of the selected entries of ``name`` in its flattened tensor."""
+        return self[name].reshape(-1).nonzero().squeeze(1)
+
+    # ------------------------------------------------------------------ validation
+    def check_matches(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Raise a ``ValueError`` naming the first unknown parameter or shape mismatch."""
+        shapes = {name: tuple(p.shape) for name, p in named_parameters}
+        unknown = [name for name in self.selections if name not in shapes]
+        if unknown:
+            close = [n for n in shapes if n.endswith(unknown[0].split(".")[-1])][:3]
+            raise ValueError(f"mask names parameter {unknown[0]!r} which the model does not have "
+                             f"({len(unknown)} unknown in all); model parameters look like "
+                             f"{close or list(shapes)[:3]}")
+        for name, selection in self.selections.items():
+            if tuple(selection.shape) != shapes[name]:
+                raise ValueError(f"mask for {name!r} has shape {tuple(selection.shape)} but the parameter has shape "
+                                 f"{shapes[name]}")
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def full(cls, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> SubnetworkMask:
+        return cls({name: torch.ones(p.shape, dtype=torch.bool) for name, p in named_parameters})
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file with one uint8 tensor of packed bits per parameter."""
+        from safetensors.torch import save_file
+
+        packed = {name: torch.from_numpy(np.packbits(v.reshape(-1).numpy())) for name, v in self.selections.items()}
+        shapes = {name: list(v.shape) for name, v in self.selections.items()}
+        save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SubnetworkMask:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no mask file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != MASK_FORMAT:
+                raise ValueError(f"{path} is not a sparse_rl mask file (format={meta.get('format')!r})")
+            shapes = json.loads(meta["shapes"])
+            selections = {}
+            for name, shape in shapes.items():
+                count = int(np.prod(shape)) if shape else 1
+                bits = np.unpackbits(f.get_tensor(name).numpy(), count=count).astype(bool)
+                selections[name] = torch.from_numpy(bits).reshape(shape)
+        return cls(selections)

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from sparse_rl import SparseConfig, SubnetworkMask, random_mask
+
+
+def test_save_load_round_trip_exact(tmp_path, tiny_model):
+    mask = random_mask(tiny_model, density=0.13, seed=3)
+    mask.save(tmp_path / "mask.safetensors")
+    loaded = SubnetworkMask.load(tmp_path / "mask.safetensors")
+    assert loaded == mask
+    assert loaded.num_selected == mask.num_selected
+    for name, selection in mask.items():
+        assert loaded[name].shape == selection.shape and loaded[name].dtype == torch.bool
+
+
+def test_packed_file_is_one_bit_per_entry(tmp_path, tiny_model):
+    mask = random_mask(tiny_model, density=0.5)
+    mask.save(tmp_path / "m.safetensors")
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert size < mask.num_total / 8 + 20_000  # bits plus header
+
+
+def test_random_mask_density_per_tensor(tiny_model):
+    mask = random_mask(tiny_model, density=0.1)
+    for name, param in tiny_model.named_parameters():
+        expected = -(-param.numel() // 10)  # ceil
+        assert int(mask[name].sum()) == expected, name
+    assert 0.1 <= mask.density < 0.11
+
+
+def test_random_masks_differ_by_seed(tiny_model):
+    assert random_mask(tiny_model, 0.2, seed=0) != random_mask(tiny_model, 0.2, seed=1)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_out_of_range(tiny_model, density):
+    with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
+        random_mask(tiny_model, density)
+    with pytest.raises(ValueError, match="density"):
+        SparseConfig(density=density)
+
+
+def test_unknown_parameter_name_is_named(tiny_model):
+    mask = SubnetworkMask({"model.layers.9.mlp.up_proj.weight": torch.ones(64, 32, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="model.layers.9.mlp.up_proj.weight"):
+        mask.check_matches(tiny_model.named_parameters())
+
+
+def test_wrong_shape_is_named(tiny_model):
+    mask = SubnetworkMask({"model.layers.0.mlp.up_proj.weight": torch.ones(32, 64, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"up_proj.weight.*shape \(32, 64\).*\(64, 32\)"):
+        mask.check_matches(tiny_model.named_parameters())
+
+
+def test_non_bool_mask_rejected():
+    with pytest.raises(TypeError, match="bool"):
+        SubnetworkMask({"w": torch.ones(3)})
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a sparse_rl mask"):
+        SubnetworkMask.load(tmp_path / "x.safetensors")
