@@ -1,0 +1,293 @@
+"""``SparseDelta``: ship a trained subnetwork the way PEFT ships an adapter.
+
+A model trained inside a :class:`SubnetworkMask` differs from its base only at the selected entries, so the checkpoint
+is the *new values* of those entries plus the mask::
+
+    delta = SparseDelta.from_trained(trainer.model, sparse.mask)
+    delta.save_pretrained("out/delta")           # delta_model.safetensors + delta_config.json
+
+    base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    delta = SparseDelta.from_pretrained(base, "out/delta")   # merged in place; refuses a different base
+    base.save_pretrained("out/merged")                       # a plain transformers checkpoint
+    delta.unmerge(base)                                      # back to the base, bit for bit
+
+Values, not differences, are stored (in the model's dtype), so merging reconstructs the trained model bit-exactly.
+Per tensor the mask is stored as packed bits or int32 indices, whichever is smaller (indices win below 1/32 density).
+
+Base checksum: SHA-256 over every parameter's name, dtype, shape and the bytes of its *unselected* entries. Those
+entries are exactly what the delta leaves to the base, so the checksum can be computed from the trained model at save
+time and from the base at load time, and it accepts a base if and only if merging onto it gives the trained model (a
+base that differs only at selected entries is overwritten there anyway). Cost: one read of the weights (~1 s for
+SmolLM2-135M in fp32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .mask import SubnetworkMask
+
+DELTA_FORMAT = "sparse_rl.delta.v1"
+DELTA_CONFIG_NAME = "delta_config.json"
+DELTA_WEIGHTS_NAME = "delta_model.safetensors"
+CHECKSUM_METHOD = "sha256(name, dtype, shape, bytes of unselected entries) over named_parameters() sorted by name"
+
+_VALUES, _BITS, _INDICES = ".selected_values", ".mask_bits", ".mask_indices"
+_HASH_CHUNK = 1 << 22  # entries gathered at a time while hashing, bounds the temporary copy
+
+
+@dataclass
+class SparseDeltaConfig:
+    """What a delta folder says about itself (written as ``delta_config.json`` next to the weights).
+
+    Args:
+        base_model_name_or_path: hub id or folder of the base model the delta was trained from.
+        base_checksum: :func:`base_checksum` of that base under the delta's mask.
+        num_selected: entries stored in the delta.
+        num_parameters: entries of all parameters of the model (frozen ones included).
+        checksum_method: how ``base_checksum`` was computed.
+    """
+
+    base_model_name_or_path: str | None
+    base_checksum: str
+    num_selected: int
+    num_parameters: int
+    checksum_method: str = CHECKSUM_METHOD
+    format: str = DELTA_FORMAT
+    sparse_rl_version: str = field(default_factory=lambda: _version())
+
+    @property
+    def density(self) -> float:
+        return self.num_selected / self.num_parameters if self.num_parameters else 0.0
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {**asdict(self), "density": self.density}
+        (folder / DELTA_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> SparseDeltaConfig:
+        path = Path(folder) / DELTA_CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {DELTA_CONFIG_NAME} in {folder}: not a sparse_rl delta folder")
+        payload = json.loads(path.read_text())
+        if payload.get("format") != DELTA_FORMAT:
+            raise ValueError(f"{path} has format {payload.get('format')!r}, expected {DELTA_FORMAT!r}")
+        payload.pop("density", None)
+        return cls(**payload)
+
+
+def base_checksum(model: torch.nn.Module, mask: SubnetworkMask) -> str:
+    """SHA-256 of the entries of ``model`` that ``mask`` leaves untouched (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}\n".encode())
+        flat = param.detach().reshape(-1)
+        selection = mask.selections.get(name)
+        keep = None if selection is None else ~selection.reshape(-1)
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            chunk = flat[start : start + _HASH_CHUNK]
+            if keep is not None:
+                chunk = chunk[keep[start : start + _HASH_CHUNK].to(chunk.device)]
+            digest.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def gather_selected(model: torch.nn.Module, mask: SubnetworkMask) -> dict[str, torch.Tensor]:
+    """Copies of the selected entries of each masked parameter, in flat-index order (tensors with none are skipped)."""
+    params = dict(model.named_parameters())
+    values = {}
+    with torch.no_grad():
+        for name, selection in mask.items():
+            if not bool(selection.any()):
+                continue
+            index = mask.flat_indices(name).to(params[name].device)
+            values[name] = params[name].detach().reshape(-1).index_select(0, index).clone()
+    return values
+
+
+def _flat_view(param: torch.Tensor, name: str) -> torch.Tensor:
+    if not param.is_contiguous():
+        raise ValueError(f"parameter {name!r} is not contiguous; sparse_rl writes selected entries through a flat view "
+                         "(call .contiguous() on it, e.g. reload the model)")
+    return param.detach().view(-1)
+
+
+class SparseDelta:
+    """The trained values of a subnetwork on top of a named base model.
+
+    ``selected_values[name]`` holds the values of ``mask[name]``'s selected entries in flat-index order, in the
+    model's dtype. ``merge`` keeps a copy of the base's values at those entries (d·N values) so ``unmerge`` restores
+    the base bit-exactly; pass ``keep_base_values=False`` to save that memory and give up ``unmerge``.
+    """
+
+    def __init__(self, mask: SubnetworkMask, selected_values: dict[str, torch.Tensor], config: SparseDeltaConfig):
+        for name, values in selected_values.items():
+            if name not in mask:
+                raise ValueError(f"selected values given for {name!r}, which the mask does not contain")
+            expected = int(mask[name].sum())
+            if values.dim() != 1 or values.numel() != expected:
+                raise ValueError(f"{name!r}: expected a 1-D tensor of {expected} selected values, got shape "
+                                 f"{tuple(values.shape)}")
+        missing = [n for n, s in mask.items() if n not in selected_values and bool(s.any())]
+        if missing:
+            raise ValueError(f"no selected values for {missing[0]!r} ({len(missing)} masked tensors lack values)")
+        self.mask = mask
+        self.selected_values = dict(selected_values)
+        self.config = config
+        self._merged_into: weakref.ref | None = None
+        self._base_values: dict[str, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return (f"SparseDelta({len(self.selected_values)} tensors, {self.config.num_selected:,} values, "
+                f"density={self.config.density:.4f}, base={self.config.base_model_name_or_path!r})")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_trained(
+        cls, model: torch.nn.Module, mask: SubnetworkMask, base_model_name_or_path: str | None = None
+    ) -> SparseDelta:
+        """Capture the selected entries of ``model``, which must have changed only inside ``mask`` since the base
+        (what ``sparsify`` guarantees). ``base_model_name_or_path`` defaults to ``model.config._name_or_path``."""
+        named = list(model.named_parameters())
+        mask.check_matches(named)
+        if base_model_name_or_path is None:
+            base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config = SparseDeltaConfig(
+            base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
+            base_checksum=base_checksum(model, mask),
+            num_selected=mask.num_selected,
+            num_parameters=sum(p.numel() for _, p in named),
+        )
+        values = {name: v.cpu() for name, v in gather_selected(model, mask).items()}
+        return cls(mask, values, config)
+
+    # ------------------------------------------------------------------ disk
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``delta_model.safetensors`` (values + mask) and ``delta_config.json`` into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, shapes = {}, {}
+        for name, values in self.selected_values.items():
+            selection = self.mask[name].reshape(-1)
+            shapes[name] = list(self.mask[name].shape)
+            tensors[name + _VALUES] = values.detach().cpu().contiguous()
+            bits_bytes = (selection.numel() + 7) // 8
+            if 4 * values.numel() < bits_bytes:
+                tensors[name + _INDICES] = self.mask.flat_indices(name).to(torch.int32)
+            else:
+                tensors[name + _BITS] = torch.from_numpy(np.packbits(selection.numpy()))
+        save_file(tensors, str(folder / DELTA_WEIGHTS_NAME), metadata={"format": DELTA_FORMAT,
+                                                                        "shapes": json.dumps(shapes)})
+        self.config.save_pretrained(folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> SparseDelta:
+        """Read a delta folder without applying it."""
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        config = SparseDeltaConfig.from_pretrained(folder)
+        path = folder / DELTA_WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {DELTA_WEIGHTS_NAME} in {folder}")
+        selections, values = {}, {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != DELTA_FORMAT:
+                raise ValueError(f"{path} is not a sparse_rl delta (format={meta.get('format')!r})")
+            keys = set(f.keys())
+            for name, shape in json.loads(meta["shapes"]).items():
+                count = int(np.prod(shape)) if shape else 1
+                if name + _BITS in keys:
+                    bits = np.unpackbits(f.get_tensor(name + _BITS).numpy(), count=count).astype(bool)
+                    selection = torch.from_numpy(bits)
+                else:
+                    index = f.get_tensor(name + _INDICES).long()
+                    if index.numel() and (bool((index[1:] <= index[:-1]).any()) or index[0] < 0 or index[-1] >= count):
+                        raise ValueError(f"{path}: indices of {name!r} are not sorted, unique and in range")
+                    selection = torch.zeros(count, dtype=torch.bool)
+                    selection[index] = True
+                selections[name] = selection.reshape(shape)
+                values[name] = f.get_tensor(name + _VALUES)
+        return cls(SubnetworkMask(selections), values, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: torch.nn.Module, folder: str | os.PathLike, keep_base_values: bool = True
+    ) -> SparseDelta:
+        """Load the delta in ``folder`` and merge it into ``model`` in place (the base it was trained from)."""
+        delta = cls.load(folder)
+        delta.merge(model, keep_base_values=keep_base_values)
+        return delta
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def verify_base(self, model: torch.nn.Module) -> None:
+        """Raise a ``ValueError`` unless ``model`` is (or is merged from) the base this delta was trained on."""
+        named = list(model.named_parameters())
+        self.mask.check_matches(named)
+        params = dict(named)
+        for name, values in self.selected_values.items():
+            if params[name].dtype != values.dtype:
+                raise ValueError(f"{name!r} is {params[name].dtype} in the model but {values.dtype} in the delta; "
+                                 f"load the base with dtype={values.dtype}")
+        found = base_checksum(model, self.mask)
+        if found != self.config.base_checksum:
+            raise ValueError(
+                f"this model is not the base the delta was trained on ({self.config.base_model_name_or_path!r}): its "
+                f"entries outside the subnetwork hash to {found[:16]}..., the delta expects "
+                f"{self.config.base_checksum[:16]}...; load {self.config.base_model_name_or_path!r} in the same dtype"
+            )
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_into is not None and self._merged_into() is not None
+
+    def merge(self, model: torch.nn.Module, keep_base_values: bool = True) -> None:
+        """Write the trained values into ``model`` in place after checking it is the right base."""
+        if self.merged:
+            raise RuntimeError("this delta is already merged into a model; unmerge it first (merging twice would "
+                               "overwrite the kept base values)")
+        self.verify_base(model)
+        params = dict(model.named_parameters())
+        base_values = {}
+        with torch.no_grad():
+            for name, values in self.selected_values.items():
+                flat = _flat_view(params[name], name)
+                index = self.mask.flat_indices(name).to(flat.device)
+                if keep_base_values:
+                    base_values[name] = flat.index_select(0, index)
+                flat.index_copy_(0, index, values.to(flat.device))
+        self._base_values = base_values if keep_base_values else None
+        self._merged_into = weakref.ref(model)
+
+    def unmerge(self, model: torch.nn.Module) -> None:
+        """Put the base's values back into ``model`` (the model ``merge`` was called on)."""
+        if not self.merged or self._merged_into() is not model:
+            raise RuntimeError("this delta is not merged into this model")
+        if self._base_values is None:
+            raise RuntimeError("merge(keep_base_values=False) dropped the base values; reload the base model instead")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, values in self._base_values.items():
+                flat = _flat_view(params[name], name)
+                flat.index_copy_(0, self.mask.flat_indices(name).to(flat.device), values)
+        self._base_values = None
+        self._merged_into = None
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

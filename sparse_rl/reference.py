@@ -1,0 +1,234 @@
+"""A reference model that costs d·N values instead of a second copy of N.
+
+DPO, KTO and KL-regularised GRPO/RLOO score every batch with a frozen copy of the starting model. When only the
+entries of a :class:`SubnetworkMask` are trained, the policy still *is* that starting model everywhere else, so the
+reference can be the policy itself with the original values of the selected entries swapped in for the forward pass::
+
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    sparse = sparsify(trainer, SparseConfig(density=0.1))
+    use_shared_reference(trainer, sparse.mask)       # frees TRL's copy of the model
+    trainer.train()
+
+or, to never load the copy (DPO and KTO take ``ref_model=``), with a mask known before the trainer::
+
+    mask = random_mask(model, 0.1)
+    trainer = DPOTrainer(model=model, ref_model=SharedReference(model, mask), ...)
+    sparsify(trainer, SparseConfig(mask=mask))
+
+How each TRL 1.16 trainer calls its reference, and why the swap is safe there:
+
+- DPO and KTO run the policy forward (with grad) *first*, then ``self.ref_model(..., fused_lm_head=True)`` under
+  ``torch.no_grad()``, then the backward. The policy's saved activations reference the weight tensors, so the
+  reference forward must leave both their values and their autograd version counters as they were. The swap writes
+  through ``param.data`` (which has its own version counter, so backward raises no "modified by an inplace operation"
+  error) and puts the trained values back, bit for bit, before returning, also when the forward raises. GRPO and RLOO
+  score the reference in ``_generate_and_score_completions`` under ``torch.no_grad()``, before the training forward.
+- Under mixed precision, autocast caches the low-precision copy of each weight that requires grad until the outermost
+  autocast region exits; a reference forward inside the policy's region would read the cached *trained* weights. The
+  swap clears the autocast cache and disables it during the reference forward.
+- TRL's reference copy is in eval mode (no dropout); the policy is put in eval mode for the reference forward and its
+  per-module training flags are restored afterwards.
+- TRL patches the reference's ``forward`` (fused LM head, accelerate's autocast wrapper). The policy carries the same
+  patches, with the same temperature, so the shared reference calls the policy and ignores patches made to itself.
+
+Unsupported, with a clear error: ``sync_ref_model=True`` (the reference drifts towards the policy),
+``precompute_ref_log_probs=True`` (there is no reference model left to share), PEFT models and ``beta=0`` GRPO/RLOO
+(no reference model at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import torch
+
+from .mask import SubnetworkMask
+
+
+class SharedReference(torch.nn.Module):
+    """The starting weights of ``policy``, stored as the original values of ``mask``'s selected entries.
+
+    Calling it runs ``policy`` under ``torch.no_grad()`` in eval mode with those values swapped in, and swaps the
+    trained values back before returning. The policy is not a submodule: ``.to()``, ``.parameters()`` and TRL's
+    reference-model set-up reach only the stored values (buffers), never the policy's weights. Valid as long as
+    training changes only entries inside ``mask`` (what ``sparsify`` guarantees).
+    """
+
+    def __init__(self, policy: torch.nn.Module, mask: SubnetworkMask):
+        super().__init__()
+        if isinstance(policy, SharedReference):
+            raise TypeError("policy is already a SharedReference")
+        named = list(policy.named_parameters())
+        mask.check_matches(named)
+        object.__setattr__(self, "_policy", policy)  # bypass nn.Module registration on purpose
+        self.config = getattr(policy, "config", None)
+        self.mask = mask
+        self._names: list[str] = []
+        self._swapped = False
+        params = dict(named)
+        with torch.no_grad():
+            for name, selection in mask.items():
+                if not bool(selection.any()):
+                    continue
+                param = params[name]
+                if not param.is_contiguous():
+                    raise ValueError(f"parameter {name!r} is not contiguous; the shared reference swaps entries "
+                                     "through a flat view")
+                flat_index = mask.flat_indices(name)
+                index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+                index = flat_index.to(device=param.device, dtype=index_dtype)
+                slot = len(self._names)
+                self.register_buffer(f"index_{slot}", index, persistent=False)
+                self.register_buffer(f"values_{slot}", param.detach().reshape(-1)[index].clone(), persistent=False)
+                self._names.append(name)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self._policy
+
+    def extra_bytes(self) -> int:
+        """Bytes this reference holds: the original selected values plus their indices."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def __repr__(self) -> str:
+        return (f"SharedReference(policy={type(self._policy).__name__}, {self.mask.num_selected:,} stored values, "
+                f"{self.extra_bytes() / 2**20:.1f} MiB)")
+
+    # ------------------------------------------------------------------ swapping
+    def _swap(self, params: dict[str, torch.nn.Parameter], slot: int) -> None:
+        """Exchange the policy's values at the selected entries with the stored ones (an involution)."""
+        name = self._names[slot]
+        param = params[name]
+        index, stored = getattr(self, f"index_{slot}"), getattr(self, f"values_{slot}")
+        if stored.device != param.device:  # the policy was moved after this reference was built
+            index, stored = index.to(param.device), stored.to(param.device)
+            setattr(self, f"index_{slot}", index)
+            setattr(self, f"values_{slot}", stored)
+        if stored.dtype != param.dtype:
+            raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
+        flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
+        current = flat[index]
+        flat[index] = stored
+        stored.copy_(current)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Inside, the policy holds its starting values; the trained ones come back on exit, also on error."""
+        if self._swapped:
+            raise RuntimeError("the shared reference is already swapped in (nested reference forward)")
+        params = dict(self._policy.named_parameters())
+        done: list[int] = []
+        self._swapped = True
+        try:
+            with torch.no_grad():
+                for slot in range(len(self._names)):
+                    self._swap(params, slot)
+                    done.append(slot)
+            yield self._policy
+        finally:
+            with torch.no_grad():
+                for slot in reversed(done):
+                    self._swap(params, slot)
+            self._swapped = False
+
+    def forward(self, *args, **kwargs):
+        with self.swapped(), torch.no_grad(), _eval_mode(self._policy), _without_autocast_cache():
+            return self._policy(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        # TRL and accelerate replace the *instance* ``forward`` of reference models; the policy already carries the
+        # same patches, so always run the class's own forward.
+        return SharedReference.forward(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _without_autocast_cache():
+    enabled = torch.is_autocast_cache_enabled()
+    torch.clear_autocast_cache()  # low-precision copies of the trained weights
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
+        torch.clear_autocast_cache()  # anything an inner region cached from the swapped-in values
+
+
+def use_shared_reference(trainer, mask: SubnetworkMask | None = None) -> SharedReference:
+    """Replace the reference model of a constructed TRL trainer (DPO, KTO, GRPO/RLOO with ``beta != 0``) by a
+    :class:`SharedReference` of its policy, and free the reference copy. Call before ``trainer.train()``.
+
+    ``mask`` defaults to the mask ``sparsify`` attached. The existing reference must equal the policy entry for entry
+    (it does when TRL built it from the policy's checkpoint); a reference loaded from other weights is refused.
+    """
+    if not hasattr(trainer, "ref_model"):
+        raise TypeError(f"{type(trainer).__name__} has no ref_model; shared references plug into DPOTrainer, "
+                        "KTOTrainer, GRPOTrainer and RLOOTrainer")
+    sparse = getattr(trainer, "sparse_training", None)
+    if mask is None:
+        if sparse is None:
+            raise ValueError("no mask given and the trainer is not sparsified; call sparsify(trainer, ...) first or "
+                             "pass the mask")
+        mask = sparse.mask
+    if sparse is not None and sparse.mask is not mask:
+        outside = sum(int((s & ~mask[n]).sum()) if n in mask else int(s.sum()) for n, s in sparse.mask.items())
+        if outside:
+            raise ValueError(f"the trainer trains {outside} entries outside the reference's mask; the shared reference "
+                             "must cover every trained entry (pass sparse_training.mask)")
+    args = trainer.args
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError("sync_ref_model=True moves the reference towards the policy, so it is no longer the starting "
+                         "model a shared reference stores; set sync_ref_model=False")
+    if getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError("precompute_ref_log_probs=True: the reference log-probs were computed at construction and "
+                         "no reference model is kept, so there is nothing to share")
+    if hasattr(trainer.model, "peft_config"):
+        raise ValueError("PEFT models get their reference by disabling the adapter; a shared reference is for "
+                         "subnetwork training of the full model")
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    existing = trainer.ref_model
+    if existing is None:
+        raise ValueError(f"{type(trainer).__name__} keeps no reference model (beta=0.0?), so there is nothing to "
+                         "replace")
+    if isinstance(existing, SharedReference):
+        if existing.policy is policy and existing.mask == mask:
+            return existing
+        raise ValueError("the trainer already has a SharedReference for another policy or mask")
+
+    _check_same_weights(policy, trainer.accelerator.unwrap_model(existing))
+    shared = SharedReference(policy, mask)
+    trainer.ref_model = shared
+    models = getattr(trainer.accelerator, "_models", [])
+    models[:] = [m for m in models if m is not existing]
+    del existing
+    gc.collect()
+    return shared
+
+
+def _check_same_weights(policy: torch.nn.Module, reference: torch.nn.Module) -> None:
+    mine, theirs = dict(policy.named_parameters()), dict(reference.named_parameters())
+    if mine.keys() != theirs.keys():
+        missing = sorted(mine.keys() ^ theirs.keys())
+        raise ValueError(f"the reference model's parameters differ from the policy's (e.g. {missing[:3]}); a shared "
+                         "reference can only stand for the policy's own starting weights")
+    with torch.no_grad():
+        for name, param in mine.items():
+            other = theirs[name]
+            if other.shape != param.shape or other.dtype != param.dtype:
+                raise ValueError(f"reference {name!r} is {other.dtype}{tuple(other.shape)}, the policy's is "
+                                 f"{param.dtype}{tuple(param.shape)}")
+            if not torch.equal(param, other.to(param.device)):
+                raise ValueError(f"the reference model differs from the policy at {name!r}: it was loaded from other "
+                                 "weights, or the policy has already been trained; a shared reference stores only "
+                                 "the policy's own starting values")

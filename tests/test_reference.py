@@ -1,0 +1,268 @@
+"""SharedReference: equals a true copy of the base model, never disturbs the policy, and plugs into TRL trainers."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
+
+from sparse_rl import MaskedAdamW, SparseConfig, random_mask, restrict_gradients, sparsify
+from sparse_rl.reference import SharedReference, use_shared_reference
+from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset, save_tiny_checkpoint
+
+VOCAB = len(make_tiny_tokenizer().get_vocab())
+
+
+def _inputs(seed=1, batch=3, length=9):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (batch, length), generator=generator)
+
+
+def _train_sparse(model, mask, steps=3, lr=5e-2):
+    """A few masked AdamW steps so the policy moves away from its base at the selected entries."""
+    restriction = restrict_gradients(model, mask)
+    optimizer = MaskedAdamW(list((n, p) for n, p in model.named_parameters() if p.requires_grad), mask, lr=lr)
+    for step in range(steps):
+        ids = _inputs(seed=10 + step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    restriction.remove()
+
+
+def _snapshot(model):
+    return {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, snapshot):
+    for name, param in model.named_parameters():
+        value, version = snapshot[name]
+        assert torch.equal(param.detach(), value), f"{name} was not restored"
+        assert param._version == version, f"{name}'s autograd version counter moved"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reference_equals_base_copy_after_training(tied):
+    policy = make_tiny_model(tie_word_embeddings=tied)
+    base = copy.deepcopy(policy).eval()
+    mask = random_mask(policy, 0.2)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    ids = _inputs()
+    with torch.no_grad():
+        trained_logits = policy(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+    assert not torch.allclose(trained_logits, base_logits), "training did not move the policy; the test is vacuous"
+    snapshot = _snapshot(policy)
+    reference_logits = reference(input_ids=ids).logits
+    torch.testing.assert_close(reference_logits, base_logits, rtol=0, atol=0)
+    _assert_unchanged(policy, snapshot)
+    assert not reference_logits.requires_grad
+
+
+def test_extra_memory_is_the_selected_values_and_int32_indices():
+    policy = make_tiny_model()
+    mask = random_mask(policy, 0.1)
+    reference = SharedReference(policy, mask)
+    assert reference.extra_bytes() == mask.num_selected * (4 + 4)
+    assert list(reference.parameters()) == [], "the policy must not be a submodule of the reference"
+
+
+def test_policy_restored_when_reference_forward_raises():
+    policy = make_tiny_model()
+    mask = random_mask(policy, 0.3)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    snapshot = _snapshot(policy)
+    policy.train()
+    with pytest.raises(IndexError):
+        reference(input_ids=torch.full((1, 4), VOCAB + 5))  # token id outside the embedding table
+    _assert_unchanged(policy, snapshot)
+    assert all(m.training for m in policy.modules()), "training flags were not restored"
+    reference(input_ids=_inputs())  # not stuck in the swapped state
+
+
+def test_reference_forward_between_policy_forward_and_backward_keeps_gradients():
+    """DPO/KTO order: policy forward (saves weights for backward), reference forward, then backward."""
+    policy = make_tiny_model()
+    mask = random_mask(policy, 0.3)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    twin = copy.deepcopy(policy)
+    ids = _inputs()
+
+    policy(input_ids=ids, labels=ids).loss.backward()
+    expected = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    loss = policy(input_ids=ids, labels=ids).loss
+    reference(input_ids=ids)
+    loss.backward()  # a version bump on a saved weight would raise here; wrong values would change the gradients
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=0, atol=0, msg=name)
+
+    # why the swap goes through .data: the same swap done on the parameter itself breaks the policy's backward
+    loss = twin(input_ids=ids, labels=ids).loss
+    weight = twin.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        weight.view(-1)[0] = weight.view(-1)[0].clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_autocast_cache_does_not_leak_trained_weights():
+    """Inside one autocast region the policy's forward caches bf16 copies of its (trained) weights."""
+    policy = make_tiny_model()
+    base = copy.deepcopy(policy).eval()
+    mask = random_mask(policy, 0.5)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    ids = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base_logits = base(input_ids=ids).logits
+    torch.clear_autocast_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        policy_logits = policy(input_ids=ids, labels=ids).logits  # with grad: fills the autocast cache
+        reference_logits = reference(input_ids=ids).logits
+    assert not torch.allclose(policy_logits.float(), base_logits.float())
+    torch.testing.assert_close(reference_logits, base_logits, rtol=0, atol=0)
+
+
+def test_reference_runs_in_eval_mode_like_a_frozen_copy():
+    policy = make_tiny_model(attention_dropout=0.5)
+    base = copy.deepcopy(policy).eval()
+    mask = random_mask(policy, 0.2)
+    reference = SharedReference(policy, mask)
+    policy.train()
+    policy.model.layers[1].eval()  # mixed flags must come back as they were
+    flags = [m.training for m in policy.modules()]
+    ids = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    assert [m.training for m in policy.modules()] == flags
+
+
+def test_nested_swap_refused():
+    policy = make_tiny_model()
+    reference = SharedReference(policy, random_mask(policy, 0.1))
+    with reference.swapped(), pytest.raises(RuntimeError, match="already swapped"):
+        with reference.swapped():
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- TRL trainers
+def _preference_dataset(n=12):
+    prompts = [f"what is {i % 10} + {(3 * i) % 10} ?" for i in range(n)]
+    return Dataset.from_dict({
+        "prompt": prompts,
+        "chosen": [f"the answer is {(i % 10 + 3 * i % 10) % 10}" for i in range(n)],
+        "rejected": [f"no {(i * 7) % 10} {(i * 3) % 10}" for i in range(n)],
+    })
+
+
+def _unpaired_dataset(n=12):
+    pairs = _preference_dataset(n // 2).to_dict()
+    return Dataset.from_dict({
+        "prompt": pairs["prompt"] * 2,
+        "completion": pairs["chosen"] + pairs["rejected"],
+        "label": [True] * (n // 2) + [False] * (n // 2),
+    })
+
+
+_COMMON = dict(per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2, use_cpu=True, bf16=False,
+               report_to="none", logging_steps=1, save_strategy="no", seed=0)
+
+
+def _make_trainer(kind, checkpoint, tmp_path, ref_model=None, **overrides):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    common = dict(_COMMON, output_dir=str(tmp_path / f"out-{kind}"), **overrides)
+    tokenizer = make_tiny_tokenizer()
+    if kind == "dpo":
+        extra = {"ref_model": ref_model} if ref_model is not None else {}
+        return DPOTrainer(model=model, args=DPOConfig(beta=0.5, **common), train_dataset=_preference_dataset(),
+                          processing_class=tokenizer, **extra)
+    if kind == "kto":
+        extra = {"ref_model": ref_model} if ref_model is not None else {}
+        return KTOTrainer(model=model, args=KTOConfig(beta=0.5, **common), train_dataset=_unpaired_dataset(),
+                          processing_class=tokenizer, **extra)
+    online = dict(num_generations=4, max_completion_length=6, temperature=1.0, **common)
+    online.setdefault("beta", 0.2)
+    config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    return trainer_cls(model=model, reward_funcs=length_reward, args=config(**online),
+                       train_dataset=prompt_dataset(), processing_class=tokenizer)
+
+
+def _run(trainer, shared):
+    sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    copy_ref = trainer.ref_model
+    if shared:
+        reference = use_shared_reference(trainer)
+        assert trainer.ref_model is reference and reference.mask is sparse.mask
+        assert all(m is not copy_ref for m in trainer.accelerator._models), "the reference copy was not released"
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("kind,metric", [("dpo", "rewards/margins"), ("kto", "kl"), ("grpo", "kl"), ("rloo", "kl")])
+def test_trainer_with_shared_reference_matches_true_copy(kind, metric, tiny_checkpoint, tmp_path):
+    with_copy = _run(_make_trainer(kind, tiny_checkpoint, tmp_path), shared=False)
+    with_shared = _run(_make_trainer(kind, tiny_checkpoint, tmp_path), shared=True)
+    assert len(with_copy) == len(with_shared) == 3
+    for step, (a, b) in enumerate(zip(with_copy, with_shared)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), f"step {step}"
+        assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-6), f"{metric} at step {step}"
+    # the reference must matter: after the first update the policy has left it
+    assert any(abs(e[metric]) > 1e-4 for e in with_copy[1:]), f"{metric} never moved; the comparison is vacuous"
+    if kind == "dpo":
+        assert with_copy[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_shared_reference_passed_at_construction(tiny_checkpoint, tmp_path):
+    """No copy is ever loaded when the mask is known before the trainer."""
+    expected = _run(_make_trainer("dpo", tiny_checkpoint, tmp_path), shared=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    mask = random_mask(model, 0.2)
+    trainer = DPOTrainer(model=model, ref_model=SharedReference(model, mask),
+                         args=DPOConfig(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON),
+                         train_dataset=_preference_dataset(), processing_class=make_tiny_tokenizer())
+    sparsify(trainer, SparseConfig(mask=mask))
+    assert use_shared_reference(trainer) is trainer.ref_model
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses == pytest.approx([e["loss"] for e in expected], rel=1e-6, abs=1e-7)
+
+
+def test_refuses_reference_that_is_not_the_policy(tiny_checkpoint, tmp_path):
+    other = AutoModelForCausalLM.from_pretrained(save_tiny_checkpoint(tmp_path / "other", seed=1))
+    trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path, ref_model=other)
+    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    with pytest.raises(ValueError, match="differs from the policy"):
+        use_shared_reference(trainer)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"sync_ref_model": True}, "sync_ref_model"),
+    ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+])
+def test_refuses_unsupported_dpo_setups(overrides, match, tiny_checkpoint, tmp_path):
+    trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path, **overrides)
+    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    with pytest.raises(ValueError, match=match):
+        use_shared_reference(trainer)
+
+
+def test_refuses_trainer_without_reference(tiny_checkpoint, tmp_path):
+    trainer = _make_trainer("grpo", tiny_checkpoint, tmp_path, beta=0.0)
+    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    with pytest.raises(ValueError, match="keeps no reference model"):
+        use_shared_reference(trainer)
+
+
+def test_refuses_mask_that_misses_trained_entries(tiny_checkpoint, tmp_path):
+    trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path)
+    sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=0))
+    with pytest.raises(ValueError, match="outside the reference's mask"):
+        use_shared_reference(trainer, random_mask(trainer.model, 0.2, seed=1))
