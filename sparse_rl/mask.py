@@ -17,6 +17,25 @@ import torch
 
 MASK_FORMAT = "sparse_rl.mask.v1"
 
+MODULE_TYPES = ("attention", "mlp", "embeddings", "norms", "other")
+
+_MODULE_TYPE_PATTERNS = (  # checked in order: "post_attention_layernorm" is a norm, not attention
+    ("norms", ("norm", "ln_", ".ln")),
+    ("embeddings", ("embed", "wte", "wpe", "lm_head")),
+    ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")),
+    ("mlp", ("mlp", "gate_proj", "up_proj", "down_proj", "fc1", "fc2", "feed_forward", "ffn", "experts")),
+)
+
+
+def module_type(name: str) -> str:
+    """Coarse kind of a parameter from its name: one of :data:`MODULE_TYPES` (``lm_head`` counts as an embedding,
+    the output one)."""
+    lowered = name.lower()
+    for kind, patterns in _MODULE_TYPE_PATTERNS:
+        if any(pattern in lowered for pattern in patterns):
+            return kind
+    return "other"
+
 
 class SubnetworkMask:
     """Boolean selection per parameter name.
@@ -90,6 +109,49 @@ class SubnetworkMask:
     def flat_indices(self, name: str) -> torch.Tensor:
         """Sorted int64 positions of the selected entries of ``name`` in its flattened tensor."""
         return self[name].reshape(-1).nonzero().squeeze(1)
+
+    def density_by_module_type(self) -> dict[str, float]:
+        """Selected share of the entries of each :func:`module_type` present in the mask."""
+        selected: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for name, selection in self.selections.items():
+            kind = module_type(name)
+            selected[kind] = selected.get(kind, 0) + int(selection.sum())
+            total[kind] = total.get(kind, 0) + selection.numel()
+        return {kind: selected[kind] / total[kind] for kind in MODULE_TYPES if total.get(kind)}
+
+    # ------------------------------------------------------------------ algebra
+    def _combine(self, other: SubnetworkMask, op, keep_missing: bool) -> SubnetworkMask:
+        if not isinstance(other, SubnetworkMask):
+            raise TypeError(f"can only combine a SubnetworkMask with another one, got {type(other).__name__}")
+        selections = {}
+        for name in list(self.selections) + [n for n in other.selections if n not in self.selections]:
+            mine, theirs = self.selections.get(name), other.selections.get(name)
+            if mine is not None and theirs is not None:
+                if mine.shape != theirs.shape:
+                    raise ValueError(f"cannot combine masks: {name!r} has shape {tuple(mine.shape)} in one and "
+                                     f"{tuple(theirs.shape)} in the other")
+                selections[name] = op(mine, theirs)
+            elif keep_missing:  # a tensor absent from a mask is frozen, i.e. all False
+                selections[name] = (mine if mine is not None else theirs).clone()
+            else:
+                present = mine if mine is not None else theirs
+                selections[name] = torch.zeros_like(present)
+        return SubnetworkMask(selections)
+
+    def union(self, other: SubnetworkMask) -> SubnetworkMask:
+        """Entries selected in either mask (tensors absent from one mask count as unselected there)."""
+        return self._combine(other, torch.logical_or, keep_missing=True)
+
+    def intersection(self, other: SubnetworkMask) -> SubnetworkMask:
+        """Entries selected in both masks; tensors present in only one come out empty."""
+        return self._combine(other, torch.logical_and, keep_missing=False)
+
+    def __or__(self, other: SubnetworkMask) -> SubnetworkMask:
+        return self.union(other)
+
+    def __and__(self, other: SubnetworkMask) -> SubnetworkMask:
+        return self.intersection(other)
 
     # ------------------------------------------------------------------ validation
     def check_matches(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,0 +1,184 @@
+"""Mask discovery: checkpoint diffs (in memory, single-file, sharded, tied), baselines and budget rules."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparse_rl.discovery import (
+    WeightSource,
+    diff_mask,
+    magnitude_mask,
+    mask_from_scores,
+    random_mask,
+)
+from sparse_rl.mask import SubnetworkMask
+from tests.tiny import make_tiny_model
+
+
+def _perturb(model, share=0.05, size=1e-3, seed=1):
+    """Change a known random subset of every tensor by ±size; also nudge others below the 1e-5 tolerance."""
+    generator = torch.Generator().manual_seed(seed)
+    planted = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.view(-1)
+            order = torch.randperm(flat.numel(), generator=generator)
+            chosen = order[: max(1, int(share * flat.numel()))]
+            nudged = order[-max(1, int(share * flat.numel())):]  # disjoint from chosen for these sizes
+            flat[chosen] += size * torch.where(torch.rand(chosen.numel(), generator=generator) < 0.5, -1.0, 1.0)
+            flat[nudged] += 1e-7  # below tolerance: must not count as changed
+            selection = torch.zeros(flat.numel(), dtype=torch.bool)
+            selection[chosen] = True
+            planted[name] = selection.view(param.shape)
+    return SubnetworkMask(planted)
+
+
+@pytest.fixture
+def base_and_finetuned():
+    base = make_tiny_model(seed=0)
+    finetuned = make_tiny_model(seed=0)
+    planted = _perturb(finetuned)
+    return base, finetuned, planted
+
+
+def test_diff_of_models_is_exactly_the_changed_entries(base_and_finetuned):
+    base, finetuned, planted = base_and_finetuned
+    assert diff_mask(base, finetuned) == planted
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_diff_of_checkpoints_single_and_sharded(tmp_path, base_and_finetuned, shard):
+    base, finetuned, planted = base_and_finetuned
+    base.save_pretrained(tmp_path / "base")
+    kwargs = {"max_shard_size": shard} if shard else {}
+    finetuned.save_pretrained(tmp_path / "ft", **kwargs)
+    if shard:
+        index = json.loads((tmp_path / "ft" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    assert diff_mask(tmp_path / "base", tmp_path / "ft") == planted
+    # a folder against an in-memory model, and a bare .safetensors file, give the same mask
+    assert diff_mask(base, tmp_path / "ft") == planted
+    assert diff_mask(tmp_path / "base" / "model.safetensors", finetuned) == planted
+
+
+def test_diff_of_bf16_checkpoints(tmp_path):
+    base = make_tiny_model(seed=0).to(torch.bfloat16)
+    finetuned = make_tiny_model(seed=0).to(torch.bfloat16)
+    planted = _perturb(finetuned, size=0.05)  # 1e-7 nudges vanish in bf16, 0.05 does not
+    base.save_pretrained(tmp_path / "base")
+    finetuned.save_pretrained(tmp_path / "ft")
+    assert WeightSource(tmp_path / "ft").dtype("model.norm.weight") == torch.bfloat16
+    expected = {n: (p.float() - b.float()).abs() > 1e-5
+                for (n, p), b in zip(finetuned.named_parameters(), base.parameters())}
+    mask = diff_mask(tmp_path / "base", tmp_path / "ft")
+    assert mask == SubnetworkMask(expected)
+    assert mask.intersection(planted).num_selected > 0.95 * planted.num_selected
+
+
+def test_diff_with_density_keeps_largest_changes(base_and_finetuned):
+    base, finetuned, _ = base_and_finetuned
+    mask = diff_mask(base, finetuned, density=0.02)
+    for (name, after), before in zip(finetuned.named_parameters(), base.parameters()):
+        delta = (after - before).detach().abs().reshape(-1)
+        k = -(-delta.numel() * 2 // 100)
+        selected = mask[name].reshape(-1)
+        assert int(selected.sum()) == k, name
+        assert delta[selected].min() >= delta[~selected].max(), name
+
+
+def test_tied_embeddings_counted_once(tmp_path):
+    base = make_tiny_model(seed=0, tie_word_embeddings=True)
+    finetuned = make_tiny_model(seed=0, tie_word_embeddings=True)
+    with torch.no_grad():
+        finetuned.lm_head.weight[3, :5] += 0.1  # the same storage as embed_tokens
+    mask = diff_mask(base, finetuned)
+    assert "lm_head.weight" not in mask and int(mask["model.embed_tokens.weight"].sum()) == 5
+    # a checkpoint that still stores both keys of a tied model
+    finetuned.save_pretrained(tmp_path / "ft")
+    state = {n: p.detach().clone() for n, p in finetuned.named_parameters()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "ft" / "model.safetensors"))
+    assert "lm_head.weight" not in WeightSource(tmp_path / "ft").names
+    assert diff_mask(base, tmp_path / "ft") == mask
+    # a pattern naming the tied alias selects the embedding it shares storage with
+    only_head = random_mask(finetuned, 0.5, include=("lm_head",))
+    assert list(only_head) == ["model.embed_tokens.weight"]
+
+
+def test_include_exclude_patterns(tiny_model):
+    mask = random_mask(tiny_model, 0.1, exclude=("embed_tokens", "lm_head", "norm"))
+    assert mask and not any(("embed" in n) or ("lm_head" in n) or ("norm" in n) for n in mask)
+    only_mlp = magnitude_mask(tiny_model, 0.1, include=("mlp",))
+    assert only_mlp and all(".mlp." in n for n in only_mlp)
+    with pytest.raises(ValueError, match="include pattern 'nonexistent' matches no parameter"):
+        random_mask(tiny_model, 0.1, include=("nonexistent",))
+    with pytest.raises(ValueError, match="no parameter left"):
+        random_mask(tiny_model, 0.1, exclude=("model", "lm_head"))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_magnitude_mask(tiny_model, largest):
+    mask = magnitude_mask(tiny_model, 0.25, largest=largest)
+    for name, param in tiny_model.named_parameters():
+        magnitude = param.detach().abs().reshape(-1)
+        selected = mask[name].reshape(-1)
+        assert int(selected.sum()) == -(-magnitude.numel() // 4)
+        if largest:
+            assert magnitude[selected].min() >= magnitude[~selected].max()
+        else:
+            assert magnitude[selected].max() <= magnitude[~selected].min()
+
+
+def test_global_budget_takes_exact_top_k_over_all_tensors():
+    generator = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(100, generator=generator) * 10, "b": torch.rand(3, 7, generator=generator),
+              "c": torch.zeros(50)}  # ties at zero
+    mask = mask_from_scores(scores, 0.3, budget="global")
+    pooled = torch.cat([s.reshape(-1) for s in scores.values()])
+    k = -(-pooled.numel() * 3 // 10)
+    assert mask.num_selected == k
+    selected = torch.cat([mask[n].reshape(-1) for n in scores])
+    assert pooled[selected].min() >= pooled[~selected].max()
+    # the large-score tensor takes most of the budget, unlike the per-tensor rule
+    assert int(mask["a"].sum()) > int(mask_from_scores(scores, 0.3)["a"].sum())
+    # ties at the threshold are filled to exactly k
+    assert mask_from_scores(scores, 0.9, budget="global").num_selected == -(-pooled.numel() * 9 // 10)
+
+
+def test_random_mask_global_budget(tiny_model):
+    mask = random_mask(tiny_model, 0.2, budget="global")
+    total = sum(p.numel() for p in tiny_model.parameters())
+    assert mask.num_selected == -(-total * 2 // 10)
+
+
+def test_bad_inputs(tmp_path, base_and_finetuned, tiny_model):
+    base, finetuned, _ = base_and_finetuned
+    for density in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            diff_mask(base, finetuned, density=density)
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            magnitude_mask(tiny_model, density)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        mask_from_scores({"a": torch.ones(3)}, 0.5, budget="layerwise")
+    with pytest.raises(ValueError, match="'a' contain NaN"):
+        mask_from_scores({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        diff_mask(base, finetuned, tolerance=-1)
+    wider = make_tiny_model(seed=0, intermediate_size=80)
+    with pytest.raises(ValueError, match="mismatched architectures: 'model.layers.0.mlp.gate_proj.weight'"):
+        diff_mask(base, wider)
+    deeper = make_tiny_model(seed=0, num_hidden_layers=3)
+    with pytest.raises(ValueError, match="tensor 'model.layers.2.*is missing from"):
+        diff_mask(base, deeper)
+    # a checkpoint with a tensor removed
+    state = {n: p.detach().clone() for n, p in finetuned.named_parameters() if n != "model.norm.weight"}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="'model.norm.weight'.*is missing from .*partial.safetensors"):
+        diff_mask(base, tmp_path / "partial.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        diff_mask(base, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
+        diff_mask(base, tmp_path / "missing")
