@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .entropy import check_entropy_quantile
 from .mask import SubnetworkMask
 
 
@@ -22,10 +23,16 @@ class SparseConfig:
         probe_steps: batches of the real loss used by ``"gradient"`` discovery.
         mask: a ready :class:`SubnetworkMask` or a path to one saved with ``SubnetworkMask.save``; overrides
             ``discovery``/``density``.
-        exclude: substrings of parameter names that stay frozen (e.g. ``("embed_tokens",)``).
+        exclude: substrings of parameter names that stay frozen (e.g. ``("embed_tokens",)``). Discovery skips them; a
+            given ``mask`` must not select any of their entries.
         master_weights: fp32 copy of the selected entries of bf16/fp16 weights, so tiny RL updates are not rounded
             away.
         seed: seed of random discovery.
+        entropy_quantile: share q of completion tokens, the highest-entropy ones, whose loss gradient is kept (the
+            paper uses 0.2); ``1.0`` keeps every token. Forward values (ratios, margins, reference log-probs, the
+            logged loss) are unchanged and the loss keeps the trainer's own normalisation (by all completion tokens).
+            The threshold is the batch-wide ``1 - q`` quantile over all processes, identical to TRL GRPO's
+            ``top_entropy_quantile``. See :mod:`sparse_rl.entropy`.
     """
 
     density: float = 0.1
@@ -35,6 +42,7 @@ class SparseConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     master_weights: bool = True
     seed: int = 0
+    entropy_quantile: float = 1.0
 
     def __post_init__(self):
         check_density(self.density)
@@ -44,6 +52,7 @@ class SparseConfig:
             raise ValueError(f"probe_steps must be >= 1, got {self.probe_steps}")
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
+        check_entropy_quantile(self.entropy_quantile)
 
 
 def check_density(density: float) -> None:
