@@ -56,6 +56,9 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask) -> Gradient
 
 def _masking_hook(keep: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
+        nonlocal keep
+        if keep.device != grad.device:  # the model was moved after the hooks were installed
+            keep = keep.to(grad.device)
         return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
     return hook

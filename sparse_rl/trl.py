@@ -4,23 +4,47 @@
     sparsify(trainer, SparseConfig(density=0.1))
     trainer.train()
 
-``sparsify`` (1) picks or loads the mask, (2) installs gradient hooks so every consumer of ``.grad`` sees the masked
-gradient, and (3) hands the trainer a factory for :class:`MaskedAdamW` through ``trainer.optimizer_cls_and_kwargs``
-(transformers calls a non-Optimizer factory with the model, which gives the optimizer the parameter names).
+``sparsify`` (1) picks or loads the mask, (2) installs gradient hooks so every consumer of ``.grad`` (clipping,
+``grad_norm``, DDP, accumulation) sees the masked gradient, (3) hands the trainer a factory for :class:`MaskedAdamW`
+through ``trainer.optimizer_cls_and_kwargs`` (transformers calls a non-Optimizer factory with the model, which gives
+the optimizer the parameter names), (4) optionally restricts the loss gradient to high-entropy tokens, (5) saves the
+mask into every checkpoint folder and checks it on resume, and (6) adds ``sparse/*`` entries to the training logs.
+
+Every check runs before anything is changed: a refused ``sparsify`` leaves the trainer and the model as they were.
+
+Where the high-entropy restriction is applied (TRL 1.16):
+
+- GRPO (and GMPO), RLOO, DPO, SFT, KTO call ``model(..., labels=..., fused_lm_head=True)``, the forward TRL patches
+  in with ``trl.trainer.utils.add_fused_lm_head``; it returns per-token ``log_probs`` and ``entropy``. sparse_rl wraps
+  that forward and, for calls with gradients enabled, replaces ``log_probs`` (and ``entropy``, which the GRPO entropy
+  bonus differentiates) by ``where(keep, x, x.detach())``. Reference and old-policy log-probs run under
+  ``torch.no_grad()`` and are left alone.
+- OnlineDPO (``trl.experimental``) computes log-probs from the full logits in ``OnlineDPOTrainer._forward``; that
+  method is wrapped and the entropy is computed from the logits it already materialises.
+- RewardTrainer scores whole sequences with a scalar head: there are no token log-probs, and the option is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparseConfig
 from .discovery import gradient_mask_from_trainer, random_mask
+from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_logits
 from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
+
+MASK_FILE_NAME = "sparse_mask.safetensors"
 
 
 class UnsupportedTrainerSetup(ValueError):
@@ -34,52 +58,71 @@ class SparseTraining:
     trainer: Trainer
     mask: SubnetworkMask
     restriction: GradientRestriction
+    entropy_tokens: HighEntropyTokens | None = None
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def trained_fraction(self) -> float:
         """Selected entries over all parameters of the model (frozen ones included)."""
         return self.mask.density_of(self.trainer.model)
 
+    def check_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse to resume from ``checkpoint`` unless it was saved with this very mask: the compact optimizer state
+        in it only lines up with the entries that mask selects."""
+        path = os.path.join(checkpoint, MASK_FILE_NAME)
+        if not os.path.isfile(path):
+            raise UnsupportedTrainerSetup(
+                f"checkpoint {checkpoint} has no {MASK_FILE_NAME}: it was not written by a sparsified trainer, so "
+                "its optimizer state does not fit MaskedAdamW. Start a new run from its weights (load the model from "
+                "that folder) instead of passing resume_from_checkpoint")
+        if SubnetworkMask.load(path) != self.mask:
+            raise UnsupportedTrainerSetup(
+                f"the mask saved in {checkpoint} differs from this trainer's mask, so the saved optimizer state "
+                f"belongs to other entries; resume with sparsify(trainer, SparseConfig(mask={path!r}))")
+
     def remove(self) -> None:
+        """Undo ``sparsify``: hooks, frozen parameters, patched methods, callback, optimizer factory."""
+        if self.trainer.optimizer is not None:
+            raise UnsupportedTrainerSetup("remove() must be called before train(): the optimizer already holds the "
+                                          "subnetwork's state only; build a new trainer for dense training")
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
         self.restriction.remove()
         self.trainer.optimizer_cls_and_kwargs = None
-        self.trainer.__dict__.pop("log", None)  # drop the instance-level log wrapper
         self.trainer.sparse_training = None
 
 
 def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTraining:
-    """Restrict ``trainer`` to a subnetwork chosen by ``config``; call before ``trainer.train()``."""
+    """Restrict ``trainer`` to a subnetwork chosen by ``config``; call after building the trainer, before
+    ``trainer.train()``."""
     config = config or SparseConfig()
-    _refuse_unsupported(trainer)
-    model = trainer.model
-    for name, param in model.named_parameters():
-        if any(pattern in name for pattern in config.exclude):
-            param.requires_grad_(False)
-
+    _refuse_unsupported(trainer, config)
+    entropy_site = _entropy_site(trainer) if config.entropy_quantile < 1.0 else None
     mask = _resolve_mask(trainer, config)
-    restriction = restrict_gradients(model, mask)
+
+    # Nothing below refuses user input: from here on the trainer is changed.
+    restriction = restrict_gradients(trainer.model, mask)
     trainer.optimizer_cls_and_kwargs = (
         _MaskedAdamWFactory,
         {"mask": mask, "trainer": trainer, "master_weights": config.master_weights},
     )
     sparse = SparseTraining(trainer=trainer, mask=mask, restriction=restriction)
-    _log_sparse_metrics(sparse)
+    if entropy_site is not None:
+        sparse.entropy_tokens = HighEntropyTokens(config.entropy_quantile)
+        if entropy_site == "fused":
+            sparse._undo.append(restrict_fused_forward(trainer.model, sparse.entropy_tokens))
+        else:
+            sparse._undo.append(_restrict_online_dpo_forward(trainer, sparse.entropy_tokens))
+    sparse._undo.append(_save_mask_with_checkpoints(sparse))
+    sparse._undo.append(_check_mask_on_resume(sparse))
+    sparse._undo.append(_log_sparse_metrics(sparse))
     trainer.sparse_training = sparse
     return sparse
 
 
-def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
-    model = trainer.model
-    if config.mask is not None:
-        mask = config.mask if isinstance(config.mask, SubnetworkMask) else SubnetworkMask.load(config.mask)
-        mask.check_matches(model.named_parameters())
-        return mask
-    if config.discovery == "random":
-        return random_mask(model, config.density, seed=config.seed)
-    return gradient_mask_from_trainer(trainer, config.density, steps=config.probe_steps)
-
-
-def _refuse_unsupported(trainer: Trainer) -> None:
+# ---------------------------------------------------------------------------------------------- checks
+def _refuse_unsupported(trainer: Trainer, config: SparseConfig) -> None:
     if not isinstance(trainer, Trainer):
         raise UnsupportedTrainerSetup(f"sparsify expects a transformers/TRL Trainer, got {type(trainer).__name__}")
     if getattr(trainer, "sparse_training", None) is not None:
@@ -97,15 +140,90 @@ def _refuse_unsupported(trainer: Trainer) -> None:
     if trainer.optimizer_cls_and_kwargs is not None:
         raise UnsupportedTrainerSetup("the trainer has a custom optimizer_cls_and_kwargs; sparse_rl needs to set "
                                       "it to MaskedAdamW, so remove the custom optimizer")
+    optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+    if not optim.startswith("adamw"):
+        raise UnsupportedTrainerSetup(f"args.optim={optim!r} would be ignored: sparse_rl trains the subnetwork with "
+                                      "MaskedAdamW (AdamW on the selected entries); leave optim at its AdamW default")
     model = trainer.model
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise UnsupportedTrainerSetup("the model is quantized; sparse_rl updates weights in place and needs plain "
                                       "fp32/bf16/fp16 weights (dequantise and reload the model first)")
     if hasattr(model, "peft_config"):
-        raise UnsupportedTrainerSetup("PEFT models are not supported: a subnetwork mask replaces the adapter; pass "
-                                      "the base model without peft_config")
+        raise UnsupportedTrainerSetup(
+            "PEFT models are not supported: the adapter already limits training to its own weights and PEFT freezes "
+            "the base weights a subnetwork mask would select; pass the plain model (no peft_config) to train a "
+            "subnetwork, or use PEFT without sparse_rl")
 
 
+def _entropy_site(trainer: Trainer) -> str:
+    """Where the high-entropy restriction goes in this trainer: ``"fused"`` (the fused LM-head forward) or
+    ``"online_dpo"`` (``OnlineDPOTrainer._forward``); refuses trainers without token log-probs."""
+    name = type(trainer).__name__
+    from trl import GRPOTrainer, RewardTrainer, SFTTrainer
+
+    if isinstance(trainer, RewardTrainer):
+        raise UnsupportedTrainerSetup("entropy_quantile needs per-token log-probs, but RewardTrainer scores whole "
+                                      "sequences with a scalar head; use entropy_quantile=1.0 with RewardTrainer")
+    if _is_online_dpo(trainer):
+        return "online_dpo"
+    if isinstance(trainer, GRPOTrainer) and trainer.top_entropy_quantile < 1.0:
+        raise UnsupportedTrainerSetup(
+            f"both args.top_entropy_quantile={trainer.top_entropy_quantile} (TRL) and SparseConfig.entropy_quantile "
+            "are set; they select the same tokens, so set only one of them")
+    if isinstance(trainer, SFTTrainer) and (trainer.compute_loss_func is not None
+                                            or trainer.label_smoother is not None):
+        raise UnsupportedTrainerSetup("entropy_quantile restricts the fused per-token log-probs, but this SFTTrainer "
+                                      "computes its loss from full logits (compute_loss_func or label smoothing); "
+                                      "drop those or use entropy_quantile=1.0")
+    if not _has_fused_lm_head(trainer.model):
+        raise UnsupportedTrainerSetup(
+            f"entropy_quantile is applied to TRL's fused LM-head forward (add_fused_lm_head), which {name} does not "
+            "use; it is supported for GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, SFTTrainer, KTOTrainer and "
+            "OnlineDPOTrainer. Use entropy_quantile=1.0 with this trainer")
+    return "fused"
+
+
+def _is_online_dpo(trainer: Trainer) -> bool:
+    if not any(cls.__name__ == "OnlineDPOTrainer" for cls in type(trainer).__mro__):
+        return False
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    return isinstance(trainer, OnlineDPOTrainer)
+
+
+def _has_fused_lm_head(model: torch.nn.Module) -> bool:
+    """True when ``model.forward`` was patched by ``trl.trainer.utils.add_fused_lm_head`` (or wraps that patch)."""
+    function = getattr(model.__dict__.get("forward"), "__func__", None)
+    code = getattr(function, "__code__", None)
+    return code is not None and "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
+    """The mask to train with; reads the model but changes nothing."""
+    model = trainer.model
+    if config.mask is not None:
+        mask = config.mask if isinstance(config.mask, SubnetworkMask) else SubnetworkMask.load(config.mask)
+        mask.check_matches(model.named_parameters())
+        for name, selection in mask.items():
+            if any(pattern in name for pattern in config.exclude) and bool(selection.any()):
+                raise UnsupportedTrainerSetup(f"the mask selects entries of {name!r}, which exclude={config.exclude} "
+                                              "freezes; drop the pattern from exclude or the entries from the mask")
+    elif config.discovery == "random":
+        mask = random_mask(model, config.density, seed=config.seed, exclude=config.exclude)
+    else:
+        if _is_online_dpo(trainer):
+            raise UnsupportedTrainerSetup("gradient discovery probes trainer.compute_loss, which OnlineDPOTrainer does "
+                                          "not use (its loss lives in training_step); use discovery='random' or "
+                                          "pass a mask")
+        mask = gradient_mask_from_trainer(trainer, config.density, steps=config.probe_steps, exclude=config.exclude)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    if not any(bool(selection.any()) for name, selection in mask.items() if name in trainable):
+        raise UnsupportedTrainerSetup("the mask selects no entry of any trainable parameter, so nothing would be "
+                                      "trained; check the mask, exclude and which parameters require grad")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
 class _MaskedAdamWFactory:
     """Called by ``Trainer.create_optimizer`` as ``_MaskedAdamWFactory()(model, **kwargs)``."""
 
@@ -124,11 +242,146 @@ class _MaskedAdamWFactory:
                            eps=args.adam_epsilon, master_weights=master_weights)
 
 
-def _log_sparse_metrics(sparse: SparseTraining) -> None:
-    """Wrap ``trainer.log`` so every training log carries the trained share and optimizer-state bytes.
+# ---------------------------------------------------------------------------------------------- patching helpers
+def _patch_attribute(obj: object, name: str, value: object) -> Callable[[], None]:
+    """Set ``obj.name`` on the instance; the returned callable restores what the instance had before."""
+    had_own = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, value)
 
-    A ``TrainerCallback.on_log`` cannot do this: ``Trainer.log`` appends a copy of the logs to ``log_history``
-    before callbacks run.
+    def undo() -> None:
+        if obj.__dict__.get(name) is not value:
+            warnings.warn(f"{type(obj).__name__}.{name} was patched again after sparsify; leaving it in place",
+                          stacklevel=3)
+            return
+        if had_own:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
+
+    return undo
+
+
+# ---------------------------------------------------------------------------------------------- entropy
+def restrict_fused_forward(model: torch.nn.Module, tokens: HighEntropyTokens) -> Callable[[], None]:
+    """Wrap the fused LM-head forward TRL patched onto ``model`` so only the tokens ``tokens`` selects pass a
+    gradient (see module docstring); returns the undo."""
+    if not _has_fused_lm_head(model):
+        raise UnsupportedTrainerSetup("model.forward is not TRL's fused LM-head forward; call "
+                                      "trl.trainer.utils.add_fused_lm_head(model, outputs=('log_probs', 'entropy'))")
+    fused_forward = model.forward
+    aux_loss_coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+
+    # A bound method with the model's own signature, like TRL's patch: `generate` validates kwargs against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, **kwargs):
+        outputs = fused_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+        if not fused_lm_head or not torch.is_grad_enabled():
+            return outputs
+        if outputs.entropy is None:
+            raise RuntimeError("entropy_quantile needs the fused forward to return per-token entropy; this trainer "
+                               "patched its LM head without the 'entropy' output")
+        keep = tokens.select(outputs.entropy, outputs.label_mask)
+        log_probs = keep_gradient_of(outputs.log_probs, keep)
+        outputs["log_probs"] = log_probs
+        if outputs.entropy.requires_grad:
+            outputs["entropy"] = keep_gradient_of(outputs.entropy, keep)
+        # Same value as the fused forward's own loss (the kept values are the same numbers), restricted gradient.
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        denominator = outputs.label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / denominator
+        if outputs.aux_loss is not None:
+            loss = loss + aux_loss_coef * outputs.aux_loss
+        outputs["loss"] = loss
+        return outputs
+
+    return _patch_attribute(model, "forward", types.MethodType(forward, model))
+
+
+def _restrict_online_dpo_forward(trainer: Trainer, tokens: HighEntropyTokens) -> Callable[[], None]:
+    """Wrap ``OnlineDPOTrainer._forward``: it returns completion log-probs computed from full logits, which a forward
+    hook on the policy captures to compute the entropies."""
+    policy = trainer.model
+    original_forward = trainer._forward
+
+    def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None):
+        if not torch.is_grad_enabled():  # the reference model's call
+            return original_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs)
+        captured = []
+        handle = policy.register_forward_hook(lambda module, args, output: captured.append(output.logits))
+        try:
+            log_probs = original_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                         vision_inputs)
+        finally:
+            handle.remove()
+        logits, num_completion = captured[-1], completion_ids.size(1)
+        # `_forward` reads the logit before each completion token: positions [L-C-1, L-1) after a prompt, else [0, C)
+        length = logits.size(1)
+        positions = slice(length - num_completion - 1, length - 1) if length > num_completion else slice(0, None)
+        entropy = token_entropy_from_logits(logits[:, positions])
+        keep = tokens.select(entropy, completion_mask.bool())
+        return keep_gradient_of(log_probs, keep)
+
+    return _patch_attribute(trainer, "_forward", _forward)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class SparseCheckpointCallback(TrainerCallback):
+    """Writes the mask as ``sparse_mask.safetensors`` into every checkpoint folder (the compact optimizer state
+    already goes into ``optimizer.pt`` through ``MaskedAdamW.state_dict``)."""
+
+    def __init__(self, sparse: SparseTraining):
+        self.sparse = sparse
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            warnings.warn(f"checkpoint folder {folder} not found; the sparse mask was not saved with it",
+                          stacklevel=2)
+            return
+        self.sparse.mask.save(os.path.join(folder, MASK_FILE_NAME))
+
+
+def _save_mask_with_checkpoints(sparse: SparseTraining) -> Callable[[], None]:
+    callback = SparseCheckpointCallback(sparse)
+    sparse.trainer.add_callback(callback)
+    return lambda: sparse.trainer.remove_callback(callback)
+
+
+def _check_mask_on_resume(sparse: SparseTraining) -> Callable[[], None]:
+    """Check the checkpoint's mask before Trainer loads its weights and before it loads the optimizer state."""
+    trainer = sparse.trainer
+    load_weights, load_optimizer = trainer._load_from_checkpoint, trainer._load_optimizer_and_scheduler
+
+    def _load_from_checkpoint(resume_from_checkpoint, *args, **kwargs):
+        sparse.check_checkpoint(resume_from_checkpoint)
+        return load_weights(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(checkpoint):
+        if checkpoint is not None:
+            sparse.check_checkpoint(checkpoint)
+        return load_optimizer(checkpoint)
+
+    undo_weights = _patch_attribute(trainer, "_load_from_checkpoint", _load_from_checkpoint)
+    undo_optimizer = _patch_attribute(trainer, "_load_optimizer_and_scheduler", _load_optimizer_and_scheduler)
+    return lambda: (undo_optimizer(), undo_weights())
+
+
+# ---------------------------------------------------------------------------------------------- logging
+def _log_sparse_metrics(sparse: SparseTraining) -> Callable[[], None]:
+    """Wrap ``trainer.log`` so every training log carries ``sparse/*`` entries:
+
+    - ``trained_fraction``: selected entries over all parameters;
+    - ``optimizer_state_bytes``: ``MaskedAdamW.state_bytes()`` (moments, master copies, indices);
+    - ``masked_grad_norm``: Trainer's ``grad_norm`` under a sparse name. It *is* the norm of the masked gradient
+      (before clipping), because the hooks zero unselected entries during backward, before Trainer measures it;
+    - ``entropy_kept_fraction`` / ``entropy_threshold`` with ``entropy_quantile < 1``: share of completion tokens
+      that kept their gradient and the entropy threshold, averaged over the forwards since the previous log.
+
+    A ``TrainerCallback.on_log`` cannot do this: ``Trainer.log`` appends a copy of the logs to ``log_history`` before
+    callbacks run.
     """
     trainer = sparse.trainer
     original_log = trainer.log
@@ -139,7 +392,10 @@ def _log_sparse_metrics(sparse: SparseTraining) -> None:
             inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
             if isinstance(inner, MaskedAdamW):
                 logs["sparse/optimizer_state_bytes"] = inner.state_bytes()
+            if "grad_norm" in logs:
+                logs["sparse/masked_grad_norm"] = logs["grad_norm"]
+            if sparse.entropy_tokens is not None:
+                logs.update(sparse.entropy_tokens.pop_metrics())
         return original_log(logs, *args, **kwargs)
 
-    trainer.log = log
-    sparse._original_log = original_log
+    return _patch_attribute(trainer, "log", log)
