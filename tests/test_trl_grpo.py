@@ -1,11 +1,12 @@
-"""GRPOTrainer with and without sparsify: only selected entries may change, and without the plugin they do."""
+"""GRPOTrainer specifics: gradient discovery on the real loss, a mask loaded from disk, a user optimizer passed to the
+constructor. Every trainer with and without the plugin: test_trl_trainers.py; other refusals: test_trl_refusals.py."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from sparse_rl import SparseConfig, SubnetworkMask, UnsupportedTrainerSetup, random_mask, sparsify
+from sparse_rl import SparseConfig, UnsupportedTrainerSetup, random_mask, sparsify
 from tests.tiny import length_reward, make_tiny_tokenizer, prompt_dataset
 
 
@@ -29,20 +30,12 @@ def _changed(before, model):
     return {n: (p.detach() != before[n]) for n, p in model.named_parameters()}
 
 
-def test_without_plugin_unselected_entries_change(tiny_checkpoint, tmp_path):
-    trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
-    mask = random_mask(trainer.model, 0.1)
-    before = _snapshot(trainer.model)
-    trainer.train()
-    changed = _changed(before, trainer.model)
-    assert sum(int((c & ~mask[n]).sum()) for n, c in changed.items()) > 0
-
-
-@pytest.mark.parametrize("discovery", ["random", "gradient"])
-def test_with_plugin_only_selected_entries_change(tiny_checkpoint, tmp_path, discovery):
+def test_gradient_discovery_then_only_selected_entries_change(tiny_checkpoint, tmp_path):
+    """The default discovery probes GRPO's own loss without changing weights; the dense counterpart and the other
+    trainers are in test_trl_trainers.py."""
     trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
     before = _snapshot(trainer.model)
-    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery=discovery, probe_steps=2))
+    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery="gradient", probe_steps=2))
     assert _snapshot(trainer.model).keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in _snapshot(trainer.model).items()), "probe changed weights"
     trainer.train()
@@ -73,10 +66,3 @@ def test_refuses_user_optimizer(tiny_checkpoint, tmp_path):
                           processing_class=make_tiny_tokenizer(), optimizers=(optimizer, None))
     with pytest.raises(UnsupportedTrainerSetup, match="optimizers="):
         sparsify(trainer, SparseConfig(discovery="random"))
-
-
-def test_refuses_mismatched_mask(tiny_checkpoint, tmp_path):
-    trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
-    bad = SubnetworkMask({"model.layers.0.mlp.up_proj.weight": torch.ones(3, 3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="up_proj.weight.*shape"):
-        sparsify(trainer, SparseConfig(mask=bad))
