@@ -90,14 +90,14 @@ class SparseTraining:
         self._undo.clear()
         self.restriction.remove()
         self.trainer.optimizer_cls_and_kwargs = None
-        self.trainer.sparse_training = None
+        self.trainer.__dict__.pop("sparse_training", None)
 
 
 def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTraining:
     """Restrict ``trainer`` to a subnetwork chosen by ``config``; call after building the trainer, before
     ``trainer.train()``."""
     config = config or SparseConfig()
-    _refuse_unsupported(trainer, config)
+    _refuse_unsupported(trainer)
     entropy_site = _entropy_site(trainer) if config.entropy_quantile < 1.0 else None
     mask = _resolve_mask(trainer, config)
 
@@ -122,7 +122,7 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _refuse_unsupported(trainer: Trainer, config: SparseConfig) -> None:
+def _refuse_unsupported(trainer: Trainer) -> None:
     if not isinstance(trainer, Trainer):
         raise UnsupportedTrainerSetup(f"sparsify expects a transformers/TRL Trainer, got {type(trainer).__name__}")
     if getattr(trainer, "sparse_training", None) is not None:
