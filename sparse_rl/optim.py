@@ -1,16 +1,19 @@
 """``MaskedAdamW``: AdamW on the selected entries only, with compact optimizer state.
 
-For a parameter with ``k`` selected entries out of ``n``, the state is ``exp_avg`` and ``exp_avg_sq`` of length ``k``
-(fp32), plus an fp32 ``master`` copy of the ``k`` entries when the parameter is stored in bf16/fp16 (at RL learning
-rates most updates are below half a bf16 ulp and would be rounded away). Unselected entries are never written.
+For a parameter with ``k`` selected entries out of ``n``, the state holds ``exp_avg`` and ``exp_avg_sq`` of length
+``k`` (fp32, or uint8 codes + one fp32 absmax per block of <= 256 entries with ``state_bits=8``), plus an fp32
+``master`` copy of the ``k`` entries when the parameter is stored in bf16/fp16 (at RL learning rates most updates are
+below half a bf16 ulp and would be rounded away). Which entry owns which slot is given by a 1-bit mask and per-tile
+offsets (``sparse_rl.kernels.layout``), 0.13 bytes per parameter. Unselected entries are never written.
 
-The arithmetic lives in ``_apply_adamw_to_selected``; the optimizer class only owns bookkeeping (param groups, state,
-checkpoints), so a faster backend (Triton on CUDA, a fused CPU loop) can replace the arithmetic alone.
+The class owns bookkeeping only (param groups, state, checkpoints). The arithmetic runs in one launch per
+(param group, device, dtype, step count): the Triton kernels on CUDA, their numba port on CPU; both give
+bit-identical results.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -18,37 +21,8 @@ import torch
 from .mask import SubnetworkMask
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _apply_adamw_to_selected(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    selected_index: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    master: torch.Tensor | None,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Plain PyTorch AdamW on ``param.view(-1)[selected_index]``, in the same operation order as ``torch.optim.AdamW``
-    (single-tensor path), so fp32 results agree with it to rounding."""
-    flat_param = param.view(-1)
-    selected_grad = grad.reshape(-1).index_select(0, selected_index).float()
-    values = master if master is not None else flat_param.index_select(0, selected_index)
-    if weight_decay != 0.0:
-        values.mul_(1.0 - lr * weight_decay)
-    exp_avg.lerp_(selected_grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(selected_grad, selected_grad, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    values.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-    flat_param.index_copy_(0, selected_index, values.to(param.dtype))
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("auto", "triton", "cpu")
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -59,6 +33,12 @@ class MaskedAdamW(torch.optim.Optimizer):
             names are how each tensor finds its selection in ``mask``.
         mask: the subnetwork. Every optimised parameter must be in it.
         master_weights: keep an fp32 copy of the selected entries of bf16/fp16 parameters.
+        state_bits: 32 for fp32 moments, 8 for bitsandbytes-style blockwise 8-bit moments (needs bitsandbytes).
+        stochastic_rounding: round bf16/fp16 parameters stochastically instead of keeping a master copy (requires
+            ``master_weights=False``); unbiased in expectation, at no state cost.
+        backend: ``"auto"`` (Triton for CUDA tensors, the numba CPU path for CPU tensors), ``"triton"`` (also on CPU
+            tensors under ``TRITON_INTERPRET=1``, for testing the kernel), or ``"cpu"``.
+        seed: seed of the stochastic-rounding stream (a function of seed, step and parameter, so runs are repeatable).
     """
 
     def __init__(
@@ -70,78 +50,188 @@ class MaskedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         master_weights: bool = True,
+        *,
+        state_bits: int = 32,
+        stochastic_rounding: bool = False,
+        backend: str = "auto",
+        seed: int = 0,
     ):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid betas: {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps: {eps}")
+        if state_bits not in (32, 8):
+            raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if stochastic_rounding and master_weights:
+            raise ValueError("stochastic_rounding replaces the fp32 master copy: pass master_weights=False with it")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        groups = _as_named_groups(named_params)
-        super().__init__(groups, defaults)
+        super().__init__(_as_named_groups(named_params), defaults)
         self.mask = mask
         self.master_weights = master_weights
-        self._selected_index: dict[torch.Tensor, torch.Tensor] = {}
+        self.state_bits = state_bits
+        self.stochastic_rounding = stochastic_rounding
+        self.backend = backend
+        self.seed = int(seed)
+        self._layouts: dict[torch.Tensor, object] = {}
+        self._tensor_ids: dict[torch.Tensor, int] = {}
+        self._names: dict[torch.Tensor, str] = {}
+        self._tile_tables: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
             if "param_names" not in group:
                 raise ValueError("MaskedAdamW needs parameter names: pass model.named_parameters()")
             for name, param in zip(group["param_names"], group["params"]):
-                if name not in mask:
-                    raise ValueError(f"parameter {name!r} is optimised but absent from the mask; "
-                                     "freeze it (requires_grad=False) or add it to the mask")
-                selection = mask[name]
-                if tuple(selection.shape) != tuple(param.shape):
-                    raise ValueError(f"mask for {name!r} has shape {tuple(selection.shape)} but the parameter has "
-                                     f"shape {tuple(param.shape)}")
-                self._selected_index[param] = selection.reshape(-1).nonzero().squeeze(1).to(param.device)
+                self._register(name, param)
+        if state_bits == 8:
+            from .kernels.masked_adamw_8bit import quantisation_maps
+
+            quantisation_maps()  # fail now, not at the first step, when bitsandbytes is missing
+
+    def _register(self, name: str, param: torch.Tensor) -> None:
+        from .kernels.layout import SelectionLayout
+
+        if name not in self.mask:
+            raise ValueError(f"parameter {name!r} is optimised but absent from the mask; "
+                             "freeze it (requires_grad=False) or add it to the mask")
+        selection = self.mask[name]
+        if tuple(selection.shape) != tuple(param.shape):
+            raise ValueError(f"mask for {name!r} has shape {tuple(selection.shape)} but the parameter has "
+                             f"shape {tuple(param.shape)}")
+        if param.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"parameter {name!r} has dtype {param.dtype}; MaskedAdamW steps float32, bfloat16 and "
+                            "float16 parameters")
+        if not param.is_contiguous():
+            raise ValueError(f"parameter {name!r} is not contiguous; MaskedAdamW indexes its flat storage")
+        self._tensor_ids[param] = len(self._tensor_ids)
+        self._names[param] = name
+        self._layouts[param] = SelectionLayout.from_selection(selection, param.device)
+
+    def _layout(self, param: torch.Tensor):
+        layout = self._layouts[param]
+        if layout.tile_offsets.device != param.device:  # the model moved after the optimizer was built
+            layout.mask_words = layout.mask_words.to(param.device)
+            layout.tile_offsets = layout.tile_offsets.to(param.device)
+            layout.block_offsets = layout.block_offsets.to(param.device)
+            self._tile_tables.clear()
+        return layout
 
     # ------------------------------------------------------------------ state
     def _init_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
         if not state:
-            index = self._selected_index[param]
-            k = index.numel()
+            layout = self._layout(param)
+            k, device = layout.num_selected, param.device
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=param.device)
+            if self.state_bits == 8:
+                state["exp_avg"] = torch.zeros(k, dtype=torch.uint8, device=device)
+                state["exp_avg_sq"] = torch.zeros(k, dtype=torch.uint8, device=device)
+                state["absmax1"] = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
+                state["absmax2"] = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
+            else:
+                state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=device)
+                state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=device)
             if self.master_weights and param.dtype in _LOW_PRECISION:
-                state["master"] = param.detach().reshape(-1).index_select(0, index).float()
+                selection = self.mask[self._names[param]].reshape(-1).to(device)
+                state["master"] = param.detach().reshape(-1)[selection].float()
         return state
 
     def state_bytes(self) -> int:
-        """Bytes held by optimizer state (moments, master copies) and selection indices."""
-        total = sum(t.numel() * t.element_size() for t in self._selected_index.values())
+        """Bytes held by optimizer state (moments, absmax, master copies), the selection layout and launch tables."""
+        quantised = self.state_bits == 8
+        total = sum(layout.nbytes(quantised) for layout in self._layouts.values())
+        total += sum(t.numel() * t.element_size() for t in self._tile_tables.values())
         for state in self.state.values():
             total += sum(v.numel() * v.element_size() for k, v in state.items() if torch.is_tensor(v) and k != "step")
         return total
 
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                index = self._selected_index[param]
-                if index.numel() == 0:
+                if self._layout(param).num_selected == 0:
                     continue
                 state = self._init_state(param)
                 state["step"] += 1
-                _apply_adamw_to_selected(
-                    param, param.grad, index, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
-                    step=int(state["step"].item()), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                )
+                key = (group_index, param.device, param.dtype, int(state["step"].item()))
+                buckets.setdefault(key, []).append(param)
+        for (group_index, device, dtype, step), params in buckets.items():
+            self._launch(self.param_groups[group_index], device, dtype, step, params)
         return loss
 
+    def _launch(self, group: dict, device: torch.device, dtype: torch.dtype, step: int,
+                params: list[torch.Tensor]) -> None:
+        from .kernels.layout import AdamWScalars, tensor_table_row, tile_table
+
+        beta1, beta2 = group["betas"]
+        scalars = AdamWScalars.for_step(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                                        step=step, seed=self.seed)
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]  # kept alive to launch
+        rows = []
+        for param, grad in zip(params, grads):
+            state = self.state[param]
+            rows.append(tensor_table_row(
+                param=param, grad=grad, layout=self._layout(param), exp_avg=state["exp_avg"],
+                exp_avg_sq=state["exp_avg_sq"], master=state.get("master"), absmax1=state.get("absmax1"),
+                absmax2=state.get("absmax2"), tensor_id=self._tensor_ids[param],
+            ))
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        key = (device, *(self._tensor_ids[p] for p in params))
+        tiles = self._tile_tables.get(key)
+        if tiles is None:
+            tiles = self._tile_tables[key] = tile_table([self._layout(p) for p in params], device)
+        has_master = "master" in self.state[params[0]]
+        options = dict(param_dtype=dtype, has_master=has_master,
+                       stochastic_rounding=self.stochastic_rounding and dtype in _LOW_PRECISION)
+        backend = self._backend_for(device)
+        if self.state_bits == 8:
+            from .kernels.masked_adamw_8bit import quantisation_maps
+
+            qmap1, qmap2 = quantisation_maps(device)
+            if backend == "triton":
+                from .kernels.masked_adamw_8bit import masked_adamw_8bit_triton as run
+            else:
+                from .kernels.masked_adamw_cpu import masked_adamw_8bit_cpu as run
+            run(table, tiles, scalars, qmap1, qmap2, **options)
+        else:
+            if backend == "triton":
+                from .kernels.masked_adamw import masked_adamw_triton as run
+            else:
+                from .kernels.masked_adamw_cpu import masked_adamw_cpu as run
+            run(table, tiles, scalars, **options)
+
+    def _backend_for(self, device: torch.device) -> str:
+        if self.backend == "triton":
+            if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("backend='triton' on CPU tensors runs the Triton interpreter: set "
+                                   "TRITON_INTERPRET=1 before triton is imported, or use backend='auto'")
+            return "triton"
+        if self.backend == "cpu" or device.type == "cpu":
+            if device.type != "cpu":
+                raise RuntimeError(f"backend='cpu' got tensors on {device}; use backend='auto' for GPU tensors")
+            return "cpu"
+        if device.type == "cuda":
+            return "triton"
+        raise RuntimeError(f"MaskedAdamW runs on CPU and CUDA tensors, got {device}")
+
+    # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """Load exactly: ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
-        which would turn fp32 moments of a bf16 parameter into bf16. We restore the saved dtypes afterwards."""
+        which would turn fp32 moments of a bf16 parameter (or uint8 codes) into bf16. We restore the saved dtypes
+        afterwards, and refuse a checkpoint whose state does not fit this optimizer's mask or state_bits."""
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -153,11 +243,25 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     device = value.device if key == "step" else param.device
                     self.state[param][key] = value.detach().clone().to(device)
-            index = self._selected_index[param]
-            if self.state[param]["exp_avg"].numel() != index.numel():
-                raise ValueError(f"optimizer state for a parameter has {self.state[param]['exp_avg'].numel()} "
-                                 f"entries but the mask selects {index.numel()}: the checkpoint was saved with a "
-                                 "different mask")
+            self._check_loaded_state(param)
+
+    def _check_loaded_state(self, param: torch.Tensor) -> None:
+        state, layout = self.state[param], self._layout(param)
+        name = self._names[param]
+        expected_dtype = torch.uint8 if self.state_bits == 8 else torch.float32
+        if state["exp_avg"].dtype != expected_dtype:
+            raise ValueError(f"optimizer state of {name!r} holds {state['exp_avg'].dtype} moments but this optimizer "
+                             f"has state_bits={self.state_bits}: the checkpoint was saved with other state_bits")
+        if state["exp_avg"].numel() != layout.num_selected:
+            raise ValueError(f"optimizer state for {name!r} has {state['exp_avg'].numel()} entries but the mask "
+                             f"selects {layout.num_selected}: the checkpoint was saved with a different mask")
+        if self.state_bits == 8 and state["absmax1"].numel() != layout.num_blocks:
+            raise ValueError(f"optimizer state for {name!r} has {state['absmax1'].numel()} quantisation blocks but "
+                             f"the mask makes {layout.num_blocks}: the checkpoint was saved with a different mask")
+        wants_master = self.master_weights and param.dtype in _LOW_PRECISION
+        if wants_master != ("master" in state):
+            raise ValueError(f"optimizer state for {name!r} {'lacks' if wants_master else 'has'} an fp32 master "
+                             f"copy but this optimizer has master_weights={self.master_weights}")
 
 
 def _as_named_groups(named_params: Iterable) -> list[dict]:

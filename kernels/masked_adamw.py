@@ -1,0 +1,175 @@
+"""Masked AdamW as one Triton launch per (dtype, hyperparameters) over all tensors: fp32 compact moments.
+
+Each program takes one non-empty tile (``layout.TILE`` entries) of one tensor, found through two small tables (see
+``layout.py``): an int64 table of raw addresses per tensor, and an int32 list of (tensor row, tile) pairs. The program
+reads the tile's mask bits, ranks the selected entries with a cumsum, and applies AdamW to them::
+
+    m = m * beta1 + g * (1 - beta1)
+    v = v * beta2 + (g * g) * (1 - beta2)
+    p = p * (1 - lr * wd) - step_size * (m / (sqrt(v) / sqrt(1 - beta2**t) + eps))
+
+with correctly rounded ``sqrt``/``/`` and no FMA contraction, so the result is bit-identical to the same sequence of
+IEEE fp32 operations on any backend (the numba CPU path, the interpreter, a GPU). bf16/fp16 parameters are read
+through an fp32 master copy of the selected entries (default) and rounded to nearest even with explicit bit
+operations (the interpreter's own fp32->bf16 cast truncates), or stochastically rounded without a master copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import layout
+from .layout import PARAM_KINDS, TABLE_COLUMNS, TILE, AdamWScalars
+
+# Globals read inside @triton.jit must be constexpr.
+COL_EXP_AVG = tl.constexpr(layout.COL_EXP_AVG)
+COL_EXP_AVG_SQ = tl.constexpr(layout.COL_EXP_AVG_SQ)
+COL_GRAD = tl.constexpr(layout.COL_GRAD)
+COL_MASK_WORDS = tl.constexpr(layout.COL_MASK_WORDS)
+COL_MASTER = tl.constexpr(layout.COL_MASTER)
+COL_PARAM = tl.constexpr(layout.COL_PARAM)
+COL_TENSOR_ID = tl.constexpr(layout.COL_TENSOR_ID)
+COL_TILE_OFFSETS = tl.constexpr(layout.COL_TILE_OFFSETS)
+_PARAM_FP32 = tl.constexpr(layout.PARAM_FP32)
+_PARAM_BF16 = tl.constexpr(layout.PARAM_BF16)
+_PARAM_FP16 = tl.constexpr(layout.PARAM_FP16)
+
+
+@triton.jit
+def tile_selection(entry, tile, TILE: tl.constexpr):
+    """Selected lanes of ``tile`` and their slot in the tensor's compact state."""
+    lanes = tl.arange(0, TILE)
+    words_ptr = tl.load(entry + COL_MASK_WORDS).to(tl.pointer_type(tl.int32))
+    words = tl.load(words_ptr + tile * (TILE // 32) + lanes // 32)
+    bits = (words >> (lanes % 32)) & 1
+    rank = tl.cumsum(bits, 0) - bits
+    tile_offsets_ptr = tl.load(entry + COL_TILE_OFFSETS).to(tl.pointer_type(tl.int32))
+    slot = tl.load(tile_offsets_ptr + tile).to(tl.int64) + rank
+    return bits != 0, rank, slot
+
+
+@triton.jit
+def load_as_fp32(address, offsets, mask, PARAM_KIND: tl.constexpr):
+    """Load fp32 values, or bf16/fp16 bit patterns widened exactly to fp32."""
+    if PARAM_KIND == _PARAM_FP32:
+        return tl.load(address.to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
+    else:
+        bits = tl.load(address.to(tl.pointer_type(tl.int16)) + offsets, mask=mask, other=0)
+        if PARAM_KIND == _PARAM_BF16:
+            wide = bits.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+            return wide.to(tl.float32, bitcast=True)
+        else:
+            return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def store_from_fp32(address, offsets, values, mask, seed, stream, PARAM_KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store fp32 values, rounded to bf16/fp16 to nearest even, or stochastically (``STOCHASTIC``)."""
+    if PARAM_KIND == _PARAM_FP32:
+        tl.store(address.to(tl.pointer_type(tl.float32)) + offsets, values, mask=mask)
+    else:
+        bits = values.to(tl.uint32, bitcast=True)
+        if STOCHASTIC:
+            # Philox stream (seed, offset = tensor id << 32 | entry): the numba path draws the same numbers.
+            noise = tl.randint(seed, (stream << 32) | offsets).to(tl.uint32, bitcast=True)
+        if PARAM_KIND == _PARAM_BF16:
+            if STOCHASTIC:
+                bits = bits + (noise & 0xFFFF)
+            else:
+                bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            out = (bits >> 16).to(tl.uint16)
+            out = tl.where(values != values, 0x7FC0, out).to(tl.uint16)
+        else:
+            if STOCHASTIC:
+                # add 13 random bits below fp16's 10-bit mantissa, then truncate: exact for normal fp16 values
+                bits = (bits + (noise & 0x1FFF)) & 0xFFFFE000
+                rounded = tl.where(values != values, values, bits.to(tl.float32, bitcast=True))
+            else:
+                rounded = values
+            out = rounded.to(tl.float16).to(tl.uint16, bitcast=True)
+        tl.store(address.to(tl.pointer_type(tl.int16)) + offsets, out.to(tl.int16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _masked_adamw_kernel(
+    table_ptr,
+    tiles_ptr,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    decay,
+    step_size,
+    bias_correction2_sqrt,
+    eps,
+    seed,
+    PARAM_KIND: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    NCOLS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
+    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
+    entry = table_ptr + row * NCOLS
+    offsets = tile * TILE + tl.arange(0, TILE)
+    selected, rank, slot = tile_selection(entry, tile, TILE)
+
+    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
+    exp_avg_ptr = tl.load(entry + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(entry + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
+    exp_avg = tl.load(exp_avg_ptr + slot, mask=selected, other=0.0)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + slot, mask=selected, other=0.0)
+    if HAS_MASTER:
+        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
+        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
+    else:
+        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
+
+    exp_avg = exp_avg * beta1 + grad * one_minus_beta1
+    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    value = value * decay - step_size * tl.div_rn(exp_avg, denom)
+
+    tl.store(exp_avg_ptr + slot, exp_avg, mask=selected)
+    tl.store(exp_avg_sq_ptr + slot, exp_avg_sq, mask=selected)
+    if HAS_MASTER:
+        tl.store(master_ptr + slot, value, mask=selected)
+    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
+                    PARAM_KIND, STOCHASTIC)
+
+
+def masked_adamw_triton(
+    tensor_table: torch.Tensor,
+    tiles: torch.Tensor,
+    scalars: AdamWScalars,
+    *,
+    param_dtype: torch.dtype,
+    has_master: bool,
+    stochastic_rounding: bool,
+) -> None:
+    """One launch stepping every tile listed in ``tiles`` (int32 ``[n, 2]``) of the tensors in ``tensor_table``."""
+    _check_tables(tensor_table, tiles)
+    if tiles.shape[0] == 0:
+        return
+    _masked_adamw_kernel[(tiles.shape[0],)](
+        tensor_table, tiles,
+        scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
+        scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
+        PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
+        NCOLS=TABLE_COLUMNS, TILE=TILE,
+        num_warps=4, enable_fp_fusion=False,
+    )
+
+
+def _check_tables(tensor_table: torch.Tensor, tiles: torch.Tensor) -> None:
+    if tensor_table.dtype != torch.int64 or tensor_table.dim() != 2 or tensor_table.shape[1] != TABLE_COLUMNS:
+        raise ValueError(f"tensor_table must be int64 [n, {TABLE_COLUMNS}], got {tensor_table.dtype} "
+                         f"{tuple(tensor_table.shape)}")
+    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
+        raise ValueError(f"tiles must be int32 [n, 2], got {tiles.dtype} {tuple(tiles.shape)}")
+    if not (tensor_table.is_contiguous() and tiles.is_contiguous()):
+        raise ValueError("tensor_table and tiles must be contiguous")

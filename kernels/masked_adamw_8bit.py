@@ -1,0 +1,162 @@
+"""Masked AdamW with 8-bit blockwise-quantised compact moments (bitsandbytes' scheme on the selected entries).
+
+Moments are stored as uint8 codes into bitsandbytes' dynamic quantisation maps (signed for ``exp_avg``, unsigned
+for ``exp_avg_sq``) times an fp32 ``absmax`` per block. A block is up to ``QUANT_BLOCK`` (256) selected entries of
+one tile, in rank order (see ``layout.py``), so a program owns its blocks and no reduction crosses programs; at
+density 100% the blocks are bitsandbytes' own. As in bitsandbytes, a step dequantises, updates the moments and the
+parameter in fp32, then re-quantises each block against its new absmax (nearest code, ties to the lower code).
+State: 2 bytes per selected entry + 8 bytes per block, against 8 bytes per selected entry in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import layout
+from .layout import BLOCKS_PER_TILE, PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, AdamWScalars
+from .masked_adamw import _check_tables, load_as_fp32, store_from_fp32, tile_selection
+
+COL_ABSMAX1 = tl.constexpr(layout.COL_ABSMAX1)
+COL_ABSMAX2 = tl.constexpr(layout.COL_ABSMAX2)
+COL_BLOCK_OFFSETS = tl.constexpr(layout.COL_BLOCK_OFFSETS)
+COL_EXP_AVG = tl.constexpr(layout.COL_EXP_AVG)
+COL_EXP_AVG_SQ = tl.constexpr(layout.COL_EXP_AVG_SQ)
+COL_GRAD = tl.constexpr(layout.COL_GRAD)
+COL_MASTER = tl.constexpr(layout.COL_MASTER)
+COL_PARAM = tl.constexpr(layout.COL_PARAM)
+COL_TENSOR_ID = tl.constexpr(layout.COL_TENSOR_ID)
+
+
+@functools.cache
+def quantisation_maps(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' 256-entry dynamic maps: signed (for ``exp_avg``) and unsigned (for ``exp_avg_sq``)."""
+    try:
+        from bitsandbytes.functional import create_dynamic_map
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("state_bits=8 uses bitsandbytes' quantisation maps: pip install 'sparse-rl[bnb]'") from error
+    return create_dynamic_map(signed=True).to(device), create_dynamic_map(signed=False).to(device)
+
+
+@triton.jit
+def quantise(normalised, qmap_ptr):
+    """Index of the nearest entry of the sorted 256-entry map (ties to the lower one), by binary search."""
+    low = tl.zeros(normalised.shape, dtype=tl.int32)
+    high = tl.full(normalised.shape, 255, dtype=tl.int32)
+    for _ in tl.static_range(8):
+        pivot = (low + high) // 2
+        higher = normalised > tl.load(qmap_ptr + pivot)
+        low = tl.where(higher, pivot, low)
+        high = tl.where(higher, high, pivot)
+    low_distance = tl.abs(normalised - tl.load(qmap_ptr + low))
+    high_distance = tl.abs(normalised - tl.load(qmap_ptr + high))
+    return tl.where(low_distance <= high_distance, low, high)
+
+
+@triton.jit
+def requantise_blocks(values, selected, block, num_blocks, first_block, absmax_ptr, codes_ptr, slot, qmap_ptr,
+                      BLOCKS_PER_TILE: tl.constexpr):
+    """Store the new absmax of each of the tile's blocks and the codes of ``values`` against it."""
+    blocks = tl.arange(0, BLOCKS_PER_TILE)
+    in_block = (block[None, :] == blocks[:, None]) & selected[None, :]
+    block_max = tl.max(tl.where(in_block, tl.abs(values)[None, :], 0.0), axis=1)
+    tl.store(absmax_ptr + first_block + blocks, block_max, mask=blocks < num_blocks)
+    lane_max = tl.sum(tl.where(in_block, block_max[:, None], 0.0), axis=0)
+    normalised = tl.where(lane_max > 0.0, tl.div_rn(values, tl.where(lane_max > 0.0, lane_max, 1.0)), 0.0)
+    normalised = tl.minimum(tl.maximum(normalised, -1.0), 1.0)
+    tl.store(codes_ptr + slot, quantise(normalised, qmap_ptr).to(tl.uint8), mask=selected)
+
+
+@triton.jit
+def _masked_adamw_8bit_kernel(
+    table_ptr,
+    tiles_ptr,
+    qmap1_ptr,
+    qmap2_ptr,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    decay,
+    step_size,
+    bias_correction2_sqrt,
+    eps,
+    seed,
+    PARAM_KIND: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    NCOLS: tl.constexpr,
+    TILE: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,
+    BLOCKS_PER_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
+    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
+    entry = table_ptr + row * NCOLS
+    offsets = tile * TILE + tl.arange(0, TILE)
+    selected, rank, slot = tile_selection(entry, tile, TILE)
+    block = rank // QUANT_BLOCK
+    num_blocks = (tl.sum(selected.to(tl.int32), axis=0) + QUANT_BLOCK - 1) // QUANT_BLOCK
+    block_offsets_ptr = tl.load(entry + COL_BLOCK_OFFSETS).to(tl.pointer_type(tl.int32))
+    first_block = tl.load(block_offsets_ptr + tile).to(tl.int64)
+
+    codes1_ptr = tl.load(entry + COL_EXP_AVG).to(tl.pointer_type(tl.uint8))
+    codes2_ptr = tl.load(entry + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.uint8))
+    absmax1_ptr = tl.load(entry + COL_ABSMAX1).to(tl.pointer_type(tl.float32))
+    absmax2_ptr = tl.load(entry + COL_ABSMAX2).to(tl.pointer_type(tl.float32))
+    codes1 = tl.load(codes1_ptr + slot, mask=selected, other=0).to(tl.int32)
+    codes2 = tl.load(codes2_ptr + slot, mask=selected, other=0).to(tl.int32)
+    exp_avg = tl.load(qmap1_ptr + codes1) * tl.load(absmax1_ptr + first_block + block, mask=selected, other=0.0)
+    exp_avg_sq = tl.load(qmap2_ptr + codes2) * tl.load(absmax2_ptr + first_block + block, mask=selected, other=0.0)
+
+    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
+    if HAS_MASTER:
+        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
+        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
+    else:
+        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
+
+    exp_avg = exp_avg * beta1 + grad * one_minus_beta1
+    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    value = value * decay - step_size * tl.div_rn(exp_avg, denom)
+
+    requantise_blocks(exp_avg, selected, block, num_blocks, first_block, absmax1_ptr, codes1_ptr, slot, qmap1_ptr,
+                      BLOCKS_PER_TILE)
+    requantise_blocks(exp_avg_sq, selected, block, num_blocks, first_block, absmax2_ptr, codes2_ptr, slot, qmap2_ptr,
+                      BLOCKS_PER_TILE)
+    if HAS_MASTER:
+        tl.store(master_ptr + slot, value, mask=selected)
+    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
+                    PARAM_KIND, STOCHASTIC)
+
+
+def masked_adamw_8bit_triton(
+    tensor_table: torch.Tensor,
+    tiles: torch.Tensor,
+    scalars: AdamWScalars,
+    qmap1: torch.Tensor,
+    qmap2: torch.Tensor,
+    *,
+    param_dtype: torch.dtype,
+    has_master: bool,
+    stochastic_rounding: bool,
+) -> None:
+    """One launch over all listed tiles; the table's exp_avg/exp_avg_sq columns point to uint8 codes."""
+    _check_tables(tensor_table, tiles)
+    if qmap1.numel() != 256 or qmap2.numel() != 256 or qmap1.dtype != torch.float32 or qmap2.dtype != torch.float32:
+        raise ValueError("quantisation maps must be fp32 tensors of 256 entries")
+    if tiles.shape[0] == 0:
+        return
+    _masked_adamw_8bit_kernel[(tiles.shape[0],)](
+        tensor_table, tiles, qmap1, qmap2,
+        scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
+        scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
+        PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
+        NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK, BLOCKS_PER_TILE=BLOCKS_PER_TILE,
+        num_warps=4, enable_fp_fusion=False,
+    )
