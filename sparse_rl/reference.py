@@ -108,8 +108,8 @@ class SharedReference(torch.nn.Module):
         if stored.dtype != param.dtype:
             raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
-        current = flat[index]
-        flat[index] = stored
+        current = flat.index_select(0, index)
+        flat.index_copy_(0, index.long(), stored)  # index_copy_ needs int64; faster than index_put_ with int32 on CPU
         stored.copy_(current)
 
     @contextlib.contextmanager

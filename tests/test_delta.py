@@ -82,8 +82,9 @@ def test_delta_of_a_sparsified_grpo_run_rebuilds_the_trained_model(tiny_checkpoi
     _assert_same_weights(base, trainer.model)
 
 
-def test_merged_model_exports_as_plain_transformers_checkpoint(tmp_path):
-    base = make_tiny_model()
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_model_exports_as_plain_transformers_checkpoint(tmp_path, tied):
+    base = make_tiny_model(tie_word_embeddings=tied)
     mask = random_mask(base, 0.1)
     trained = _perturb_selected(copy.deepcopy(base), mask)
     SparseDelta.from_trained(trained, mask).save_pretrained(tmp_path / "delta")
