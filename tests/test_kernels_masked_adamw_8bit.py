@@ -111,3 +111,35 @@ def test_state_is_a_quarter_of_fp32_state():
             assert state["exp_avg"].dtype == torch.uint8
             assert state["absmax1"].numel() == SelectionLayout.from_selection(mask["w"]).num_blocks
     assert sizes[8] < 0.3 * sizes[32]
+
+
+def test_cpu_code_search_equals_the_kernels_binary_search():
+    """The CPU path's table-started walk returns the code of the Triton kernel's (bitsandbytes') binary search."""
+    from numba import njit
+    from sparse_rl.kernels.masked_adamw_cpu import _quantise, search_starts
+
+    @njit
+    def walk(values, qmap, starts, out):
+        for i in range(values.size):
+            out[i] = _quantise(values[i], qmap, starts)
+
+    def binary_search(values, qmap):
+        low, high = np.zeros(values.size, np.int64), np.full(values.size, 255, np.int64)
+        for _ in range(8):
+            pivot = (low + high) // 2
+            higher = values > qmap[pivot]
+            low, high = np.where(higher, pivot, low), np.where(higher, high, pivot)
+        return np.where(np.abs(values - qmap[low]) <= np.abs(values - qmap[high]), low, high)
+
+    rng = np.random.default_rng(0)
+    for qmap, lowest in zip((q.numpy() for q in quantisation_maps()), (-1.0, 0.0)):
+        midpoints = ((qmap[1:].astype(np.float64) + qmap[:-1]) / 2).astype(np.float32)
+        values = np.concatenate([
+            rng.uniform(lowest, 1.0, 100_000).astype(np.float32),
+            (rng.uniform(lowest, 1.0, 10_000) * 10.0 ** -rng.integers(0, 8, 10_000)).astype(np.float32),
+            qmap, midpoints, np.nextafter(midpoints, np.float32(2)), np.nextafter(midpoints, np.float32(-2)),
+        ])
+        values = np.clip(values, lowest, 1.0).astype(np.float32)
+        codes = np.empty(values.size, np.uint8)
+        walk(values, qmap, search_starts(qmap), codes)
+        assert np.array_equal(codes, binary_search(values, qmap))
