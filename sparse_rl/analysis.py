@@ -262,13 +262,13 @@ class UpdateReport:
         axes[0][0].set_title(f"update sparsity per layer (changed: |Δ| > {self.tolerance:g})")
         if len(panels) > 1:
             axes[0][1].set_title("update rank per layer")
-        axes[0][0].legend(fontsize=7, loc="best")
+        axes[0][0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=5, frameon=False)
         for ax in axes[0]:
             ax.xaxis.get_major_locator().set_params(integer=True)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         return path
 

@@ -1,0 +1,171 @@
+"""What does probe discovery cost? SmolLM2-135M-Instruct, GRPO on few-shot arithmetic, CPU.
+
+Times ``gradient_mask_from_trainer(trainer, 0.1, steps=K)`` against ``trainer.train()`` for K steps of full
+finetuning on the same trainer setup. Each measurement runs in its own process, so the peak RSS
+(``resource.getrusage(...).ru_maxrss``) is that of one operation on top of the same loaded model. Run:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py       # K=2, score gradient: ~3 min
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py --steps 4 --scores gradient adam
+
+Writes ``benchmarks/results/probe_discovery.md`` (``--output`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPT = "2 + 3 = 5\n4 + 4 = 8\n1 + 6 = 7\n{a} + {b} ="
+DENSITY = 0.1
+
+
+def arithmetic_dataset(n: int = 64, seed: int = 0):
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]  # base reward ~0.7: most groups vary
+    return Dataset.from_dict({"prompt": [PROMPT.format(a=a, b=b) for a, b in pairs],
+                              "answer": [a + b for a, b in pairs]})
+
+
+def first_integer_reward(completions, answer, **kwargs) -> list[float]:
+    """1 if the first integer of the completion equals a + b, else 0."""
+    rewards = []
+    for completion, target in zip(completions, answer):
+        match = re.search(r"-?\d+", completion)
+        rewards.append(float(match is not None and int(match.group()) == target))
+    return rewards
+
+
+def build_trainer(steps: int, output_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sparse_rl.models import smollm2_checkpoint
+
+    folder = smollm2_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    args = GRPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=steps, learning_rate=1e-6, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        logging_steps=1, seed=0, temperature=1.0, disable_tqdm=True,
+    )
+    return GRPOTrainer(model=model, reward_funcs=first_integer_reward, args=args, train_dataset=arithmetic_dataset(),
+                       processing_class=tokenizer)
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB), from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(operation: str, steps: int, output_dir: str) -> dict:
+    import torch
+
+    from sparse_rl.discovery import gradient_mask_from_trainer
+
+    trainer = build_trainer(steps, output_dir)
+    ready_rss = rss_mb()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if operation == "train":
+        trainer.train()
+        detail = {"rewards": [round(e["reward"], 3) for e in trainer.state.log_history if "reward" in e]}
+    else:
+        score = operation.removeprefix("probe-")
+        mask = gradient_mask_from_trainer(trainer, DENSITY, steps=steps, score=score)
+        detail = {"mask_density": mask.density}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"operation": operation, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "ready_rss_mb": ready_rss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(), **detail}
+
+
+def run_child(operation: str, steps: int, output_dir: str) -> dict:
+    command = [sys.executable, __file__, "--child", operation, "--steps", str(steps), "--run-dir", output_dir]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[float, float]) -> str:
+    train = next(r for r in results if r["operation"] == "train")
+
+    def added(r: dict) -> float:
+        return r["peak_rss_mb"] - r["ready_rss_mb"]
+
+    lines = [
+        "# Probe discovery cost on SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"GRPO on the few-shot arithmetic prompt `{PROMPT!r}` (single-digit operands, reward 1 if the first integer of "
+        "the completion equals a + b), 4 prompts x num_generations 4 per step, max_completion_length 8, fp32, "
+        f"`use_cpu=True`. Probe: `gradient_mask_from_trainer(trainer, {DENSITY}, steps={steps}, score=...)`; "
+        f"full finetuning: `trainer.train()` for max_steps={steps} (dense AdamW, lr 1e-6). Each row is its own "
+        "process; *ready RSS* is the resident memory after loading the model and building the trainer, *peak RSS* "
+        "the process's `ru_maxrss`, so peak - ready is what the operation itself added.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {train['threads']}; load average "
+        f"{load[0]:.1f} before / {load[1]:.1f} after (other jobs shared the cores, so absolute times are upper "
+        "bounds; CPU seconds, process time of the operation, are less sensitive to that).",
+        "",
+        "| operation | wall (s) | wall / step | CPU (s) | CPU vs train | ready RSS (MB) | peak RSS (MB) "
+        "| peak - ready (MB) | peak - ready vs train |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        name = "full finetuning, trainer.train()" if r["operation"] == "train" else \
+            f"probe, score=\"{r['operation'].removeprefix('probe-')}\""
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {r['seconds'] / steps:.1f} | {r['cpu_seconds']:.1f} | "
+            f"{r['cpu_seconds'] / train['cpu_seconds']:.2f}x | {r['ready_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{added(r):.0f} | {added(r) / added(train):.2f}x |")
+    lines += ["", f"Rewards logged during the {steps} training steps: {train.get('rewards')}.", "",
+              "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py "
+              f"--steps {steps} --scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])}`",
+              ""]
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2, help="K: probe batches and training steps")
+    parser.add_argument("--scores", nargs="+", default=["gradient"],
+                        choices=["gradient", "fisher", "adam", "precision"])
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "probe_discovery.md"))
+    parser.add_argument("--run-dir", default="outputs/bench_probe_discovery")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.run_dir)))
+        return
+    load_before = os.getloadavg()[0]
+    results = []
+    for operation in [f"probe-{s}" for s in args.scores] + ["train"]:
+        result = run_child(operation, args.steps, args.run_dir)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    print(write_markdown(results, Path(args.output), args.steps, (load_before, os.getloadavg()[0])))
+
+
+if __name__ == "__main__":
+    main()
