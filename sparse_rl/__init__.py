@@ -1,8 +1,16 @@
 """sparse_rl: train only a small subnetwork of a language model during RL finetuning with TRL."""
 
+from .analysis import analyze_update, mask_overlap, precision_control
 from .config import SparseConfig
 from .delta import SparseDelta, SparseDeltaConfig
-from .discovery import gradient_mask, gradient_mask_from_trainer, mask_from_scores, random_mask
+from .discovery import (
+    diff_mask,
+    gradient_mask,
+    gradient_mask_from_trainer,
+    magnitude_mask,
+    mask_from_scores,
+    random_mask,
+)
 from .hooks import restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
@@ -18,9 +26,14 @@ __all__ = [
     "SparseTraining",
     "SubnetworkMask",
     "UnsupportedTrainerSetup",
+    "analyze_update",
+    "diff_mask",
     "gradient_mask",
     "gradient_mask_from_trainer",
+    "magnitude_mask",
     "mask_from_scores",
+    "mask_overlap",
+    "precision_control",
     "random_mask",
     "restrict_gradients",
     "sparsify",
