@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -134,12 +135,30 @@ def run_speed(density: float, batch_size: int, repeats: int = 5) -> dict:
     return {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in timings.items()}
 
 
+def _with_range(result: dict, key: str) -> str:
+    low, high = result[key + "_range"]
+    return f"{result[key]:.0f} ({low:.0f}-{high:.0f})"
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Median of each numeric field over repeated processes, plus the range of the peaks."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            merged[key] = statistics.median(r[key] for r in runs)
+    for key in ("peak_train_mib", "peak_process_mib"):
+        if key in merged and merged[key] is not None:
+            merged[key + "_range"] = (min(r[key] for r in runs), max(r[key] for r in runs))
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", choices=MODES + ("speed",))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="processes per mode; the table shows the median")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.child == "speed":
@@ -149,32 +168,37 @@ def main() -> None:
         print(json.dumps(run_child(args.child, args.steps, args.density, args.batch_size)))
         return
 
-    results = {}
-    for mode in MODES + ("speed",):
-        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--density", str(args.density),
-               "--batch-size", str(args.batch_size)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode}: {results[mode]}", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):
+        for mode in MODES + ("speed",):
+            if mode == "speed" and repeat:
+                continue
+            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--density",
+                   str(args.density), "--batch-size", str(args.batch_size)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            runs.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{mode}: {runs[mode][-1]}", flush=True)
+    results = {mode: _median_run(r) for mode, r in runs.items()}
 
     copy = results["copy"]
     lines = [
         "# Reference model memory: TRL's copy vs sparse_rl's shared reference",
         "",
         f"DPO on SmolLM2-135M-Instruct (fp32, CPU), {args.steps} steps, batch {args.batch_size} pairs, "
-        f"max_length 64, random subnetwork at density {args.density} trained with MaskedAdamW in every mode. "
+        f"max_length 64, random subnetwork at density {args.density} trained with MaskedAdamW in every mode; "
+        f"median of {args.repeats} processes per mode. "
         "Peak RSS per process (`resource.getrusage`), each mode in its own process; the training-phase peak resets "
         "VmHWM through `/proc/self/clear_refs` right before `trainer.train()`.",
         "",
-        "| reference | reference MiB | peak during train MiB | peak of process MiB | process peak vs copy "
-        "| losses |",
+        "| reference | reference MiB | peak during train MiB (range) | peak of process MiB (range) "
+        "| process peak vs copy | losses |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for mode in MODES:
         r = results[mode]
-        train_peak = "n/a" if r["peak_train_mib"] is None else f"{r['peak_train_mib']:.0f}"
+        train_peak = "n/a" if r["peak_train_mib"] is None else _with_range(r, "peak_train_mib")
         lines.append(
-            f"| {mode} | {r['reference_mib']:.1f} | {train_peak} | {r['peak_process_mib']:.0f} | "
+            f"| {mode} | {r['reference_mib']:.1f} | {train_peak} | {_with_range(r, 'peak_process_mib')} | "
             f"{r['peak_process_mib'] / copy['peak_process_mib']:.2f}x | "
             f"{', '.join(f'{x:.6f}' for x in r['losses'])} |"
         )
@@ -197,7 +221,7 @@ def main() -> None:
         "*Timings were taken on a 2-core machine shared with other jobs; treat them as indicative only.",
         "",
         f"Reproduce: `python benchmarks/bench_reference_memory.py --steps {args.steps} --density {args.density} "
-        f"--batch-size {args.batch_size}`",
+        f"--batch-size {args.batch_size} --repeats {args.repeats}`",
         "",
     ]
     table = "\n".join(lines)

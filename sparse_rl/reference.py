@@ -110,7 +110,7 @@ class SharedReference(torch.nn.Module):
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
         current = flat.index_select(0, index)
         flat.index_copy_(0, index.long(), stored)  # index_copy_ needs int64; faster than index_put_ with int32 on CPU
-        stored.copy_(current)
+        setattr(self, f"values_{slot}", current)  # the buffer now holds the values that were in the policy
 
     @contextlib.contextmanager
     def swapped(self):
