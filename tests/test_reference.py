@@ -220,14 +220,17 @@ def test_trainer_with_shared_reference_matches_true_copy(kind, metric, tiny_chec
         assert with_copy[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_dpo_shared_reference_passed_at_construction(tiny_checkpoint, tmp_path):
-    """No copy is ever loaded when the mask is known before the trainer."""
-    expected = _run(_make_trainer("dpo", tiny_checkpoint, tmp_path), shared=False)
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_shared_reference_passed_at_construction(kind, tiny_checkpoint, tmp_path):
+    """DPO and KTO take ref_model=: no copy is ever loaded when the mask is known before the trainer."""
+    expected = _run(_make_trainer(kind, tiny_checkpoint, tmp_path), shared=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     mask = random_mask(model, 0.2)
-    trainer = DPOTrainer(model=model, ref_model=SharedReference(model, mask),
-                         args=DPOConfig(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON),
-                         train_dataset=_preference_dataset(), processing_class=make_tiny_tokenizer())
+    args = dict(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON)
+    trainer_cls, config_cls, dataset = ((DPOTrainer, DPOConfig, _preference_dataset()) if kind == "dpo"
+                                        else (KTOTrainer, KTOConfig, _unpaired_dataset()))
+    trainer = trainer_cls(model=model, ref_model=SharedReference(model, mask), args=config_cls(**args),
+                          train_dataset=dataset, processing_class=make_tiny_tokenizer())
     sparsify(trainer, SparseConfig(mask=mask))
     assert use_shared_reference(trainer) is trainer.ref_model
     trainer.train()
