@@ -16,6 +16,8 @@ training-phase peak (VmHWM reset through /proc/self/clear_refs right before ``tr
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -34,6 +36,14 @@ def _rss_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS so the training-phase peak counts live memory, not set-up garbage."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _reset_peak() -> bool:
@@ -86,6 +96,8 @@ def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
     else:
         shared = use_shared_reference(trainer)
         reference_bytes = shared.extra_bytes()
+    gc.collect()
+    _malloc_trim()
     reset = _reset_peak()
     start = time.perf_counter()
     trainer.train()
@@ -188,7 +200,8 @@ def main() -> None:
         f"max_length 64, random subnetwork at density {args.density} trained with MaskedAdamW in every mode; "
         f"median of {args.repeats} processes per mode. "
         "Peak RSS per process (`resource.getrusage`), each mode in its own process; the training-phase peak resets "
-        "VmHWM through `/proc/self/clear_refs` right before `trainer.train()`.",
+        "VmHWM through `/proc/self/clear_refs` right before `trainer.train()` (after `gc.collect()` and glibc "
+        "`malloc_trim(0)`, so set-up garbage is not counted).",
         "",
         "| reference | reference MiB | peak during train MiB (range) | peak of process MiB (range) "
         "| process peak vs copy | losses |",

@@ -80,7 +80,7 @@ class SharedReference(torch.nn.Module):
                 index = flat_index.to(device=param.device, dtype=index_dtype)
                 slot = len(self._names)
                 self.register_buffer(f"index_{slot}", index, persistent=False)
-                self.register_buffer(f"values_{slot}", param.detach().reshape(-1)[index].clone(), persistent=False)
+                self.register_buffer(f"values_{slot}", param.detach().view(-1).index_select(0, index), persistent=False)
                 self._names.append(name)
 
     @property
