@@ -4,8 +4,8 @@ Times ``gradient_mask_from_trainer(trainer, 0.1, steps=K)`` against ``trainer.tr
 finetuning on the same trainer setup. Each measurement runs in its own process, so the peak RSS
 (``resource.getrusage(...).ru_maxrss``) is that of one operation on top of the same loaded model. Run:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py       # K=2, score gradient: ~3 min
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py --steps 4 --scores gradient adam
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py    # K=4, gradient + adam scores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py --steps 8 --scores gradient
 
 Writes ``benchmarks/results/probe_discovery.md`` (``--output`` to change).
 """
@@ -77,11 +77,13 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(operation: str, steps: int, output_dir: str) -> dict:
+def child(operation: str, steps: int, output_dir: str, threads: int) -> dict:
     import torch
 
     from sparse_rl.discovery import gradient_mask_from_trainer
 
+    if threads:
+        torch.set_num_threads(threads)
     trainer = build_trainer(steps, output_dir)
     ready_rss = rss_mb()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -99,8 +101,9 @@ def child(operation: str, steps: int, output_dir: str) -> dict:
             "threads": torch.get_num_threads(), **detail}
 
 
-def run_child(operation: str, steps: int, output_dir: str) -> dict:
-    command = [sys.executable, __file__, "--child", operation, "--steps", str(steps), "--run-dir", output_dir]
+def run_child(operation: str, steps: int, output_dir: str, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", operation, "--steps", str(steps), "--run-dir", output_dir,
+               "--threads", str(threads)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -137,8 +140,15 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
             f"{r['cpu_seconds'] / train['cpu_seconds']:.2f}x | {r['ready_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{added(r):.0f} | {added(r) / added(train):.2f}x |")
     lines += ["", f"Rewards logged during the {steps} training steps: {train.get('rewards')}.", "",
+              "How to read it: a probe step is a training step without the optimizer step (the trainer's own "
+              "generation, reward and loss, then backward), so probing K batches costs about K steps of full "
+              "finetuning in time. In memory the gradient/Fisher probe keeps one fp32 score per parameter (each "
+              "gradient is folded into it during backward and dropped) where dense AdamW keeps gradients plus two "
+              "moments; the Adam-update score keeps three buffers (score and both moments). The rest of the "
+              "increase over *ready RSS* is generation and activations, the same in both.", "",
               "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py "
-              f"--steps {steps} --scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])}`",
+              f"--steps {steps} --scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])} "
+              f"--threads {train['threads']}`",
               ""]
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,20 +158,23 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2, help="K: probe batches and training steps")
-    parser.add_argument("--scores", nargs="+", default=["gradient"],
+    parser.add_argument("--steps", type=int, default=4, help="K: probe batches and training steps")
+    parser.add_argument("--scores", nargs="+", default=["gradient", "adam"],
                         choices=["gradient", "fisher", "adam", "precision"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "probe_discovery.md"))
     parser.add_argument("--run-dir", default="outputs/bench_probe_discovery")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (0: torch's default). 1 by default: when other processes share "
+                             "the cores, 2 threads ran a GRPO step ~15x slower than 1 (OpenMP oversubscription)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.run_dir)))
+        print(json.dumps(child(args.child, args.steps, args.run_dir, args.threads)))
         return
     load_before = os.getloadavg()[0]
     results = []
     for operation in [f"probe-{s}" for s in args.scores] + ["train"]:
-        result = run_child(operation, args.steps, args.run_dir)
+        result = run_child(operation, args.steps, args.run_dir, args.threads)
         print(json.dumps(result), flush=True)
         results.append(result)
     print(write_markdown(results, Path(args.output), args.steps, (load_before, os.getloadavg()[0])))

@@ -214,9 +214,9 @@ class _ScoreAccumulator:
             self.exp_avg = torch.zeros_like(self.total)
             self.exp_avg_sq = torch.zeros_like(self.total)
 
-    def add(self, grad: torch.Tensor | None) -> None:
+    def add(self, grad: torch.Tensor) -> None:
         self.step += 1
-        grad = torch.zeros_like(self.total) if grad is None else grad.detach().float()
+        grad = grad.detach().float()
         if self.score == "gradient":
             self.total += grad.abs()
         elif self.score == "fisher":
@@ -256,6 +256,9 @@ def accumulate_gradient_scores(
             lr) if the weights stayed put. Entries whose gradient flips sign cancel out, as they do in training.
             Weight decay is left out: it moves every entry by lr·wd·|w| whatever the loss. Needs two more fp32
             copies of the model. With ``steps=1`` every entry with a non-zero gradient scores 1 (ties): use K >= 4.
+
+    Each gradient is folded into its score during backward and then dropped, so the probe's memory is one fp32 score
+    per parameter (three for ``"adam"``/``"precision"``), not score plus gradient.
         ``"precision"``: the ``"adam"`` displacement times ``lr`` over :func:`half_ulp` of the weight in
             ``storage_dtype``; above 1 the update would survive rounding to that dtype.
     """
@@ -266,15 +269,33 @@ def accumulate_gradient_scores(
     params = _trainable(model, exclude, include)
     saved_grads = {n: p.grad for n, p in params}
     accumulators = {n: _ScoreAccumulator(p.shape, p.device, score, betas, eps) for n, p in params}
+    scored: set[str] = set()
+
+    def fold_into_score(name: str):
+        # folding each gradient into its score as soon as it is complete, then dropping it, means the full set of
+        # gradients never exists at once: the probe holds one fp32 score per parameter instead of score + gradient
+        def hook(param: torch.Tensor) -> None:
+            accumulators[name].add(param.grad)
+            param.grad = None
+            scored.add(name)
+
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(fold_into_score(n)) for n, p in params]
     try:
         for step in tqdm(range(steps), desc=desc):
             for _, p in params:
                 p.grad = None
+            scored.clear()
             loss = loss_fn(step)
             loss.backward()
             for n, p in params:
-                accumulators[n].add(p.grad)
+                # outside this step's graph: torch's AdamW skips a parameter without a gradient, and so do we
+                if n not in scored and p.grad is not None:
+                    accumulators[n].add(p.grad)
     finally:
+        for handle in handles:
+            handle.remove()
         for n, p in params:
             p.grad = saved_grads[n]
     scores = {n: acc.result() for n, acc in accumulators.items()}
