@@ -49,7 +49,7 @@ def first_integer_reward(completions, answer, **kwargs) -> list[float]:
     return rewards
 
 
-def build_trainer(steps: int, output_dir: str):
+def build_trainer(steps: int, output_dir: str, seed: int = 0, learning_rate: float = 1e-6):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -61,8 +61,8 @@ def build_trainer(steps: int, output_dir: str):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     args = GRPOConfig(
         output_dir=output_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-        max_steps=steps, learning_rate=1e-6, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        logging_steps=1, seed=0, temperature=1.0, disable_tqdm=True,
+        max_steps=steps, learning_rate=learning_rate, use_cpu=True, bf16=False, report_to="none",
+        save_strategy="no", logging_steps=1, seed=seed, temperature=1.0, disable_tqdm=True,
     )
     return GRPOTrainer(model=model, reward_funcs=first_integer_reward, args=args, train_dataset=arithmetic_dataset(),
                        processing_class=tokenizer)
