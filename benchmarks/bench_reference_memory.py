@@ -103,10 +103,14 @@ def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     peak_train = _rss_mib("VmHWM") if reset else None
+    gc.collect()
+    _malloc_trim()
+    rss_after_train = _rss_mib("VmRSS")
     return {
         "mode": mode,
         "peak_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_train_mib": peak_train,
+        "rss_after_train_mib": rss_after_train,
         "reference_mib": reference_bytes / 2**20,
         "trained_fraction": sparse.trained_fraction,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
@@ -114,8 +118,11 @@ def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
     }
 
 
-def run_speed(density: float, batch_size: int, repeats: int = 5) -> dict:
-    """Reference forward of a true copy against the shared reference, interleaved in one process (same load)."""
+def run_speed(density: float, batch_size: int, repeats: int = 7) -> dict:
+    """Reference forward of a true copy against the shared reference, interleaved in one process (same load).
+
+    One thread: with two threads on a shared 2-core machine, a descheduled OpenMP thread stalls the other and
+    single forwards vary tenfold."""
     import copy
 
     import torch
@@ -124,7 +131,7 @@ def run_speed(density: float, batch_size: int, repeats: int = 5) -> dict:
     from sparse_rl import SharedReference, random_mask
     from sparse_rl.models import smollm2_checkpoint
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     policy = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
     shared = SharedReference(policy, random_mask(policy, density, seed=0))
     reference_copy = copy.deepcopy(policy).eval()
@@ -158,7 +165,7 @@ def _median_run(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, float):
             merged[key] = statistics.median(r[key] for r in runs)
-    for key in ("peak_train_mib", "peak_process_mib"):
+    for key in ("rss_after_train_mib", "peak_train_mib", "peak_process_mib"):
         if key in merged and merged[key] is not None:
             merged[key + "_range"] = (min(r[key] for r in runs), max(r[key] for r in runs))
     return merged
@@ -203,23 +210,24 @@ def main() -> None:
         "VmHWM through `/proc/self/clear_refs` right before `trainer.train()` (after `gc.collect()` and glibc "
         "`malloc_trim(0)`, so set-up garbage is not counted).",
         "",
-        "| reference | reference MiB | peak during train MiB (range) | peak of process MiB (range) "
-        "| process peak vs copy | losses |",
-        "|---|---:|---:|---:|---:|---|",
+        "| reference | reference MiB | RSS after train MiB (range) | peak during train MiB (range) "
+        "| peak of process MiB (range) | process peak vs copy | losses |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for mode in MODES:
         r = results[mode]
         train_peak = "n/a" if r["peak_train_mib"] is None else _with_range(r, "peak_train_mib")
         lines.append(
-            f"| {mode} | {r['reference_mib']:.1f} | {train_peak} | {_with_range(r, 'peak_process_mib')} | "
+            f"| {mode} | {r['reference_mib']:.1f} | {_with_range(r, 'rss_after_train_mib')} | {train_peak} | "
+            f"{_with_range(r, 'peak_process_mib')} | "
             f"{r['peak_process_mib'] / copy['peak_process_mib']:.2f}x | "
             f"{', '.join(f'{x:.6f}' for x in r['losses'])} |"
         )
     speed = results["speed"]
     lines += [
         "",
-        f"Reference forward time, {2 * args.batch_size} sequences of 64 tokens, median of 5 interleaved runs in one "
-        "process (identical logits checked each run):",
+        f"Reference forward time, {2 * args.batch_size} sequences of 64 tokens, 1 thread, median of 7 interleaved "
+        "runs in one process (identical logits checked each run):",
         "",
         "| true copy ms* | shared reference ms* | shared / copy | of which swap in+out ms* |",
         "|---:|---:|---:|---:|",
@@ -229,8 +237,10 @@ def main() -> None:
     lines += [
         "",
         "Weights loaded from safetensors are memory-mapped and only become resident when first read, so RSS before "
-        "training is not comparable between modes; both peaks above include every weight. The reference column is "
-        "the full copy's parameter bytes, or the shared reference's stored values + int32 indices.",
+        "training is not comparable between modes; after training every weight is resident. \"RSS after train\" is "
+        "the live memory once the steps are done (after `gc.collect()` + `malloc_trim(0)`); the peaks add the "
+        "transient allocations of a step, whose placement by the allocator varies. The reference column is the full "
+        "copy's parameter bytes, or the shared reference's stored values + int32 indices + one swap's scratch.",
         "*Timings were taken on a 2-core machine shared with other jobs; treat them as indicative only.",
         "",
         f"Reproduce: `python benchmarks/bench_reference_memory.py --steps {args.steps} --density {args.density} "

@@ -82,13 +82,23 @@ class SharedReference(torch.nn.Module):
                 self.register_buffer(f"index_{slot}", index, persistent=False)
                 self.register_buffer(f"values_{slot}", param.detach().view(-1).index_select(0, index), persistent=False)
                 self._names.append(name)
+        # Reused by every swap (no allocation churn per reference call): int64 indices for index_copy_, and the
+        # policy's current values of one tensor. Sized for the largest tensor.
+        largest = max((getattr(self, f"index_{i}").numel() for i in range(len(self._names))), default=0)
+        widest = max((params[n].element_size() for n in self._names), default=1)
+        device = params[self._names[0]].device if self._names else None
+        self.register_buffer("scratch_index", torch.empty(8 * largest, dtype=torch.uint8, device=device),
+                             persistent=False)
+        self.register_buffer("scratch_values", torch.empty(widest * largest, dtype=torch.uint8, device=device),
+                             persistent=False)
 
     @property
     def policy(self) -> torch.nn.Module:
         return self._policy
 
     def extra_bytes(self) -> int:
-        """Bytes this reference holds: the original selected values plus their indices."""
+        """Bytes this reference holds: the original selected values, their int32 indices, and the scratch of one
+        swap (int64 indices + values of the largest tensor)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def __repr__(self) -> str:
@@ -108,9 +118,21 @@ class SharedReference(torch.nn.Module):
         if stored.dtype != param.dtype:
             raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
-        current = flat.index_select(0, index)
-        flat.index_copy_(0, index.long(), stored)  # index_copy_ needs int64; faster than index_put_ with int32 on CPU
-        setattr(self, f"values_{slot}", current)  # the buffer now holds the values that were in the policy
+        current = self._scratch("scratch_values", index.numel(), param.dtype, param.device)
+        torch.index_select(flat, 0, index, out=current)
+        index64 = self._scratch("scratch_index", index.numel(), torch.int64, param.device)
+        index64.copy_(index)  # index_copy_ needs int64; it is faster than index_put_ with int32 on CPU
+        flat.index_copy_(0, index64, stored)
+        stored.copy_(current)
+
+    def _scratch(self, name: str, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``count`` elements of ``dtype`` viewed from a reusable byte buffer (regrown only if too small)."""
+        buffer = getattr(self, name)
+        needed = count * dtype.itemsize
+        if buffer.device != device or buffer.numel() < needed:
+            buffer = torch.empty(max(needed, buffer.numel()), dtype=torch.uint8, device=device)
+            setattr(self, name, buffer)
+        return buffer[:needed].view(dtype)
 
     @contextlib.contextmanager
     def swapped(self):

@@ -63,11 +63,12 @@ def test_reference_equals_base_copy_after_training(tied):
     assert not reference_logits.requires_grad
 
 
-def test_extra_memory_is_the_selected_values_and_int32_indices():
+def test_extra_memory_is_the_selected_values_int32_indices_and_one_scratch():
     policy = make_tiny_model()
     mask = random_mask(policy, 0.1)
     reference = SharedReference(policy, mask)
-    assert reference.extra_bytes() == mask.num_selected * (4 + 4)
+    largest = max(int(s.sum()) for s in mask.selections.values())
+    assert reference.extra_bytes() == mask.num_selected * (4 + 4) + largest * (8 + 4)
     assert list(reference.parameters()) == [], "the policy must not be a submodule of the reference"
 
 
