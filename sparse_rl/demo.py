@@ -1,0 +1,148 @@
+"""The demo: GRPO on SmolLM2-135M-Instruct training only a 10% subnetwork, on CPU, with a verifiable reward.
+
+Task: few-shot addition ("2 + 3 = 5\\n...\\n{a} + {b} ="), reward 1 when the first integer of the completion is a+b.
+With operands up to 19 the base model's sampled reward sits between 0 and 1, so GRPO groups have non-zero advantage.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FEW_SHOT = "2 + 3 = 5\n4 + 4 = 8\n1 + 6 = 7\n"
+_FIRST_INTEGER = re.compile(r"-?\d+")
+
+
+@dataclass
+class DemoConfig:
+    density: float = 0.1
+    steps: int = 20
+    max_operand: int = 19
+    num_generations: int = 8
+    prompts_per_step: int = 2
+    max_completion_length: int = 6
+    learning_rate: float = 3e-5
+    probe_steps: int = 4
+    eval_prompts: int = 128
+    seed: int = 0
+    output_dir: str = "outputs/demo"
+
+
+def addition_prompts(n: int, max_operand: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": f"{FEW_SHOT}{a} + {b} =", "answer": a + b})
+    return rows
+
+
+def first_integer_matches(completion: str, answer: int) -> bool:
+    match = _FIRST_INTEGER.search(completion)
+    return bool(match) and int(match.group()) == int(answer)
+
+
+def addition_reward(completions: list[str], answer: list[int], **kwargs) -> list[float]:
+    """GRPO reward function: 1.0 when the first integer of the completion is the right sum."""
+    return [float(first_integer_matches(c, a)) for c, a in zip(completions, answer)]
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int, batch_size: int = 64) -> float:
+    """Share of prompts answered right when sampling at temperature 1 (the quantity GRPO optimises)."""
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    model.eval()
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        enc = tokenizer([r["prompt"] for r in batch], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(first_integer_matches(t, r["answer"]) for t, r in zip(texts, batch))
+    return correct / len(rows)
+
+
+def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo") -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from . import SparseConfig, sparsify
+    from .models import smollm2_checkpoint
+    from .optim import MaskedAdamW
+
+    config = DemoConfig(density=density, output_dir=output_dir)
+    if steps is not None:
+        config.steps = steps
+    started = time.time()
+    print("== sparse_rl demo: GRPO on SmolLM2-135M-Instruct, training a "
+          f"{config.density:.0%} subnetwork on CPU ==", flush=True)
+    checkpoint = smollm2_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    per_step = config.num_generations * config.prompts_per_step
+    train_rows = addition_prompts(config.steps * config.prompts_per_step + 64, config.max_operand, config.seed)
+    eval_rows = addition_prompts(config.eval_prompts, config.max_operand, config.seed + 1)
+    before = sampled_accuracy(model, tokenizer, eval_rows, config.max_completion_length, seed=config.seed)
+    print(f"reward before training (sampled, {len(eval_rows)} held-out prompts): {before:.3f}", flush=True)
+
+    args = GRPOConfig(
+        output_dir=config.output_dir, max_steps=config.steps, per_device_train_batch_size=per_step,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        learning_rate=config.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
+        use_cpu=True, bf16=False, report_to="none", logging_steps=5, save_strategy="no", seed=config.seed,
+        disable_tqdm=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
+                          train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+    probe_start = time.time()
+    sparse = sparsify(trainer, SparseConfig(density=config.density, discovery="gradient",
+                                            probe_steps=config.probe_steps))
+    print(f"mask from a {config.probe_steps}-batch gradient probe of the GRPO loss: "
+          f"{time.time() - probe_start:.0f}s", flush=True)
+    trainer.train()
+
+    after = sampled_accuracy(model, tokenizer, eval_rows, config.max_completion_length, seed=config.seed)
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, MaskedAdamW)
+    sparse_state = optimizer.state_bytes()
+    trained_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense_state = 2 * 4 * sum(p.numel() for p in model.parameters())  # torch AdamW: exp_avg + exp_avg_sq, fp32
+    changed_unselected = 0
+    changed_selected = 0
+    for name, param in model.named_parameters():
+        changed = param.detach() != initial[name]
+        selection = sparse.mask[name] if name in sparse.mask else torch.zeros_like(changed)
+        changed_unselected += int((changed & ~selection).sum())
+        changed_selected += int((changed & selection).sum())
+    train_rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+
+    final = Path(config.output_dir) / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    sparse.mask.save(final / "sparse_mask.safetensors")
+
+    total = sum(p.numel() for p in model.parameters())
+    print("\n== results ==")
+    print(f"reward before -> after (sampled, held-out): {before:.3f} -> {after:.3f}")
+    if train_rewards:
+        print(f"training reward, first -> last logged window: {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}")
+    print(f"parameters trained: {sparse.mask.num_selected:,} of {total:,} ({sparse.mask.num_selected / total:.2%}); "
+          f"tensors with a gradient: {trained_numel:,} entries")
+    print(f"optimizer state: {sparse_state / 2**20:.1f} MiB vs dense AdamW {dense_state / 2**20:.1f} MiB "
+          f"({sparse_state / dense_state:.3f}x)")
+    print(f"selected entries changed: {changed_selected:,}; unselected entries changed: {changed_unselected} "
+          "(must be 0)")
+    print(f"trained model and mask saved to {final}; total time {time.time() - started:.0f}s")
+    if changed_unselected:
+        raise SystemExit("unselected entries changed: the subnetwork restriction is broken")
+    return dict(before=before, after=after, changed_unselected=changed_unselected, state_ratio=sparse_state / dense_state)
