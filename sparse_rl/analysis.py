@@ -444,6 +444,7 @@ class PrecisionControl:
     changed_exact: int | None = None
     overlap: MaskOverlap | None = None
     null_overlap: MaskOverlap | None = None
+    null_mean_rank_ratio: float | None = None
 
     @property
     def sparsity_exact(self) -> float | None:
@@ -510,6 +511,8 @@ class PrecisionControl:
                 excess = self.null_excess_overlap_share
                 lines.append(f"  null reproduces {self.null_overlap_share:.1%} of the overlap"
                              + ("" if excess is None else f" and {excess:.1%} of its excess over chance"))
+        if self.null_mean_rank_ratio is not None:
+            lines.append(f"  null model update rank: mean rank(Δ)/min(m, n) = {self.null_mean_rank_ratio:.2%}")
         return "\n".join(lines)
 
 
@@ -523,10 +526,13 @@ def precision_control(
     seed: int = 0,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    rank: bool = False,
 ) -> PrecisionControl:
     """Compare the measured update with a null model that keeps each tensor's update values but places them at
     random entries before rounding to ``dtype`` (see :class:`PrecisionControl`). ``other`` is a second finetuned run
-    from the same base (another seed) for the overlap control."""
+    from the same base (another seed) for the overlap control. ``rank=True`` also measures the mean
+    rank(Δ)/min(m, n) of the null model's rounded 2-D updates (compare with ``analyze_update(...,
+    compare_dtype=dtype).mean_rank_ratio``): a scattered update is full rank whoever placed it."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     sources = [as_weight_source(s) for s in (base, finetuned) + (() if other is None else (other,))]
@@ -535,7 +541,7 @@ def precision_control(
     resolution = torch.finfo(dtype).eps
     total = changed_rounded = changed_null = changed_exact = 0
     exact_available = True
-    overlaps, null_overlaps = [], []
+    overlaps, null_overlaps, null_ranks = [], [], []
     for name in tqdm(names, desc="precision control"):
         weights = [s.get(name) for s in sources]
         exact_available &= all(torch.finfo(w.dtype).eps < resolution for w in weights)
@@ -551,6 +557,9 @@ def precision_control(
             null_changes.append(((before + shuffled).to(dtype).to(wide) - before_rounded).abs() > tolerance)
             if len(rounded_changes) == 1:
                 changed_exact += int((values != 0).sum())
+                if rank and before.dim() == 2:
+                    null_delta = (before + shuffled).to(dtype).to(wide) - before_rounded
+                    null_ranks.append(update_rank(null_delta, None) / min(before.shape))
         total += before.numel()
         changed_rounded += int(rounded_changes[0].sum())
         changed_null += int(null_changes[0].sum())
@@ -567,4 +576,157 @@ def precision_control(
         changed_exact=changed_exact if exact_available else None,
         overlap=_sum_overlaps(overlaps) if other is not None else None,
         null_overlap=_sum_overlaps(null_overlaps) if other is not None else None,
+        null_mean_rank_ratio=sum(null_ranks) / len(null_ranks) if null_ranks else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- magnitude relation
+@dataclass
+class MagnitudeProfile:
+    """Share of entries changed in each weight-magnitude bin: bin ``i`` holds, in every tensor, the entries whose
+    base |w| ranks in the ``i``-th of ``bins`` equal quantile slices of that tensor (bin 0 = smallest |w|), so tensors
+    of different scales pool fairly. Three change counts per bin, as in :class:`PrecisionControl`: ``exact`` (any
+    change in the stored wider dtype; None when the checkpoints are not wider than ``dtype``), ``rounded`` (|Δ| >
+    tolerance after rounding both sides to ``dtype``) and ``null`` (the same update values moved to random entries
+    of each tensor before rounding). If ``rounded`` falls with magnitude while ``exact`` stays flat, which entries a
+    ``dtype`` diff shows is set by the weights' resolution, not by the optimiser."""
+
+    dtype: str
+    tolerance: float
+    bins: int
+    total: list[int]
+    rounded: list[int]
+    null: list[int]
+    exact: list[int] | None = None
+
+    @staticmethod
+    def _shares(counts: list[int] | None, total: list[int]) -> list[float] | None:
+        return None if counts is None else [c / t if t else 0.0 for c, t in zip(counts, total)]
+
+    @property
+    def rounded_share(self) -> list[float]:
+        return self._shares(self.rounded, self.total)
+
+    @property
+    def null_share(self) -> list[float]:
+        return self._shares(self.null, self.total)
+
+    @property
+    def exact_share(self) -> list[float] | None:
+        return self._shares(self.exact, self.total)
+
+    def rows(self) -> list[dict]:
+        exact = self.exact_share
+        return [{"bin": i, "lower_quantile": i / self.bins, "upper_quantile": (i + 1) / self.bins,
+                 "entries": self.total[i], "changed_rounded": self.rounded_share[i], "changed_null": self.null_share[i],
+                 "changed_exact": "" if exact is None else exact[i]} for i in range(self.bins)]
+
+
+def magnitude_profile(
+    base: torch.nn.Module | str | os.PathLike,
+    finetuned: torch.nn.Module | str | os.PathLike,
+    bins: int = 10,
+    dtype: torch.dtype = torch.bfloat16,
+    tolerance: float = 1e-5,
+    *,
+    seed: int = 0,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> MagnitudeProfile:
+    """Changed share per within-tensor |w| quantile bin, measured and under the precision null (see
+    :class:`MagnitudeProfile`); streamed tensor by tensor."""
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    sources = [as_weight_source(base), as_weight_source(finetuned)]
+    generator = torch.Generator().manual_seed(seed)
+    resolution = torch.finfo(dtype).eps
+    total, rounded, null, exact = [0] * bins, [0] * bins, [0] * bins, [0] * bins
+    exact_available = True
+    for name in tqdm(matched_names(sources, include, exclude), desc="magnitude profile"):
+        before, after = (s.get(name) for s in sources)
+        exact_available &= all(torch.finfo(w.dtype).eps < resolution for w in (before, after))
+        wide = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+        before, after = before.to(wide).reshape(-1), after.to(wide).reshape(-1)
+        n = before.numel()
+        ranks = torch.empty(n, dtype=torch.long)
+        ranks[torch.argsort(before.abs(), stable=True)] = torch.arange(n)
+        bin_of = ranks * bins // n
+        values = after - before
+        before_rounded = before.to(dtype).to(wide)
+        shuffled = values[torch.randperm(n, generator=generator)]
+        counts = {
+            "total": torch.ones(n, dtype=torch.bool),
+            "rounded": (after.to(dtype).to(wide) - before_rounded).abs() > tolerance,
+            "null": ((before + shuffled).to(dtype).to(wide) - before_rounded).abs() > tolerance,
+            "exact": values != 0,
+        }
+        for key, target in (("total", total), ("rounded", rounded), ("null", null), ("exact", exact)):
+            per_bin = torch.bincount(bin_of[counts[key]], minlength=bins)
+            for i in range(bins):
+                target[i] += int(per_bin[i])
+    return MagnitudeProfile(dtype=_dtype_name(dtype), tolerance=tolerance, bins=bins, total=total, rounded=rounded,
+                            null=null, exact=exact if exact_available else None)
+
+
+# ---------------------------------------------------------------------------------------------- agreement of runs
+@dataclass
+class UpdateAgreement:
+    """How close update A (``candidate - base``) comes to update B (``reference - base``) on the selected entries:
+    ``relative_error`` = ‖Δa − Δb‖ / ‖Δb‖ (0 = identical, 1 = as far as not moving at all), ``cosine`` of Δa and Δb,
+    and ``rounded_equal``, the share of selected entries whose two finetuned values agree after rounding to
+    ``dtype`` (what comparing published checkpoints would show)."""
+
+    entries: int
+    relative_error: float
+    cosine: float
+    rounded_equal: float
+    norm_candidate: float
+    norm_reference: float
+    dtype: str
+
+
+def update_agreement(
+    base: torch.nn.Module | str | os.PathLike,
+    candidate: torch.nn.Module | str | os.PathLike,
+    reference: torch.nn.Module | str | os.PathLike,
+    mask: SubnetworkMask | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> UpdateAgreement:
+    """Relative error and cosine of two updates from the same base over the entries ``mask`` selects (all entries
+    without a mask; tensors absent from the mask count as unselected), accumulated in fp64 tensor by tensor."""
+    sources = [as_weight_source(s) for s in (base, candidate, reference)]
+    names = matched_names(sources, include, exclude)
+    if mask is not None and not any(n in mask for n in names):
+        raise ValueError(f"the mask selects no tensor of these checkpoints; names look like {names[:3]}")
+    entries = equal = 0
+    dot = norm_a = norm_b = norm_diff = 0.0
+    for name in tqdm(names, desc="update agreement"):
+        before, a, b = (s.get(name) for s in sources)
+        if mask is not None:
+            if name not in mask:
+                continue
+            selection = mask[name]
+            if selection.shape != before.shape:
+                raise ValueError(f"mask shape {tuple(selection.shape)} of {name!r} differs from the weights' "
+                                 f"{tuple(before.shape)}")
+            before, a, b = before[selection], a[selection], b[selection]
+        delta_a = a.double() - before.double()
+        delta_b = b.double() - before.double()
+        entries += delta_a.numel()
+        dot += float((delta_a * delta_b).sum())
+        norm_a += float(delta_a.square().sum())
+        norm_b += float(delta_b.square().sum())
+        norm_diff += float((delta_a - delta_b).square().sum())
+        equal += int((a.to(dtype) == b.to(dtype)).sum())
+    norm_a, norm_b, norm_diff = math.sqrt(norm_a), math.sqrt(norm_b), math.sqrt(norm_diff)
+    return UpdateAgreement(
+        entries=entries, relative_error=norm_diff / norm_b if norm_b else float("nan"),
+        cosine=dot / (norm_a * norm_b) if norm_a and norm_b else float("nan"),
+        rounded_equal=equal / entries if entries else float("nan"), norm_candidate=norm_a, norm_reference=norm_b,
+        dtype=_dtype_name(dtype),
     )
