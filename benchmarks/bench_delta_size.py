@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS_DIR, write_result
 
 from sparse_rl import SparseDelta, random_mask
 from sparse_rl.delta import DELTA_WEIGHTS_NAME, base_checksum
 from sparse_rl.models import load_smollm2
 
-RESULTS = Path(__file__).parent / "results" / "delta_size.md"
+RESULTS = RESULTS_DIR / "delta_size.md"
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
@@ -116,11 +117,7 @@ def main() -> None:
         "Reproduce: `python benchmarks/bench_delta_size.py`",
         "",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(table)
+    write_result("\n".join(lines), RESULTS, write=not args.no_write)
 
 
 if __name__ == "__main__":

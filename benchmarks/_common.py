@@ -1,0 +1,111 @@
+"""Helpers shared by the benchmark scripts: one process per measurement, resident-memory readings, result files.
+
+Peak RSS is a per-process number, so a benchmark that compares configurations runs each one in a child process
+(``run_child``) that reports a JSON dict with ``emit_result``. Scripts import this module as ``_common`` (running
+``python benchmarks/bench_x.py`` puts ``benchmarks/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULT_PREFIX = "BENCH-RESULT "
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def status_mib(field: str = "VmRSS") -> float:
+    """A memory field of ``/proc/self/status`` in MiB: ``VmRSS`` (resident now) or ``VmHWM`` (peak since start or
+    since ``reset_peak``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since it started (``ru_maxrss``, KiB on Linux), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the next RSS reading
+    counts live memory rather than set-up garbage."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def load_average() -> float:
+    """One-minute load average: timings from a shared machine are only comparable at similar load."""
+    return os.getloadavg()[0]
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def emit_result(result: dict) -> None:
+    """Print a child's result as one marked JSON line (libraries may print their own lines to stdout too)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(command: Sequence[str], threads: int | None = 1, timeout: float | None = None) -> dict:
+    """Run ``command`` (usually ``[sys.executable, __file__, "--child", ...]``) and return the dict it passed to
+    ``emit_result``. ``threads`` pins OpenMP/MKL threads in the child (on a shared 2-core machine one thread is
+    steadier and faster than two); a failed child raises with the tail of its stderr."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    done = subprocess.run(list(command), capture_output=True, text=True, env=env, timeout=timeout)
+    results = [line[len(RESULT_PREFIX):] for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not results:
+        tail = "\n".join(done.stderr.strip().splitlines()[-25:])
+        raise RuntimeError(f"child {' '.join(command[1:])} exited with {done.returncode} and "
+                           f"{'no' if not results else 'a'} result; stderr tail:\n{tail}")
+    return json.loads(results[-1])
+
+
+def child_command(script: str, *args: object) -> list[str]:
+    """``[python, script, *args]`` with every argument as a string."""
+    return [sys.executable, script, *(str(a) for a in args)]
+
+
+# ------------------------------------------------------------------------------------------------ data
+def preference_dataset(n: int):
+    """``n`` fixed DPO pairs (prompt / chosen / rejected) on single-digit addition: the right sum against sum + 1."""
+    from datasets import Dataset
+
+    rows = [(i % 10, (3 * i + 1) % 10) for i in range(n)]
+    return Dataset.from_dict({
+        "prompt": [f"What is {a} + {b}?" for a, b in rows],
+        "chosen": [f" {a + b}" for a, b in rows],
+        "rejected": [f" {a + b + 1}" for a, b in rows],
+    })
+
+
+# ------------------------------------------------------------------------------------------------ output
+def write_result(text: str, path: Path, write: bool = True) -> None:
+    """Print a result (markdown, CSV) and, unless ``write`` is False, save it to ``path``."""
+    print(text)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
