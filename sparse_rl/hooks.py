@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fsdp import is_sharded, restrict_sharded_gradient
 from .mask import SubnetworkMask
 
 
@@ -48,6 +49,9 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask) -> Gradient
             restriction.frozen.append(param)
             continue
         if bool(selection.all()):
+            continue
+        if is_sharded(param):  # FSDP2 writes the sharded gradient itself: tensor hooks would not run
+            restriction.handles.append(restrict_sharded_gradient(param, selection))
             continue
         keep = selection.to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .fsdp import local_selection, local_tensor
 from .mask import SubnetworkMask
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -78,6 +79,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self._layouts: dict[torch.Tensor, object] = {}
         self._tensor_ids: dict[torch.Tensor, int] = {}
+        self._ids_by_name: dict[str, int] = {}
         self._names: dict[torch.Tensor, str] = {}
         self._tile_tables: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
@@ -103,11 +105,31 @@ class MaskedAdamW(torch.optim.Optimizer):
         if param.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name!r} has dtype {param.dtype}; MaskedAdamW steps float32, bfloat16 and "
                             "float16 parameters")
-        if not param.is_contiguous():
+        if not local_tensor(param).is_contiguous():
             raise ValueError(f"parameter {name!r} is not contiguous; MaskedAdamW indexes its flat storage")
-        self._tensor_ids[param] = len(self._tensor_ids)
+        self._tensor_ids[param] = self._ids_by_name.setdefault(name, len(self._ids_by_name))  # stable on rebind
         self._names[param] = name
-        self._layouts[param] = SelectionLayout.from_selection(selection, param.device)
+        # A DTensor (FSDP2) parameter is stepped through its local shard, with the mask cut the same way.
+        self._layouts[param] = SelectionLayout.from_selection(local_selection(param, selection),
+                                                              local_tensor(param).device)
+
+    def _rebind_swapped_params(self) -> None:
+        """Register parameters that replaced the ones the optimizer was built with: accelerate's FSDP2 ``prepare``
+        swaps ``param_groups[i]["params"]`` for the sharded DTensors after creation (``param_names`` stay)."""
+        for group in self.param_groups:
+            for name, param in zip(group["param_names"], group["params"]):
+                if param in self._layouts:
+                    continue
+                stale = [p for p, n in self._names.items() if n == name]
+                if any(self.state.get(p) for p in stale):
+                    raise RuntimeError(f"parameter {name!r} was replaced after MaskedAdamW had stepped it; its compact "
+                                       "state belongs to the old tensor. Shard the model before the first step")
+                for old in stale:
+                    for table in (self._layouts, self._names, self._tensor_ids):
+                        table.pop(old, None)
+                    self.state.pop(old, None)
+                self._tile_tables.clear()
+                self._register(name, param)
 
     def _layout(self, param: torch.Tensor):
         layout = self._layouts[param]
@@ -134,8 +156,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=device)
                 state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=device)
             if self.master_weights and param.dtype in _LOW_PRECISION:
-                selection = self.mask[self._names[param]].reshape(-1).to(device)
-                state["master"] = param.detach().reshape(-1)[selection].float()
+                selection = local_selection(param, self.mask[self._names[param]]).reshape(-1).to(device)
+                state["master"] = local_tensor(param).detach().reshape(-1)[selection].float()
         return state
 
     def state_bytes(self) -> int:
@@ -154,6 +176,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._rebind_swapped_params()
         buckets: dict[tuple, list[torch.Tensor]] = {}
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
@@ -179,12 +202,12 @@ class MaskedAdamW(torch.optim.Optimizer):
         scalars = AdamWScalars.for_step(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                                         step=step, seed=self.seed)
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]  # kept alive to launch
+        grads = [local_tensor(p.grad).contiguous() for p in params]  # kept alive to launch
         rows = []
         for param, grad in zip(params, grads):
             state = self.state[param]
             rows.append(tensor_table_row(
-                param=param, grad=grad, layout=self._layout(param), exp_avg=state["exp_avg"],
+                param=local_tensor(param), grad=grad, layout=self._layout(param), exp_avg=state["exp_avg"],
                 exp_avg_sq=state["exp_avg_sq"], master=state.get("master"), absmax1=state.get("absmax1"),
                 absmax2=state.get("absmax2"), tensor_id=self._tensor_ids[param],
             ))
@@ -233,6 +256,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         which would turn fp32 moments of a bf16 parameter (or uint8 codes) into bf16. We restore the saved dtypes
         afterwards, and refuse a checkpoint whose state does not fit this optimizer's mask or state_bits."""
         saved_state = state_dict["state"]
+        self._rebind_swapped_params()
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
