@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import SparseConfig
 from .discovery import gradient_mask_from_trainer, random_mask
 from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_logits
+from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
@@ -117,6 +118,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     sparse._undo.append(_save_mask_with_checkpoints(sparse))
     sparse._undo.append(_check_mask_on_resume(sparse))
     sparse._undo.append(_log_sparse_metrics(sparse))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        sparse._undo.append(_follow_fsdp2_sharding(sparse))
     trainer.sparse_training = sparse
     return sparse
 
@@ -132,8 +135,7 @@ def _refuse_unsupported(trainer: Trainer) -> None:
         raise UnsupportedTrainerSetup("DeepSpeed steps flat fp32 partitions inside engine.step(), which ignores a "
                                       "per-parameter mask; launch without DeepSpeed (plain accelerate/DDP) instead")
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise UnsupportedTrainerSetup("FSDP shards parameters after the optimizer is built, so the mask would no "
-                                      "longer line up; launch without FSDP (plain accelerate/DDP) instead")
+        _refuse_unsupported_fsdp(trainer)
     if trainer.optimizer is not None:
         raise UnsupportedTrainerSetup("the trainer already has an optimizer (passed via optimizers=...); sparse_rl "
                                       "builds its own MaskedAdamW, so construct the trainer without optimizers=")
@@ -153,6 +155,20 @@ def _refuse_unsupported(trainer: Trainer) -> None:
             "PEFT models are not supported: the adapter already limits training to its own weights and PEFT freezes "
             "the base weights a subnetwork mask would select; pass the plain model (no peft_config) to train a "
             "subnetwork, or use PEFT without sparse_rl")
+
+
+def _refuse_unsupported_fsdp(trainer: Trainer) -> None:
+    """FSDP2 is supported (see :mod:`sparse_rl.fsdp`); FSDP1 and optimizer checkpoints under FSDP2 are not."""
+    if getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
+        raise UnsupportedTrainerSetup(
+            "FSDP1 flattens the parameters of each wrapped module into one FlatParameter, which a per-parameter mask "
+            "cannot follow; use FSDP2: TrainingArguments(fsdp=True, fsdp_config={'version': 2}), or fsdp_version: 2 "
+            "in the accelerate config")
+    if trainer.args.save_strategy != "no" and not trainer.args.save_only_model:
+        raise UnsupportedTrainerSetup(
+            "under FSDP2 every process holds the compact optimizer state of its own shard, which accelerate's FSDP "
+            "optimizer checkpoint (torch.distributed.checkpoint) cannot save; pass save_only_model=True (checkpoints "
+            "keep the weights and the mask) or save_strategy='no'")
 
 
 def _entropy_site(trainer: Trainer) -> str:
@@ -367,6 +383,37 @@ def _check_mask_on_resume(sparse: SparseTraining) -> Callable[[], None]:
     undo_weights = _patch_attribute(trainer, "_load_from_checkpoint", _load_from_checkpoint)
     undo_optimizer = _patch_attribute(trainer, "_load_optimizer_and_scheduler", _load_optimizer_and_scheduler)
     return lambda: (undo_optimizer(), undo_weights())
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+class _FSDP2GradientRestriction(TrainerCallback):
+    """Moves the gradient masking onto the sharded parameters once accelerate's FSDP2 ``prepare`` has replaced the
+    originals (``on_train_begin`` runs after it): the hooks ``sparsify`` installed stay on the replaced tensors, and
+    FSDP2 writes the sharded gradients with a reduce-scatter, not through autograd."""
+
+    def __init__(self, sparse: SparseTraining):
+        self.sparse = sparse
+        self.installed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.installed:
+            return
+        optimizer = self.sparse.trainer.optimizer
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        named = [(n, p) for group in optimizer.param_groups for n, p in zip(group["param_names"], group["params"])]
+        restriction = self.sparse.restriction
+        if not any(is_sharded(p) for _, p in named):
+            return
+        for handle in restriction.handles:
+            handle.remove()
+        restriction.handles = restrict_sharded_gradients(named, self.sparse.mask)
+        self.installed = True
+
+
+def _follow_fsdp2_sharding(sparse: SparseTraining) -> Callable[[], None]:
+    callback = _FSDP2GradientRestriction(sparse)
+    sparse.trainer.add_callback(callback)
+    return lambda: sparse.trainer.remove_callback(callback)
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -64,7 +64,7 @@ def _twice(trainer):
 CASES = {
     # name: (trainer, trainer options, set-up returning the config, expected message)
     "deepspeed": ("sft", {}, _fake("is_deepspeed_enabled", True), "DeepSpeed .* launch without DeepSpeed"),
-    "fsdp": ("sft", {}, _fake("is_fsdp_enabled", True), "FSDP .* launch without FSDP"),
+    "fsdp": ("sft", {}, _fake("is_fsdp_enabled", True), "FSDP1 .* use FSDP2"),
     "user-optimizer": ("sft", {}, _user_optimizer, "construct the trainer without optimizers="),
     "optimizer-cls": ("sft", {}, _fake("optimizer_cls_and_kwargs", (torch.optim.SGD, {"lr": 0.1})),
                       "remove the custom optimizer"),
