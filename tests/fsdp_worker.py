@@ -107,6 +107,26 @@ def fully_shard_scenario(out: Path) -> None:
     }, out / f"fully_shard-rank{rank}.pt")
 
 
+def bf16_scenario(out: Path) -> None:
+    """bf16 weights: MaskedAdamW keeps an fp32 master copy of each rank's local selected entries."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model().to(torch.bfloat16)
+    mask = make_mask(model)
+    fully_shard(model)
+    local_masks = shard_mask(model, mask)
+    local_initial = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    optimizer = train_loop(model, mask, global_batch()[rows])["optimizer"]
+    torch.save({
+        "local_masks": local_masks,
+        "local_initial": local_initial,
+        "local_final": {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()},
+        "master": {optimizer._names[p]: s["master"].clone() for p, s in optimizer.state.items()},
+    }, out / f"bf16-rank{rank}.pt")
+
+
 def force_fsdp2(trainer) -> None:
     """Put the trainer's accelerator in the FSDP2 state it has on GPUs.
 
@@ -124,13 +144,18 @@ def force_fsdp2(trainer) -> None:
 
 
 def sft_trainer(checkpoint: Path, output_dir: Path, world_size: int, fsdp: bool):
-    """SFT on the tiny model: the global batch of ``SFT_BATCH`` sequences is split over the processes in order."""
+    """SFT on the tiny model, ``SFT_BATCH`` sequences per optimizer step taken in order. With FSDP they come as 2
+    micro-batches per process (gradient accumulation: FSDP2 reduce-scatters only after the last one); without, as
+    one batch."""
     from tests.trl_cases import build_trainer
 
-    extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    return build_trainer("sft", checkpoint, output_dir, max_steps=STEPS, per_device_train_batch_size=SFT_BATCH //
-                         world_size, train_sampling_strategy="sequential", max_grad_norm=MAX_NORM,
-                         **(extra if fsdp else {}))
+    if fsdp:
+        extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+                     per_device_train_batch_size=SFT_BATCH // world_size // 2, gradient_accumulation_steps=2)
+    else:
+        extra = dict(per_device_train_batch_size=SFT_BATCH // world_size)
+    return build_trainer("sft", checkpoint, output_dir, max_steps=STEPS, train_sampling_strategy="sequential",
+                         max_grad_norm=MAX_NORM, **extra)
 
 
 def sparsify_sft(trainer):
@@ -174,6 +199,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         fully_shard_scenario(out)
+        bf16_scenario(out)
         trainer_scenario(out, Path(sys.argv[2]))
     finally:
         dist.destroy_process_group()

@@ -148,6 +148,21 @@ def test_state_dict_round_trips_on_every_rank(sharded_run):
                 assert result["reloaded_state"][name][key].dtype == value.dtype
 
 
+def test_bf16_master_copies_hold_the_local_selected_entries(launch, reference):
+    mask = reference["mask"]
+    results = _ranks(launch, "bf16")
+    for rank, result in enumerate(results):
+        for name, master in result["master"].items():
+            keep, final = result["local_masks"][name], result["local_final"][name]
+            assert final.dtype == torch.bfloat16 and master.dtype == torch.float32
+            # the parameter is its master copy rounded, entry for entry, on this rank's shard
+            assert torch.equal(final[keep], master.to(torch.bfloat16)), f"rank {rank}: {name}"
+            assert torch.equal(final[~keep], result["local_initial"][name][~keep]), f"rank {rank}: {name}"
+    for name in results[0]["master"]:
+        assert sum(result["master"][name].numel() for result in results) == int(mask[name].sum()), name
+    assert any(not torch.equal(r["local_final"][n], r["local_initial"][n]) for r in results for n in r["master"])
+
+
 # ------------------------------------------------------------------------------------------ Trainer + accelerate
 @pytest.fixture(scope="module")
 def trainer_reference(checkpoint, tmp_path_factory):
