@@ -16,56 +16,28 @@ training-phase peak (VmHWM reset through /proc/self/clear_refs right before ``tr
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from _common import (
+    RESULTS_DIR,
+    child_command,
+    emit_result,
+    peak_rss_mib,
+    preference_dataset,
+    release_memory,
+    reset_peak,
+    run_child,
+    status_mib,
+    write_result,
+)
 
 MODES = ("copy", "shared", "shared-at-construction")
-RESULTS = Path(__file__).parent / "results" / "reference_memory.md"
+RESULTS = RESULTS_DIR / "reference_memory.md"
 
 
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap pages back to the OS so the training-phase peak counts live memory, not set-up garbage."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _preference_dataset(n: int):
-    from datasets import Dataset
-
-    rows = [(i % 10, (3 * i + 1) % 10) for i in range(n)]
-    return Dataset.from_dict({
-        "prompt": [f"What is {a} + {b}?" for a, b in rows],
-        "chosen": [f" {a + b}" for a, b in rows],
-        "rejected": [f" {a + b + 1}" for a, b in rows],
-    })
-
-
-def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
+def measure(mode: str, steps: int, density: float, batch_size: int) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +57,7 @@ def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
     if mode == "shared-at-construction":
         mask = random_mask(model, density, seed=0)
         extra["ref_model"] = SharedReference(model, mask)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=_preference_dataset(4 * batch_size * steps),
+    trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(4 * batch_size * steps),
                          processing_class=tokenizer, **extra)
     config = SparseConfig(mask=mask) if mode == "shared-at-construction" else SparseConfig(discovery="random",
                                                                                        density=density, seed=0)
@@ -96,19 +68,17 @@ def run_child(mode: str, steps: int, density: float, batch_size: int) -> dict:
     else:
         shared = use_shared_reference(trainer)
         reference_bytes = shared.extra_bytes()
-    gc.collect()
-    _malloc_trim()
-    reset = _reset_peak()
+    release_memory()
+    reset = reset_peak()
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    peak_train = _rss_mib("VmHWM") if reset else None
-    gc.collect()
-    _malloc_trim()
-    rss_after_train = _rss_mib("VmRSS")
+    peak_train = status_mib("VmHWM") if reset else None
+    release_memory()
+    rss_after_train = status_mib("VmRSS")
     return {
         "mode": mode,
-        "peak_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_process_mib": peak_rss_mib(),
         "peak_train_mib": peak_train,
         "rss_after_train_mib": rss_after_train,
         "reference_mib": reference_bytes / 2**20,
@@ -181,10 +151,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.child == "speed":
-        print(json.dumps(run_speed(args.density, args.batch_size)))
+        emit_result(run_speed(args.density, args.batch_size))
         return
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.density, args.batch_size)))
+        emit_result(measure(args.child, args.steps, args.density, args.batch_size))
         return
 
     runs: dict[str, list[dict]] = {}
@@ -192,10 +162,10 @@ def main() -> None:
         for mode in MODES + ("speed",):
             if mode == "speed" and repeat:
                 continue
-            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--density",
-                   str(args.density), "--batch-size", str(args.batch_size)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            runs.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            command = child_command(__file__, "--child", mode, "--steps", args.steps, "--density", args.density,
+                                    "--batch-size", args.batch_size)
+            # threads=None: the children pin their own torch threads (2 for training, 1 for the speed run)
+            runs.setdefault(mode, []).append(run_child(command, threads=None))
             print(f"{mode}: {runs[mode][-1]}", flush=True)
     results = {mode: _median_run(r) for mode, r in runs.items()}
 
@@ -247,11 +217,7 @@ def main() -> None:
         f"--batch-size {args.batch_size} --repeats {args.repeats}`",
         "",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(table)
+    write_result("\n".join(lines), RESULTS, write=not args.no_write)
 
 
 if __name__ == "__main__":
