@@ -39,6 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparseConfig
 from .discovery import gradient_mask_from_trainer, random_mask
+from .distributed import agree_on_mask
 from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_logits
 from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
@@ -101,6 +102,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     _refuse_unsupported(trainer)
     entropy_site = _entropy_site(trainer) if config.entropy_quantile < 1.0 else None
     mask = _resolve_mask(trainer, config)
+    # every process trains the same entries: rank 0's probe result, or seeded/loaded masks checked to agree
+    mask = agree_on_mask(mask, discovered=config.mask is None and config.discovery == "gradient")
 
     # Nothing below refuses user input: from here on the trainer is changed.
     restriction = restrict_gradients(trainer.model, mask)
@@ -132,8 +135,15 @@ def _refuse_unsupported(trainer: Trainer) -> None:
         raise UnsupportedTrainerSetup("this trainer is already sparsified; call trainer.sparse_training.remove() "
                                       "first to change the configuration")
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise UnsupportedTrainerSetup("DeepSpeed steps flat fp32 partitions inside engine.step(), which ignores a "
-                                      "per-parameter mask; launch without DeepSpeed (plain accelerate/DDP) instead")
+        plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None)
+        raise UnsupportedTrainerSetup(
+            f"DeepSpeed{'' if stage is None else f' ZeRO stage {stage}'} is not supported: ZeRO (stages 1-3) flattens "
+            "the parameters into fp32 partitions and steps them inside engine.step() with its own optimizer wrapper, "
+            "so MaskedAdamW's per-parameter masks and compact state would not apply and unselected entries would "
+            "move; launch without DeepSpeed: DDP (`accelerate launch --multi_gpu --num_processes N`; MaskedAdamW "
+            "already keeps optimizer state for the selected entries only, the memory ZeRO-1/2 would save) or FSDP2 "
+            "(`fsdp_version: 2` in the accelerate config) to shard the weights as well")
     if getattr(trainer, "is_fsdp_enabled", False):
         _refuse_unsupported_fsdp(trainer)
     if trainer.optimizer is not None:
