@@ -1,0 +1,453 @@
+"""Memory and speed of one training step on SmolLM2-135M-Instruct (fp32, CPU): GRPO and DPO, full finetuning against
+bitsandbytes 8-bit AdamW, LoRA and sparse_rl subnetworks.
+
+Every (trainer, configuration) runs in its own process, one torch thread, ``use_cpu=True``: load the model with
+``sparse_rl.models.load_smollm2()``, build the TRL trainer, apply the configuration, run one warm-up step and K timed
+steps. GRPO is the demo's task (``sparse_rl.demo``: few-shot addition, first-integer reward, the demo's batch and
+completion length) with ``beta=0.04`` so that TRL keeps a reference model; DPO uses a fixed 1-digit addition
+preference set. Configurations:
+
+- ``full-adamw``: full finetuning, Trainer's default torch AdamW (``adamw_torch_fused``), the 1.00x row;
+- ``full-adamw8bit``: full finetuning, ``optim="adamw_bnb_8bit"`` (bitsandbytes blockwise 8-bit AdamW);
+- ``lora``: PEFT LoRA on all linear layers, rank chosen so its trainable count is closest to sparse_rl at 10%
+  (TRL then gets the reference by disabling the adapter: no reference copy);
+- ``sparse-<d>%[-8bit][-shared]``: ``sparsify(trainer, SparseConfig(density=d, discovery="random", state_bits=8|32,
+  shared_reference=True|False))``. Random discovery so that the (optional, one-off) gradient probe does not dominate
+  the set-up; the training step is the same whatever chose the mask.
+
+Each child reports peak RSS (``ru_maxrss``), the peak during ``trainer.train()`` (VmHWM reset just before it), RSS
+after the model load and once the trainer is ready, live RSS at the end, optimizer-state bytes, gradient bytes
+present at the optimizer step, the reference model's bytes, trainable entries and the median step time (wall and
+CPU) of the K timed steps.
+
+    python benchmarks/bench_train_step.py            # full table (30 processes), writes results/train_step.{md,csv}
+    python benchmarks/bench_train_step.py --quick    # 4 configurations per trainer, 1 timed step, *_quick.{md,csv}
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from _common import (
+    RESULTS_DIR,
+    child_command,
+    emit_result,
+    load_average,
+    peak_rss_mib,
+    preference_dataset,
+    release_memory,
+    reset_peak,
+    run_child,
+    status_mib,
+    write_result,
+)
+
+TRAINERS = ("grpo", "dpo")
+DENSITIES = (0.05, 0.10, 0.30)
+GRPO_BETA = 0.04
+DPO_BATCH = 4
+LORA_MATCH_DENSITY = 0.10
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One row of the table: how the trainer is changed before ``train()``."""
+
+    name: str
+    kind: str  # "full" | "lora" | "sparse"
+    optim: str = "adamw_torch_fused"
+    density: float = 0.0
+    state_bits: int = 32
+    shared_reference: bool = False
+
+
+def all_setups() -> dict[str, Setup]:
+    setups = [Setup("full-adamw", "full"), Setup("full-adamw8bit", "full", optim="adamw_bnb_8bit"),
+              Setup("lora", "lora")]
+    for density in DENSITIES:
+        for bits in (32, 8):
+            for shared in (False, True):
+                name = f"sparse-{density:.0%}" + ("-8bit" if bits == 8 else "") + ("-shared" if shared else "")
+                setups.append(Setup(name, "sparse", density=density, state_bits=bits, shared_reference=shared))
+    return {s.name: s for s in setups}
+
+
+SETUPS = all_setups()
+QUICK_SETUPS = ("full-adamw", "full-adamw8bit", "lora", "sparse-10%-8bit-shared")
+
+
+# ------------------------------------------------------------------------------------------------ child
+def _build_grpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, peft_config):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sparse_rl.demo import DemoConfig, addition_prompts, addition_reward
+
+    demo = DemoConfig()
+    rows = addition_prompts(max_steps * demo.prompts_per_step, demo.max_operand, demo.seed)
+    args = GRPOConfig(
+        output_dir=output_dir, max_steps=max_steps,
+        per_device_train_batch_size=demo.num_generations * demo.prompts_per_step,
+        num_generations=demo.num_generations, max_completion_length=demo.max_completion_length,
+        learning_rate=demo.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
+        beta=GRPO_BETA, optim=setup.optim, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+        save_strategy="no", seed=demo.seed, disable_tqdm=True,
+    )
+    return GRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, peft_config=peft_config)
+
+
+def _build_dpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, peft_config):
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=DPO_BATCH, learning_rate=1e-5,
+        lr_scheduler_type="constant", weight_decay=0.0, max_length=64, optim=setup.optim, use_cpu=True, bf16=False,
+        report_to="none", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+    )
+    return DPOTrainer(model=model, args=args, train_dataset=preference_dataset(max_steps * DPO_BATCH),
+                      processing_class=tokenizer, peft_config=peft_config)
+
+
+def lora_config_matching(model, density: float):
+    """LoRA on every linear layer (PEFT's ``"all-linear"``: all ``nn.Linear`` but the output head) with the rank whose
+    trainable count is closest to a ``density`` subnetwork's; returns ``(LoraConfig, target count)``."""
+    import torch
+    from peft import LoraConfig
+
+    from sparse_rl import random_mask
+
+    target = random_mask(model, density, seed=0).num_selected
+    output_head = model.get_output_embeddings()
+    per_rank = sum(m.in_features + m.out_features for m in model.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not output_head)
+    rank = max(1, round(target / per_rank))
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM"), target
+
+
+class StepRecorder:
+    """Trainer callback timing each step (wall and CPU) and its optimizer step, and counting the gradient bytes
+    present right before the optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder._begin = (time.perf_counter(), time.process_time())
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                recorder.grad_bytes = max(recorder.grad_bytes, sum(
+                    p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None))
+                recorder._optimizer_begin = time.perf_counter()
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                recorder.optimizer_seconds.append(time.perf_counter() - recorder._optimizer_begin)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                wall, cpu = recorder._begin
+                recorder.step_seconds.append(time.perf_counter() - wall)
+                recorder.step_cpu_seconds.append(time.process_time() - cpu)
+
+        self.callback = _Callback()
+        self.grad_bytes = 0
+        self.step_seconds: list[float] = []
+        self.step_cpu_seconds: list[float] = []
+        self.optimizer_seconds: list[float] = []
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    from sparse_rl import MaskedAdamW
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if isinstance(inner, MaskedAdamW):
+        return inner.state_bytes()
+    return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
+               if hasattr(v, "numel"))
+
+
+def _reference_bytes(trainer) -> int:
+    from sparse_rl import SharedReference
+
+    reference = getattr(trainer, "ref_model", None)
+    if reference is None:
+        return 0
+    if isinstance(reference, SharedReference):
+        return reference.extra_bytes()
+    return sum(p.numel() * p.element_size() for p in reference.parameters())
+
+
+def _check_setup_applied(trainer, setup: Setup) -> None:
+    """Refuse to report a row whose trainer did not run the configuration it is named after."""
+    import bitsandbytes
+    import torch
+
+    from sparse_rl import MaskedAdamW, SharedReference
+
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    bnb_8bit = setup.optim == "adamw_bnb_8bit"
+    # transformers builds bitsandbytes.optim.AdamW(optim_bits=8) for "adamw_bnb_8bit"
+    expected = {"full": bitsandbytes.optim.AdamW if bnb_8bit else torch.optim.AdamW,
+                "lora": torch.optim.AdamW, "sparse": MaskedAdamW}[setup.kind]
+    if not isinstance(inner, expected):
+        raise RuntimeError(f"{setup.name}: the trainer built {type(inner).__name__}, expected {expected.__name__}")
+    if bnb_8bit and inner.args.optim_bits != 8:
+        raise RuntimeError(f"{setup.name}: bitsandbytes AdamW has optim_bits={inner.args.optim_bits}, expected 8")
+    if setup.kind == "sparse" and inner.state_bits != setup.state_bits:
+        raise RuntimeError(f"{setup.name}: MaskedAdamW has state_bits={inner.state_bits}, expected {setup.state_bits}")
+    if setup.shared_reference != isinstance(getattr(trainer, "ref_model", None), SharedReference):
+        raise RuntimeError(f"{setup.name}: shared_reference={setup.shared_reference} but the trainer's reference is "
+                           f"{type(trainer.ref_model).__name__}")
+
+
+def _apply_sparse(trainer, setup: Setup):
+    from sparse_rl import SparseConfig, sparsify
+
+    config = SparseConfig(density=setup.density, discovery="random", state_bits=setup.state_bits,
+                          shared_reference=setup.shared_reference)
+    return sparsify(trainer, config)
+
+
+def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) -> dict:
+    import torch
+
+    from sparse_rl.models import load_smollm2
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    rss_loaded = status_mib("VmRSS")
+    total_parameters = sum(p.numel() for p in model.parameters())
+    peft_config, lora_target = None, None
+    if setup.kind == "lora":
+        peft_config, lora_target = lora_config_matching(model, LORA_MATCH_DENSITY)
+    build = _build_grpo if trainer_name == "grpo" else _build_dpo
+    trainer = build(model, tokenizer, setup, timed_steps + 1, output_dir, peft_config)
+    selected = None
+    if setup.kind == "sparse":
+        selected = _apply_sparse(trainer, setup).mask.num_selected
+    recorder = StepRecorder()
+    trainer.add_callback(recorder.callback)
+    policy = trainer.model
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    reference_bytes = _reference_bytes(trainer)
+
+    release_memory()
+    rss_ready = status_mib("VmRSS")
+    reset = reset_peak()
+    trainer.train()
+    peak_train = status_mib("VmHWM") if reset else None
+    state_bytes = _optimizer_state_bytes(trainer.optimizer)
+    _check_setup_applied(trainer, setup)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    trainer_args = trainer.args
+    del trainer
+    release_memory()
+    timed = slice(1, None)  # the first step warms up (allocator, numba/bitsandbytes code paths)
+    return {
+        "trainer": trainer_name, "setup": setup.name, "timed_steps": timed_steps, "threads": torch.get_num_threads(),
+        "gradient_checkpointing": bool(trainer_args.gradient_checkpointing),
+        "total_parameters": total_parameters,
+        "trained_entries": selected if selected is not None else trainable,
+        "entries_with_gradient": trainable,
+        "lora_rank": peft_config.r if peft_config else None, "lora_target": lora_target,
+        "optimizer_state_bytes": state_bytes, "grad_bytes": recorder.grad_bytes, "reference_bytes": reference_bytes,
+        "rss_loaded_mib": rss_loaded, "rss_ready_mib": rss_ready, "peak_train_mib": peak_train,
+        "peak_process_mib": peak_rss_mib(), "rss_end_mib": status_mib("VmRSS"),
+        "step_seconds": statistics.median(recorder.step_seconds[timed]),
+        "step_cpu_seconds": statistics.median(recorder.step_cpu_seconds[timed]),
+        "optimizer_seconds": statistics.median(recorder.optimizer_seconds[timed]),
+        "warmup_seconds": recorder.step_seconds[0],
+        "losses": losses,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ tables
+MIB = 2**20
+CSV_FIELDS = ("trainer", "setup", "status", "trained_entries", "entries_with_gradient", "lora_rank",
+              "optimizer_state_bytes", "grad_bytes", "reference_bytes", "rss_loaded_mib", "rss_ready_mib",
+              "peak_train_mib", "peak_process_mib", "rss_end_mib", "step_seconds", "step_cpu_seconds",
+              "optimizer_seconds", "warmup_seconds", "state_grad_vs_full", "peak_process_vs_full",
+              "peak_train_vs_full", "rss_end_vs_full", "step_vs_full", "step_cpu_vs_full", "losses")
+
+
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        row = dict(row)
+        full = next((r for r in rows if r["trainer"] == row["trainer"] and r["setup"] == "full-adamw"
+                     and r.get("status") == "ok"), None)
+        if full is not None and row.get("status") == "ok":
+            state_grad = row["optimizer_state_bytes"] + row["grad_bytes"]
+            row["state_grad_vs_full"] = state_grad / (full["optimizer_state_bytes"] + full["grad_bytes"])
+            for key, ratio in (("peak_process_mib", "peak_process_vs_full"), ("peak_train_mib", "peak_train_vs_full"),
+                               ("rss_end_mib", "rss_end_vs_full"), ("step_seconds", "step_vs_full"),
+                               ("step_cpu_seconds", "step_cpu_vs_full")):
+                if row.get(key) is not None and full.get(key):
+                    row[ratio] = row[key] / full[key]
+        out.append(row)
+    return out
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in _with_ratios(rows):
+        writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f" ({row[key]:.2f}x)" if row.get(key) is not None else ""
+
+
+def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], command: str) -> str:
+    from sparse_rl.demo import DemoConfig
+
+    demo = DemoConfig()
+    rows = _with_ratios(rows)
+    steps = args.steps
+    lines = [
+        "# Memory and speed of a training step on SmolLM2-135M-Instruct (fp32, CPU)",
+        "",
+        f"One process per row ({args.jobs} at a time), 1 torch thread, `use_cpu=True`; one warm-up step, then the "
+        f"median of {steps} timed step{'s' if steps > 1 else ''}. GRPO: the demo's task (`sparse_rl.demo`, "
+        f"few-shot addition, {demo.num_generations * demo.prompts_per_step} completions of up to "
+        f"{demo.max_completion_length} tokens per step) with `beta={GRPO_BETA}` (TRL keeps a reference model); "
+        f"DPO: {DPO_BATCH} fixed addition preference pairs per step, `max_length=64`. Sparse rows use "
+        "`sparsify(trainer, SparseConfig(density=d, discovery=\"random\", state_bits=..., shared_reference=...))`: "
+        "random discovery so that the one-off gradient probe does not dominate; the step is the same whatever chose "
+        f"the mask. LoRA: all linear layers (not the tied output head), rank chosen to match sparse "
+        f"{LORA_MATCH_DENSITY:.0%}'s trained-entry count; TRL disables the adapter for reference forwards. "
+        "Otherwise TRL's defaults, including `gradient_checkpointing=True` for both trainers.",
+        "",
+        "Columns: *trained* = entries the optimizer updates (the mask's selected entries for sparse rows); "
+        "*state* = optimizer state (`MaskedAdamW.state_bytes()`: moments, 8-bit absmax, selection layout; torch / "
+        "bitsandbytes: every state tensor); *grad* = bytes of `.grad` tensors present at the optimizer step; "
+        "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values + indices + swap "
+        "scratch); *ready* = RSS with model and trainer built, before `train()`; *peak train* = peak RSS during "
+        "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
+        "its reference copy at construction, before `shared_reference` frees it); *end* = live RSS after training "
+        "(after `gc.collect()` + `malloc_trim`). Ratios are to `full-adamw` of the same trainer.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs; 1-minute load average "
+        f"{loads[0]:.1f} before" + (f" / {loads[1]:.1f} after" if loads[1] is not None else "")
+        + " the run. Wall times vary with the load; CPU time per step (process time) is steadier.",
+    ]
+    for trainer in TRAINERS:
+        mine = [r for r in rows if r["trainer"] == trainer]
+        if not mine:
+            continue
+        lines += [
+            "", f"## {trainer.upper()}", "",
+            "| setup | trained | state MiB | grad MiB | state + grad MiB | ref MiB | ready MiB | peak train MiB "
+            "| peak process MiB | end MiB | step s | step CPU s | optimizer step s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in mine:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['setup']} | failed: {r.get('error', '?')} |" + " |" * 11)
+                continue
+            trained = f"{r['trained_entries'] / 1e6:.2f}M ({r['trained_entries'] / r['total_parameters']:.1%})"
+            if r.get("lora_rank"):
+                trained += f", r={r['lora_rank']}"
+            peak_train = "n/a" if r["peak_train_mib"] is None else \
+                f"{r['peak_train_mib']:.0f}{_ratio(r, 'peak_train_vs_full')}"
+            lines.append(
+                f"| {r['setup']} | {trained} | {r['optimizer_state_bytes'] / MIB:.1f} | {r['grad_bytes'] / MIB:.1f} | "
+                f"{(r['optimizer_state_bytes'] + r['grad_bytes']) / MIB:.1f}{_ratio(r, 'state_grad_vs_full')} | "
+                f"{r['reference_bytes'] / MIB:.1f} | {r['rss_ready_mib']:.0f} | {peak_train} | "
+                f"{r['peak_process_mib']:.0f}{_ratio(r, 'peak_process_vs_full')} | "
+                f"{r['rss_end_mib']:.0f}{_ratio(r, 'rss_end_vs_full')} | "
+                f"{r['step_seconds']:.2f}{_ratio(r, 'step_vs_full')} | "
+                f"{r['step_cpu_seconds']:.2f}{_ratio(r, 'step_cpu_vs_full')} | {r['optimizer_seconds']:.3f} |")
+    lines += ["", f"Reproduce: `{command}`", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", nargs=2, metavar=("TRAINER", "SETUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), help="default: all (or the --quick subset)")
+    parser.add_argument("--steps", type=int, help="timed steps after the warm-up step (default 3, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4 setups per trainer, 1 timed step")
+    parser.add_argument("--jobs", type=int, default=1, help="child processes at a time (peak RSS is per process, "
+                        "so memory columns are unaffected; step times share the cores)")
+    parser.add_argument("--run-dir", default="/tmp/bench_train_step")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already measured in results/<name>.json "
+                        "(written after every process) and run only the missing or failed ones")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    args.steps = args.steps if args.steps is not None else (1 if args.quick else 3)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.child:
+        trainer_name, setup_name = args.child
+        emit_result(measure(trainer_name, SETUPS[setup_name], args.steps, args.run_dir))
+        return
+
+    setups = args.setups or (list(QUICK_SETUPS) if args.quick else list(SETUPS))
+    if "full-adamw" not in setups:
+        print("note: full-adamw is not among the setups, so no ratios can be given")
+    stem = "train_step_quick" if args.quick else "train_step"
+    command = "python benchmarks/bench_train_step.py" + (" --quick" if args.quick else "") + \
+        (f" --jobs {args.jobs}" if args.jobs != 1 else "") + \
+        (f" --steps {args.steps}" if args.steps != (1 if args.quick else 3) else "") + \
+        (f" --trainers {' '.join(args.trainers)}" if args.trainers != list(TRAINERS) else "") + \
+        (f" --setups {' '.join(args.setups)}" if args.setups else "")
+    load_before = load_average()
+    order = [(t, s) for s in setups for t in args.trainers]
+    raw_path = RESULTS_DIR / f"{stem}.json"
+    rows: list[dict] = []
+    if args.resume and raw_path.exists():
+        rows = [r for r in json.loads(raw_path.read_text())
+                if r.get("status") == "ok" and (r["trainer"], r["setup"]) in order and r["timed_steps"] == args.steps]
+        print(f"resuming: {len(rows)} rows already measured in {raw_path}")
+        order = [key for key in order if key not in {(r["trainer"], r["setup"]) for r in rows}]
+
+    def run(trainer_name: str, setup_name: str) -> dict:
+        started = time.perf_counter()
+        try:
+            result = run_child(child_command(__file__, "--child", trainer_name, setup_name, "--steps", args.steps,
+                                             "--run-dir", os.path.join(args.run_dir, trainer_name, setup_name)))
+            result["status"] = "ok"
+        except RuntimeError as error:
+            last = str(error).strip().splitlines()[-1]
+            result = {"trainer": trainer_name, "setup": setup_name, "status": "failed", "error": last}
+        print(f"[{time.perf_counter() - started:.0f}s, load {load_average():.1f}] "
+              f"{ {k: v for k, v in result.items() if k != 'losses'} }", flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in as_completed([pool.submit(run, t, s) for t, s in order]):
+            rows.append(future.result())
+            rows.sort(key=lambda r: (args.trainers.index(r["trainer"]), setups.index(r["setup"])))
+            # Rewrite the tables after every process, so an interrupted run keeps what it measured.
+            if not args.no_write:
+                raw_path.write_text(json.dumps(rows, indent=1) + "\n")
+                (RESULTS_DIR / f"{stem}.csv").write_text(to_csv(rows))
+                (RESULTS_DIR / f"{stem}.md").write_text(to_markdown(rows, args, (load_before, None), command))
+    markdown = to_markdown(rows, args, (load_before, load_average()), command)
+    write_result(to_csv(rows), RESULTS_DIR / f"{stem}.csv", write=not args.no_write)
+    write_result(markdown, RESULTS_DIR / f"{stem}.md", write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
