@@ -13,7 +13,17 @@ works on its shard only:
   writing the reduce-scattered gradient, before ``backward()`` returns, so clipping and ``grad_norm`` still see the
   masked gradient. Masking after the reduce-scatter equals masking before it: the sum over ranks is elementwise.
 
-The mask itself must be the same on every rank (build it from the same seed, or broadcast it).
+The mask itself must be the same on every rank (build it from the same seed, or broadcast it). In a loop of one's own::
+
+    mask = random_mask(model, 0.1, seed=0)       # on the unsharded model, same on every rank
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    restrict_gradients(model, mask)              # after fully_shard: it replaces the parameters
+    optimizer = MaskedAdamW(model.named_parameters(), mask, lr=1e-5)
+
+With ``transformers.Trainer`` (``fsdp_config={"version": 2}``), ``sparsify`` does the same after accelerate's
+``prepare`` (see ``sparse_rl.trl``).
 """
 
 from __future__ import annotations
