@@ -1,0 +1,123 @@
+"""Training memory per GPU for a 7B model under DDP, scaled from bytes per parameter measured on SmolLM2-135M.
+
+Method. SmolLM2-135M-Instruct is loaded in each weight dtype; one forward/backward of the real loss on a short batch
+allocates the gradients (with sparse_rl's masking hooks for the sparse rows), and one optimizer step allocates the
+optimizer state. Every tensor is counted by ``numel * element_size``: weights over the model's unique parameters,
+gradients over ``p.grad``, state as ``torch.optim.AdamW``'s state tensors or ``MaskedAdamW.state_bytes()`` (moments,
+8-bit absmax, fp32 master copies, selection layout). Dividing by the parameter count gives bytes per parameter; the
+7B column multiplies them by 7.0e9. The scaling is linear because every term is per entry (a weight, a gradient,
+state per selected entry, 1 bit + tile offsets per entry of the layout) at the same per-tensor density.
+
+Under DDP every GPU holds a full replica, so the 7B column is memory per GPU. Not included (the same for both rows
+of a dtype): activations (they depend on batch and sequence length), a reference model (DPO, or GRPO/RLOO with
+beta > 0: one more copy of the weights, or about density x weight bytes with ``shared_reference=True``), DDP's
+gradient buckets (one more gradient-sized buffer unless ``gradient_as_bucket_view=True``) and the CUDA context.
+
+    python benchmarks/estimate_7b_memory.py     # writes benchmarks/results/estimate_7b_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import RESULTS_DIR, write_result
+
+from sparse_rl import MaskedAdamW, random_mask, restrict_gradients
+from sparse_rl.models import load_smollm2
+
+RESULTS = RESULTS_DIR / "estimate_7b_memory.md"
+PARAMETERS_7B = 7.0e9
+GIB = 1024**3
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32) -> dict:
+    """Bytes per parameter of weights, gradients and optimizer state after one training step; ``density=None`` is
+    full finetuning with ``torch.optim.AdamW``."""
+    model, tokenizer = load_smollm2(dtype=dtype)
+    model.train()
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if density is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    else:
+        mask = random_mask(model, density)
+        restrict_gradients(model, mask)
+        optimizer = MaskedAdamW(model.named_parameters(), mask, lr=1e-6, state_bits=state_bits)
+    batch = tokenizer(["What is 12 + 7? The answer is 19."] * 2, return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    if density is None:
+        state = tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    else:
+        state = optimizer.state_bytes()
+    measured = {
+        "weights": tensor_bytes(model.parameters()),
+        "gradients": tensor_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "state": state,
+    }
+    return {"num_parameters": num_parameters, **{k: v / num_parameters for k, v in measured.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    d = args.density
+    # (weights, optimizer, dtype, density, state_bits); the first row of each dtype is the reference of its ratios.
+    # Full finetuning of bf16 weights at the precision sparse_rl keeps (fp32 moments and master copy) is measured
+    # as MaskedAdamW at density 1; torch's AdamW on bf16 weights keeps bf16 moments and no master copy.
+    setups = [
+        ("fp32 (Trainer bf16 autocast)", "full AdamW (torch)", torch.float32, None, 32),
+        ("fp32 (Trainer bf16 autocast)", f"sparse_rl d={d}", torch.float32, d, 32),
+        ("fp32 (Trainer bf16 autocast)", f"sparse_rl d={d}, 8-bit moments", torch.float32, d, 8),
+        ("bf16", "full AdamW, fp32 moments + master (MaskedAdamW d=1)", torch.bfloat16, 1.0, 32),
+        ("bf16", "full AdamW (torch: bf16 moments, no master)", torch.bfloat16, None, 32),
+        ("bf16", f"sparse_rl d={d} (fp32 moments + master)", torch.bfloat16, d, 32),
+        ("bf16", f"sparse_rl d={d}, 8-bit moments + fp32 master", torch.bfloat16, d, 8),
+    ]
+    rows, reference_total = [], {}
+    for weights, optimizer, dtype, density, state_bits in setups:
+        result = measure(dtype, density, state_bits)
+        total = result["weights"] + result["gradients"] + result["state"]
+        reference_total.setdefault(weights, total)
+        rows.append((weights, optimizer, result, total, total / reference_total[weights]))
+        print(weights, optimizer, {k: round(v, 4) for k, v in result.items()}, flush=True)
+
+    num_parameters = rows[0][2]["num_parameters"]
+    lines = [
+        "# Training memory per GPU for a 7B model under DDP (estimate from measured bytes per parameter)",
+        "",
+        f"Bytes per parameter measured on SmolLM2-135M-Instruct ({num_parameters:,} parameters) after one "
+        "forward/backward and one optimizer step, counting every weight, gradient and optimizer-state tensor "
+        "(`numel * element_size`; `MaskedAdamW.state_bytes()` for sparse_rl), then multiplied by 7.0e9 "
+        f"parameters. Random per-tensor mask at density {d} over all parameters. Under DDP every GPU holds all of "
+        "it. Not included, the same for the rows of one dtype: activations, a reference model, DDP's gradient "
+        "buckets, the CUDA context.",
+        "",
+        "| weights | optimizer | weights B/param | grads B/param | optimizer state B/param | total B/param "
+        "| 7B per GPU (GiB) | vs first row of the dtype |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for weights, optimizer, result, total, ratio in rows:
+        lines.append(f"| {weights} | {optimizer} | {result['weights']:.2f} | {result['gradients']:.2f} | "
+                     f"{result['state']:.3f} | {total:.2f} | {total * PARAMETERS_7B / GIB:.1f} | {ratio:.2f} |")
+    lines += [
+        "",
+        "Gradients stay dense: the hooks zero unselected entries of a full-size `.grad` (every tensor keeps some "
+        "selected entries at a per-tensor density), so the saving is the optimizer state, which is per selected "
+        "entry.",
+        "",
+        "Reproduce: `python benchmarks/estimate_7b_memory.py`",
+        "",
+    ]
+    write_result("\n".join(lines), RESULTS, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
