@@ -77,6 +77,7 @@ class Plan:
     prompts_per_step: int = 2
     max_completion_length: int = 6
     rank_include: tuple[str, ...] | None = None  # None: every tensor
+    eval_at: tuple[int, ...] = ()  # checkpoints with a held-out evaluation (empty: all of them)
 
     @classmethod
     def for_mode(cls, mode: str, steps: int | None = None, learning_rate: float | None = None) -> Plan:
@@ -84,7 +85,7 @@ class Plan:
             plan = cls(mode, steps=2, checkpoints=(1, 2), eval_pairs=16, eval_repeats=1, probe_steps=1,
                        rank_include=("model.layers.0.",))
         elif mode == "full":
-            plan = cls(mode, steps=40, checkpoints=(), eval_pairs=100, eval_repeats=3, probe_steps=8)
+            plan = cls(mode, steps=20, checkpoints=(), eval_pairs=100, eval_repeats=2, probe_steps=4)
         else:
             raise ValueError(f"--mode must be 'quick' or 'full', got {mode!r}")
         if steps is not None:
@@ -95,6 +96,8 @@ class Plan:
             plan.learning_rate = learning_rate
         if mode == "full" or steps is not None:
             plan.checkpoints = tuple(sorted({max(1, plan.steps // 4), max(1, plan.steps // 2), plan.steps}))
+        # held-out evaluation costs about as much as a few training steps: the middle and the end only
+        plan.eval_at = tuple(sorted({plan.checkpoints[len(plan.checkpoints) // 2], plan.steps}))
         return plan
 
 
@@ -141,7 +144,7 @@ def build_trainer(plan: Plan, spec: dict, base_dir: Path, run_dir: Path, callbac
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     train_rows, _ = task_rows(plan)
     args = GRPOConfig(
-        output_dir=str(run_dir / "trainer"), max_steps=plan.steps,
+        output_dir=str(run_dir / "trainer"), max_steps=spec.get("max_steps", plan.steps),
         per_device_train_batch_size=plan.num_generations * plan.prompts_per_step,
         num_generations=plan.num_generations, max_completion_length=plan.max_completion_length,
         learning_rate=spec["learning_rate"], lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
@@ -167,7 +170,8 @@ def run_worker(spec_path: Path) -> None:
 
     torch.set_num_threads(1)
     spec = json.loads(spec_path.read_text())
-    plan = Plan(**{**spec["plan"], "checkpoints": tuple(spec["plan"]["checkpoints"])})
+    plan = Plan(**{**spec["plan"], "checkpoints": tuple(spec["plan"]["checkpoints"]),
+                   "eval_at": tuple(spec["plan"].get("eval_at", ()))})
     run_dir, base_dir = Path(spec["run_dir"]), Path(spec["base_dir"])
     _, eval_rows = task_rows(plan)
     record = {"spec": spec, "step_seconds": [], "evals": {}, "load_start": os.getloadavg()[0]}
@@ -191,6 +195,8 @@ def run_worker(spec_path: Path) -> None:
                     (run_dir / f"step{step}-bf16").mkdir(parents=True, exist_ok=True)
                     save_file({n: w.to(torch.bfloat16) for n, w in weights.items()},
                               str(run_dir / f"step{step}-bf16" / "model.safetensors"))
+            if step not in (plan.eval_at or plan.checkpoints):
+                return
             record["evals"][str(step)] = evaluate(model, tokenizer, eval_rows, plan)
             print(f"[{spec['name']}] step {step}: held-out reward {record['evals'][str(step)]:.3f}", flush=True)
 
@@ -248,8 +254,15 @@ def matched_top_k(scores: dict[str, torch.Tensor], reference) -> object:
 
 # ---------------------------------------------------------------------------------------------- orchestration
 class Runner:
-    def __init__(self, plan: Plan, work: Path, results: Path):
-        self.plan, self.work, self.results = plan, work, results
+    def __init__(self, plan: Plan, work: Path, results: Path, parallel: int = 1):
+        self.plan, self.work, self.results, self.parallel = plan, work, results, parallel
+        self.pending: list[dict] = []
+        self.running: dict[str, tuple] = {}
+        self.failed: list[str] = []
+        self.after: list[tuple[dict, dict]] = []  # (prerequisite, run): submitted once the prerequisite is done
+        # experiments 2, 4 and 5 train for `compare` steps and compare with full finetuning at that step (its
+        # middle checkpoint, which has a held-out evaluation), so they can start while full finetuning goes on
+        self.compare = plan.eval_at[0]
         self.base_dir = work / "base-bf16"
         work.mkdir(parents=True, exist_ok=True)
         results.mkdir(parents=True, exist_ok=True)
@@ -281,73 +294,144 @@ class Runner:
                 "base_dir": str(self.base_dir), **extra}
         return json.loads(json.dumps(spec))  # as it reads back from run.json (tuples become lists)
 
-    def run(self, spec: dict, worker: str = "--worker") -> dict:
-        run_dir = Path(spec["run_dir"])
-        done = run_dir / "run.json"
-        if done.exists() and json.loads(done.read_text())["spec"] == spec:
-            print(f"[{spec['name']}] reusing {done}", flush=True)
-            return json.loads(done.read_text())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        print(f"[{spec['name']}] training ({spec['kind']}, {self.plan.steps} steps) ...", flush=True)
-        start = time.perf_counter()
-        with (run_dir / "log.txt").open("w") as log:
-            code = subprocess.call([sys.executable, __file__, worker, str(run_dir / "spec.json")], stdout=log,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if code:
-            tail = (run_dir / "log.txt").read_text()[-3000:]
-            raise RuntimeError(f"run {spec['name']} failed (exit {code}); end of {run_dir / 'log.txt'}:\n{tail}")
-        print(f"[{spec['name']}] done in {time.perf_counter() - start:.0f}s", flush=True)
-        return json.loads(done.read_text())
+    # ---- scheduling: every run is a one-thread process; up to `parallel` at once
+    def submit(self, *specs: dict) -> None:
+        for spec in specs:
+            if spec["name"] not in self.running and spec not in self.pending and not self._done(spec):
+                self.pending.append(spec)
+
+    def pump(self) -> None:
+        """Reap finished runs and start pending ones. A run whose process is alive from an earlier invocation
+        (``pid`` file, same ``spec.json``) is adopted instead of started twice."""
+        for name, (spec, process, log, start) in list(self.running.items()):
+            if process is None:  # adopted
+                pid = int((Path(spec["run_dir"]) / "pid").read_text())
+                finished = self._done(spec) or not _alive(pid)
+                code = 0 if self._done(spec) else 1
+            else:
+                finished, code = process.poll() is not None, process.returncode
+            if not finished:
+                continue
+            if log is not None:
+                log.close()
+            del self.running[name]
+            if code:
+                self.failed.append(name)
+                print(f"[{name}] FAILED (exit {code}), see {spec['run_dir']}/log.txt", flush=True)
+            else:
+                print(f"[{name}] done in {time.perf_counter() - start:.0f}s", flush=True)
+        for item in list(self.after):
+            if self._done(item[0]):
+                self.after.remove(item)
+                self.submit(item[1])
+        while self.pending and len(self.running) < self.parallel:
+            spec = self.pending.pop(0)
+            run_dir = Path(spec["run_dir"])
+            pid_file, spec_file = run_dir / "pid", run_dir / "spec.json"
+            if (pid_file.exists() and spec_file.exists() and json.loads(spec_file.read_text()) == spec
+                    and _alive(int(pid_file.read_text()))):
+                print(f"[{spec['name']}] adopting the run already in progress", flush=True)
+                self.running[spec["name"]] = (spec, None, None, time.perf_counter())
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spec_file.write_text(json.dumps(spec, indent=1))
+            steps = spec.get("max_steps", self.plan.steps)
+            print(f"[{spec['name']}] training ({spec['kind']}, {steps} steps) ...", flush=True)
+            log = (run_dir / "log.txt").open("w")
+            worker = "--probe-worker" if spec["kind"] == "probe" else "--worker"
+            process = subprocess.Popen([sys.executable, __file__, worker, str(spec_file)], stdout=log,
+                                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            pid_file.write_text(str(process.pid))
+            self.running[spec["name"]] = (spec, process, log, time.perf_counter())
+
+    def wait(self, *specs: dict, until=None) -> None:
+        """Pump until the given runs are done (or ``until()`` is true); raise if one of them failed."""
+        self.submit(*specs)
+        while True:
+            self.pump()
+            failed = [s["name"] for s in specs if s["name"] in self.failed]
+            if failed:
+                raise RuntimeError(f"runs failed: {failed}")
+            if (until is not None and until()) or (until is None and all(self._done(s) for s in specs)):
+                return
+            time.sleep(5)
+
+    def run(self, spec: dict) -> dict:
+        self.wait(spec)
+        return json.loads((Path(spec["run_dir"]) / "run.json").read_text())
+
+    def _done(self, spec: dict) -> bool:
+        done = Path(spec["run_dir"]) / "run.json"
+        return done.exists() and json.loads(done.read_text())["spec"] == spec
 
     def checkpoint(self, name: str, step: int | None = None) -> Path:
         return self.work / name / f"step{step or self.plan.steps}"
 
+    def full_spec(self, seed: int) -> dict:
+        return self.spec(f"full-s{seed}", "full", seed, save_bf16=seed == 0)
+
     def full_run(self, seed: int) -> dict:
-        return self.run(self.spec(f"full-s{seed}", "full", seed, save_bf16=seed == 0))
+        return self.run(self.full_spec(seed))
 
-    def masks(self) -> dict[str, Path]:
-        """Experiment 2's masks, all with the per-tensor counts of the full-finetuning bf16 diff mask."""
-        from sparse_rl import SubnetworkMask
-        from sparse_rl.discovery import diff_mask
+    def entropy_spec(self) -> dict:
+        return self.spec("entropy-q0.2", "full", 0, entropy_quantile=0.2, max_steps=self.compare)
 
-        self.full_run(0)
+    def subnetwork_spec(self, key: str) -> dict:
+        return self.spec(f"sub-{key}", "subnetwork", 0, mask=str(self.work / "masks" / f"{key}.safetensors"),
+                         max_steps=self.compare)
+
+    def probe_spec(self) -> dict:
+        return self.spec("probe", "probe", 0, reference_mask=str(self.work / "masks" / "diff.safetensors"),
+                         mask=str(self.work / "masks" / "probe.safetensors"))
+
+    def lora_spec(self) -> dict:
+        info = json.loads((self.work / "masks" / "masks.json").read_text())
+        rank = max(1, round(info["selected"] / _lora_params_per_rank(self.base_dir)))
+        spec = self.spec(f"lora-r{rank}", "lora", 0, lora_rank=rank, max_steps=self.compare)
+        spec["learning_rate"] = self.plan.learning_rate * self.plan.lora_lr_scale
+        return spec
+
+    def s0_reached(self, step: int) -> bool:
+        """full-s0 has saved (and evaluated) its checkpoint at ``step``."""
+        log = self.work / "full-s0" / "log.txt"
+        return self._done(self.full_spec(0)) or (log.exists() and f"[full-s0] step {step}:" in log.read_text())
+
+    def masks(self) -> dict:
+        """Experiment 2's masks, all with the per-tensor counts of full finetuning's bf16 diff at step ``compare``
+        (the paper's mask: the diff of the run the subnetwork is compared with). The probe mask is trained by a
+        submitted run; this returns once the diff, random and magnitude masks are saved."""
+        from sparse_rl.discovery import WeightSource, diff_mask
+
+        self.wait(self.full_spec(0), until=lambda: self.s0_reached(self.compare))
         folder = self.work / "masks"
-        paths = {k: folder / f"{k}.safetensors" for k in ("diff", "probe", "magnitude", "random")}
         info_path = folder / "masks.json"
-        if all(p.exists() for p in paths.values()) and info_path.exists():
-            return paths
+        if info_path.exists():
+            return json.loads(info_path.read_text())
         folder.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoint("full-s0")
-        natural = diff_mask(self.base_dir, final, compare_dtype=torch.bfloat16)
-        info = {"natural_density": natural.density}
+        reference = self.checkpoint("full-s0", self.compare)
+        natural = diff_mask(self.base_dir, reference, compare_dtype=torch.bfloat16)
+        info = {"natural_density": natural.density, "step": self.compare}
         if natural.density > self.plan.max_mask_density:
-            diff = diff_mask(self.base_dir, final, density=self.plan.max_mask_density, compare_dtype=torch.bfloat16)
+            diff = diff_mask(self.base_dir, reference, density=self.plan.max_mask_density,
+                             compare_dtype=torch.bfloat16)
             info["rule"] = (f"the bf16 diff changed {natural.density:.1%} of entries, above the paper's 30%: the mask "
                             f"keeps the top {self.plan.max_mask_density:.0%} of |Δ_bf16| of every tensor")
         else:
             diff = natural
-            info["rule"] = "every entry whose bf16-rounded value changed (the paper's mask)"
-        diff.save(paths["diff"])
+            info["rule"] = f"every entry whose bf16-rounded value changed by step {self.compare} (the paper's mask)"
         del natural
+        diff.save(folder / "diff.safetensors")
         generator = torch.Generator().manual_seed(0)
-        from sparse_rl.discovery import WeightSource
-
         with WeightSource(self.base_dir) as base:
             random_scores = {n: torch.rand(base.shape(n), generator=generator) for n in diff}
-            matched_top_k(random_scores, diff).save(paths["random"])
+            matched_top_k(random_scores, diff).save(folder / "random.safetensors")
             del random_scores
             magnitude_scores = {n: -base.get(n).float().abs() for n in diff}
-            matched_top_k(magnitude_scores, diff).save(paths["magnitude"])
+            matched_top_k(magnitude_scores, diff).save(folder / "magnitude.safetensors")
             del magnitude_scores
-        probe = self.run(self.spec("probe", "probe", 0, reference_mask=str(paths["diff"]), mask=str(paths["probe"])),
-                         worker="--probe-worker")
-        info["probe_seconds"] = probe["probe_seconds"]
-        info["density"] = diff.density
-        info["selected"] = diff.num_selected
+        info["density"], info["selected"] = diff.density, diff.num_selected
         info_path.write_text(json.dumps(info))
-        assert SubnetworkMask.load(paths["probe"]).num_selected == diff.num_selected
-        return paths
+        return info
 
     # ---- experiments
     def experiment_1(self, base_reward: float) -> None:
@@ -357,6 +441,7 @@ class Runner:
         bf16 = torch.bfloat16
         rows, final_reports = [], {}
         for step in self.plan.checkpoints:
+            self.pump()  # keep the other runs' slots filled during the long analysis
             ck = self.checkpoint("full-s0", step)
             rep16 = analyze_update(self.base_dir, ck, compare_dtype=bf16, rank=False)
             rep32 = analyze_update(self.base_dir, ck, rank=False)
@@ -374,9 +459,11 @@ class Runner:
             final_reports = {"bf16": rep16, "fp32": rep32}
         final = self.checkpoint("full-s0")
         include = self.plan.rank_include
+        self.pump()
         rank16 = analyze_update(self.base_dir, final, compare_dtype=bf16, include=include).mean_rank_ratio
         rank32 = analyze_update(self.base_dir, final, include=include).mean_rank_ratio
         rank_null = precision_control(self.base_dir, final, include=include, rank=True).null_mean_rank_ratio
+        self.pump()
         profile = magnitude_profile(self.base_dir, final)
         out = self.results
         _write_csv(out / "exp1_sparsity_by_step.csv", rows)
@@ -433,6 +520,7 @@ class Runner:
         self.full_run(1)
         rows = []
         for step in self.plan.checkpoints:
+            self.pump()
             a, b = self.checkpoint("full-s0", step), self.checkpoint("full-s1", step)
             pc = precision_control(self.base_dir, a, other=b)
             top = mask_overlap(diff_mask(self.base_dir, a, density=0.1), diff_mask(self.base_dir, b, density=0.1))
@@ -465,35 +553,35 @@ class Runner:
         from sparse_rl.analysis import mask_overlap, update_agreement
 
         full = self.full_run(0)
-        paths = self.masks()
-        info = json.loads((self.work / "masks" / "masks.json").read_text())
-        diff = SubnetworkMask.load(paths["diff"])
-        full_final = self.checkpoint("full-s0")
-        runs, rows = {"full-s0": full}, []
+        info = self.masks()
+        info["probe_seconds"] = self.run(self.probe_spec())["probe_seconds"]
+        diff = SubnetworkMask.load(self.work / "masks" / "diff.safetensors")
+        full_final = self.checkpoint("full-s0", self.compare)
+        runs, rows = {"full-s0": _truncate(full, self.compare)}, []
         labels = {"diff": "mask of full FT's bf16 diff (paper)", "probe": f"{self.plan.probe_steps}-batch gradient "
                   "probe", "magnitude": "smallest |w|", "random": "random"}
-        for key in ("diff", "probe", "magnitude", "random"):
+        for key in ("diff", "random", "magnitude", "probe"):  # the order they are scheduled in
             name = f"sub-{key}"
-            run = self.run(self.spec(name, "subnetwork", 0, mask=str(paths[key])))
+            run = self.run(self.subnetwork_spec(key))
             runs[name] = run
-            mask = SubnetworkMask.load(paths[key])
-            on_mask = update_agreement(self.base_dir, self.checkpoint(name), full_final, mask)
-            overall = update_agreement(self.base_dir, self.checkpoint(name), full_final)
+            mask = SubnetworkMask.load(self.work / "masks" / f"{key}.safetensors")
+            on_mask = update_agreement(self.base_dir, self.checkpoint(name, self.compare), full_final, mask)
+            overall = update_agreement(self.base_dir, self.checkpoint(name, self.compare), full_final)
             rows.append({"run": name, "mask": labels[key], "density": mask.density,
                          "overlap_with_diff_mask": mask_overlap(mask, diff).overlap,
-                         "reward": run["evals"][str(self.plan.steps)],
+                         "reward": run["evals"][str(self.compare)],
                          "train_reward_last_quarter": _train_reward(run, 0.25),
                          "rel_error_on_mask": on_mask.relative_error, "cosine_on_mask": on_mask.cosine,
                          "bf16_equal_on_mask": on_mask.rounded_equal, "rel_error_all": overall.relative_error,
                          "cosine_all": overall.cosine, "median_step_s": statistics.median(run["step_seconds"])})
             self._experiment_2_tables(base_reward, full, rows, info, runs)
-        if (self.work / "full-s1" / "run.json").exists():  # how far two full-FT runs are from each other
-            s1 = update_agreement(self.base_dir, self.checkpoint("full-s1"), full_final, diff)
-            s1_all = update_agreement(self.base_dir, self.checkpoint("full-s1"), full_final)
-            runs["full-s1"] = json.loads((self.work / "full-s1" / "run.json").read_text())
+        if self._done(self.full_spec(1)):  # how far two full-FT runs are from each other
+            s1 = update_agreement(self.base_dir, self.checkpoint("full-s1", self.compare), full_final, diff)
+            s1_all = update_agreement(self.base_dir, self.checkpoint("full-s1", self.compare), full_final)
+            runs["full-s1"] = _truncate(json.loads((self.work / "full-s1" / "run.json").read_text()), self.compare)
             rows.append({"run": "full-s1", "mask": "(full finetuning, seed 1: reference spread)",
                          "density": 1.0, "overlap_with_diff_mask": "", "reward": runs["full-s1"]["evals"][
-                             str(self.plan.steps)], "train_reward_last_quarter": _train_reward(runs["full-s1"], 0.25),
+                             str(self.compare)], "train_reward_last_quarter": _train_reward(runs["full-s1"], 0.25),
                          "rel_error_on_mask": s1.relative_error, "cosine_on_mask": s1.cosine,
                          "bf16_equal_on_mask": s1.rounded_equal, "rel_error_all": s1_all.relative_error,
                          "cosine_all": s1_all.cosine,
@@ -507,14 +595,16 @@ class Runner:
             "## 2. Subnetwork-only GRPO", "",
             f"Paper: {PAPER['subnetwork']}. Mask rule: {info['rule']} (natural bf16 diff density "
             f"{info['natural_density']:.1%}). Every other mask has exactly the same number of entries in every tensor "
-            f"({info['density']:.1%} overall). Probe cost {info['probe_seconds']:.0f}s. Each run: {self.plan.steps} "
-            f"steps, seed 0, lr {self.plan.learning_rate:g}, MaskedAdamW. Full finetuning (`full-s0`) held-out reward "
-            f"{full['evals'][str(self.plan.steps)]:.3f} (base {base_reward:.3f}), last-quarter training reward "
-            f"{_train_reward(full, 0.25):.3f}. Closeness to full FT's final parameters: Δ = final − base; relative "
-            "error ‖Δ_sub − Δ_full‖/‖Δ_full‖ and cosine on the mask's entries and on all entries; bf16-equal = share "
-            "of the mask's entries whose bf16 values match full FT's. The random mask is the precision control of "
-            "this claim (same counts, entries chosen blindly); the smallest-|w| mask is where rounding alone "
-            "predicts a bf16 diff to appear.", "",
+            f"({info['density']:.1%} overall). Probe cost {info['probe_seconds']:.0f}s "
+            f"({self.plan.probe_steps} batches). "
+            f"Each run: {self.compare} steps, seed 0, lr {self.plan.learning_rate:g}, MaskedAdamW, compared with "
+            f"full finetuning (`full-s0`) at the same step {self.compare}: held-out reward "
+            f"{full['evals'][str(self.compare)]:.3f} (base {base_reward:.3f}), last-quarter training reward "
+            f"{_train_reward(full, 0.25, self.compare):.3f}. Closeness to full FT's parameters at that step: "
+            "Δ = final − base; relative error ‖Δ_sub − Δ_full‖/‖Δ_full‖ and cosine on the mask's entries and on all "
+            "entries; bf16-equal = share of the mask's entries whose bf16 values match full FT's. The random mask "
+            "is the precision control of this claim (same counts, entries chosen blindly); the smallest-|w| mask "
+            "is where rounding alone predicts a bf16 diff to appear.", "",
             "| run | mask | overlap with diff mask | held-out reward | train reward, last quarter | rel. error on mask "
             "| cosine on mask | bf16-equal on mask | rel. error, all | cosine, all | median step (s) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -531,16 +621,16 @@ class Runner:
     def experiment_4(self, base_reward: float) -> None:
         from sparse_rl.analysis import precision_control
 
-        full = self.full_run(0)
-        ent = self.run(self.spec("entropy-q0.2", "full", 0, entropy_quantile=0.2))
+        full = _truncate(self.full_run(0), self.compare)
+        ent = self.run(self.entropy_spec())
         rows = []
         for name, run in (("full-s0", full), ("entropy-q0.2", ent)):
-            pc = precision_control(self.base_dir, self.checkpoint(name))
+            pc = precision_control(self.base_dir, self.checkpoint(name, self.compare))
             rows.append({"run": name, "tokens": "all" if name == "full-s0" else "top-20% entropy",
-                         "reward": run["evals"][str(self.plan.steps)],
+                         "reward": run["evals"][str(self.compare)],
                          "train_reward_last_quarter": _train_reward(run, 0.25),
                          "median_step_s": statistics.median(run["step_seconds"]),
-                         "train_seconds": run["train_seconds"], "changed_bf16": 1 - pc.sparsity_rounded,
+                         "train_seconds": sum(run["step_seconds"]), "changed_bf16": 1 - pc.sparsity_rounded,
                          "changed_null": 1 - pc.sparsity_null})
         _write_csv(self.results / "exp4_entropy.csv", rows)
         _plot_rewards({"full-s0 (all tokens)": full, "entropy-q0.2": ent}, base_reward,
@@ -548,9 +638,10 @@ class Runner:
         lines = [
             "## 4. High-entropy tokens", "",
             f"Paper: {PAPER['entropy']}. `entropy-q0.2`: full finetuning with TRL GRPO's `top_entropy_quantile=0.2` "
-            "(loss on the 20% highest-entropy completion tokens of each batch), otherwise identical to `full-s0`. "
-            "Step times were measured on shared cores (noisy).", "",
-            "| run | tokens | held-out reward | train reward, last quarter | median step (s) | train time (s) "
+            "(loss on the 20% highest-entropy completion tokens of each batch), otherwise identical to `full-s0`; "
+            f"both compared at step {self.compare}. Step times were measured on shared cores with several runs at "
+            "once (noisy).", "",
+            "| run | tokens | held-out reward | train reward, last quarter | median step (s) | sum of steps (s) "
             "| changed, bf16 | changed, null |", "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -561,28 +652,25 @@ class Runner:
         self._write("exp4", lines, {"rows": rows})
 
     def experiment_5(self, base_reward: float) -> None:
-        full = self.full_run(0)
-        self.masks()
-        info = json.loads((self.work / "masks" / "masks.json").read_text())
-        per_rank = _lora_params_per_rank(self.base_dir)
-        rank = max(1, round(info["selected"] / per_rank))
-        spec = self.spec(f"lora-r{rank}", "lora", 0, lora_rank=rank)
-        spec["learning_rate"] = self.plan.learning_rate * self.plan.lora_lr_scale
+        full = _truncate(self.full_run(0), self.compare)
+        info = self.masks()
+        spec = self.lora_spec()
+        rank = spec["lora_rank"]
         lora = self.run(spec)
         runs = {"full-s0": full, f"lora-r{rank}": lora}
         rows = [{"run": "full-s0", "trainable": _total_params(self.base_dir), "lr": self.plan.learning_rate,
-                 "reward": full["evals"][str(self.plan.steps)], "train_reward_last_quarter": _train_reward(full, 0.25),
+                 "reward": full["evals"][str(self.compare)], "train_reward_last_quarter": _train_reward(full, 0.25),
                  "median_step_s": statistics.median(full["step_seconds"])}]
         for name in ("sub-diff", "sub-random"):
             path = self.work / name / "run.json"
-            if path.exists():
+            if self._done(self.subnetwork_spec(name.removeprefix("sub-"))):
                 runs[name] = json.loads(path.read_text())
                 rows.append({"run": name, "trainable": runs[name]["trainable"], "lr": self.plan.learning_rate,
-                             "reward": runs[name]["evals"][str(self.plan.steps)],
+                             "reward": runs[name]["evals"][str(self.compare)],
                              "train_reward_last_quarter": _train_reward(runs[name], 0.25),
                              "median_step_s": statistics.median(runs[name]["step_seconds"])})
         rows.append({"run": f"lora-r{rank}", "trainable": lora["trainable"], "lr": spec["learning_rate"],
-                     "reward": lora["evals"][str(self.plan.steps)],
+                     "reward": lora["evals"][str(self.compare)],
                      "train_reward_last_quarter": _train_reward(lora, 0.25),
                      "median_step_s": statistics.median(lora["step_seconds"])})
         _write_csv(self.results / "exp5_lora.csv", rows)
@@ -591,7 +679,8 @@ class Runner:
             "## 5. LoRA at a matching trainable-parameter count", "",
             f"LoRA (peft) on every linear layer of the blocks, rank {rank} (alpha {2 * rank}), chosen so its trainable "
             f"count matches the experiment-2 subnetwork ({info['selected']:,} entries); lr {spec['learning_rate']:g} "
-            f"({self.plan.lora_lr_scale:g}x the full-finetuning lr, the usual LoRA practice). The paper has no LoRA "
+            f"({self.plan.lora_lr_scale:g}x the full-finetuning lr, the usual LoRA practice); every run at step "
+            f"{self.compare}. The paper has no LoRA "
             "figure; this row places the subnetwork against the common parameter-efficient alternative.", "",
             "| run | trainable | lr | held-out reward | train reward, last quarter | median step (s) |",
             "|---|---|---|---|---|---|",
@@ -649,8 +738,23 @@ def _pct(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}%}"
 
 
-def _train_reward(run: dict, tail: float) -> float:
-    rewards = [e["reward"] for e in run["log"] if "reward" in e]
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def _truncate(run: dict, step: int) -> dict:
+    """A run's record up to ``step`` (to compare a longer run with shorter ones at equal length)."""
+    return {**run, "log": [e for e in run["log"] if e.get("step", 0) <= step and "reward" in e],
+            "evals": {k: v for k, v in run["evals"].items() if int(k) <= step},
+            "step_seconds": run["step_seconds"][:step]}
+
+
+def _train_reward(run: dict, tail: float, upto: int | None = None) -> float:
+    rewards = [e["reward"] for e in run["log"] if "reward" in e and (upto is None or e.get("step", 0) <= upto)]
     keep = max(1, round(len(rewards) * tail))
     return sum(rewards[-keep:]) / keep
 
@@ -760,6 +864,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="checkpoints and runs (default outputs/research-<mode>)")
     parser.add_argument("--results", default=None,
                         help="result folder (default benchmarks/results/research, quick: research_quick)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="independent runs trained at once, one process and one torch thread each")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="rewrite the summary markdown from the experiments' finished tables, train nothing")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -778,12 +886,31 @@ def main() -> None:
     work = Path(args.work_dir or ROOT / "outputs" / f"research-{args.mode}")
     default_results = "research" if args.mode == "full" else "research_quick"
     results = Path(args.results or ROOT / "benchmarks" / "results" / default_results)
-    runner = Runner(plan, work, results)
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    runner = Runner(plan, work, results, args.parallel)
+    runner.command = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce_research.py "
+                      + " ".join(a for a in sys.argv[1:] if a != "--summary-only"))
+    if args.summary_only:
+        return runner.write_summary()
     started = time.perf_counter()
     base_reward = runner.prepare()
-    runner.command = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce_research.py "
-                      + " ".join(sys.argv[1:]))
     runner.write_summary()
+    # Submit every run first (up to --parallel at once); each experiment then waits for its own runs and analyses
+    # them, in the order given, while the other runs keep training.
+    runner.submit(runner.full_spec(0))
+    if 3 in experiments:
+        runner.submit(runner.full_spec(1))
+    if 4 in experiments:  # needs no mask: uses the slots while full-s0 reaches the comparison step
+        runner.submit(runner.entropy_spec())
+    if {2, 5} & set(experiments):
+        runner.masks()  # waits for full-s0's checkpoint at the comparison step
+        if 2 in experiments:
+            runner.submit(runner.subnetwork_spec("diff"), runner.subnetwork_spec("random"), runner.probe_spec(),
+                          runner.subnetwork_spec("magnitude"))
+            runner.after.append((runner.probe_spec(), runner.subnetwork_spec("probe")))
+        if 5 in experiments:
+            runner.submit(runner.lora_spec())
     for number in experiments:
         t0 = time.perf_counter()
         print(f"\n=== experiment {number} ===", flush=True)
