@@ -93,6 +93,52 @@ def store_from_fp32(address, offsets, values, mask, seed, stream, PARAM_KIND: tl
 
 
 @triton.jit
+def work_tile(table_ptr, tiles_ptr, NCOLS: tl.constexpr, TILE: tl.constexpr):
+    """This program's tile (an entry of the tile list): its tensor's table entry, the tile's flat offsets, and the
+    selected lanes with their rank in the tile and their slot in the compact state."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
+    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
+    entry = table_ptr + row * NCOLS
+    selected, rank, slot = tile_selection(entry, tile, TILE)
+    return entry, tile, tile * TILE + tl.arange(0, TILE), selected, rank, slot
+
+
+@triton.jit
+def load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr):
+    """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32."""
+    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
+    if HAS_MASTER:
+        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
+        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
+    else:
+        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
+    return grad, value
+
+
+@triton.jit
+def adamw_update(grad, value, exp_avg, exp_avg_sq, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
+                 bias_correction2_sqrt, eps):
+    """New (exp_avg, exp_avg_sq, value): the IEEE operations of the module docstring, in that order."""
+    exp_avg = exp_avg * beta1 + grad * one_minus_beta1
+    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    value = value * decay - step_size * tl.div_rn(exp_avg, denom)
+    return exp_avg, exp_avg_sq, value
+
+
+@triton.jit
+def store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
+                STOCHASTIC: tl.constexpr):
+    """Write the new value to the master copy (if any) and, rounded to its dtype, to the parameter."""
+    if HAS_MASTER:
+        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
+        tl.store(master_ptr + slot, value, mask=selected)
+    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
+                    PARAM_KIND, STOCHASTIC)
+
+
+@triton.jit
 def _masked_adamw_kernel(
     table_ptr,
     tiles_ptr,
@@ -111,35 +157,17 @@ def _masked_adamw_kernel(
     NCOLS: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
-    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
-    entry = table_ptr + row * NCOLS
-    offsets = tile * TILE + tl.arange(0, TILE)
-    selected, rank, slot = tile_selection(entry, tile, TILE)
-
-    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
+    entry, tile, offsets, selected, rank, slot = work_tile(table_ptr, tiles_ptr, NCOLS, TILE)
+    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER)
     exp_avg_ptr = tl.load(entry + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
     exp_avg_sq_ptr = tl.load(entry + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
-    exp_avg = tl.load(exp_avg_ptr + slot, mask=selected, other=0.0)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + slot, mask=selected, other=0.0)
-    if HAS_MASTER:
-        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
-        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
-    else:
-        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
-
-    exp_avg = exp_avg * beta1 + grad * one_minus_beta1
-    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2
-    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    value = value * decay - step_size * tl.div_rn(exp_avg, denom)
-
+    exp_avg, exp_avg_sq, value = adamw_update(
+        grad, value, tl.load(exp_avg_ptr + slot, mask=selected, other=0.0),
+        tl.load(exp_avg_sq_ptr + slot, mask=selected, other=0.0), beta1, beta2, one_minus_beta1, one_minus_beta2,
+        decay, step_size, bias_correction2_sqrt, eps)
     tl.store(exp_avg_ptr + slot, exp_avg, mask=selected)
     tl.store(exp_avg_sq_ptr + slot, exp_avg_sq, mask=selected)
-    if HAS_MASTER:
-        tl.store(master_ptr + slot, value, mask=selected)
-    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
-                    PARAM_KIND, STOCHASTIC)
+    store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)
 
 
 def masked_adamw_triton(

@@ -18,17 +18,13 @@ import triton.language as tl
 
 from . import layout
 from .layout import BLOCKS_PER_TILE, PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, AdamWScalars
-from .masked_adamw import _check_tables, load_as_fp32, store_from_fp32, tile_selection
+from .masked_adamw import _check_tables, adamw_update, load_grad_and_value, store_value, work_tile
 
 COL_ABSMAX1 = tl.constexpr(layout.COL_ABSMAX1)
 COL_ABSMAX2 = tl.constexpr(layout.COL_ABSMAX2)
 COL_BLOCK_OFFSETS = tl.constexpr(layout.COL_BLOCK_OFFSETS)
 COL_EXP_AVG = tl.constexpr(layout.COL_EXP_AVG)
 COL_EXP_AVG_SQ = tl.constexpr(layout.COL_EXP_AVG_SQ)
-COL_GRAD = tl.constexpr(layout.COL_GRAD)
-COL_MASTER = tl.constexpr(layout.COL_MASTER)
-COL_PARAM = tl.constexpr(layout.COL_PARAM)
-COL_TENSOR_ID = tl.constexpr(layout.COL_TENSOR_ID)
 
 
 @functools.cache
@@ -93,12 +89,7 @@ def _masked_adamw_8bit_kernel(
     QUANT_BLOCK: tl.constexpr,
     BLOCKS_PER_TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
-    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
-    entry = table_ptr + row * NCOLS
-    offsets = tile * TILE + tl.arange(0, TILE)
-    selected, rank, slot = tile_selection(entry, tile, TILE)
+    entry, tile, offsets, selected, rank, slot = work_tile(table_ptr, tiles_ptr, NCOLS, TILE)
     block = rank // QUANT_BLOCK
     num_blocks = (tl.sum(selected.to(tl.int32), axis=0) + QUANT_BLOCK - 1) // QUANT_BLOCK
     block_offsets_ptr = tl.load(entry + COL_BLOCK_OFFSETS).to(tl.pointer_type(tl.int32))
@@ -113,26 +104,14 @@ def _masked_adamw_8bit_kernel(
     exp_avg = tl.load(qmap1_ptr + codes1) * tl.load(absmax1_ptr + first_block + block, mask=selected, other=0.0)
     exp_avg_sq = tl.load(qmap2_ptr + codes2) * tl.load(absmax2_ptr + first_block + block, mask=selected, other=0.0)
 
-    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
-    if HAS_MASTER:
-        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
-        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
-    else:
-        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
-
-    exp_avg = exp_avg * beta1 + grad * one_minus_beta1
-    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2
-    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    value = value * decay - step_size * tl.div_rn(exp_avg, denom)
-
+    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER)
+    exp_avg, exp_avg_sq, value = adamw_update(grad, value, exp_avg, exp_avg_sq, beta1, beta2, one_minus_beta1,
+                                              one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps)
     requantise_blocks(exp_avg, selected, block, num_blocks, first_block, absmax1_ptr, codes1_ptr, slot, qmap1_ptr,
                       BLOCKS_PER_TILE)
     requantise_blocks(exp_avg_sq, selected, block, num_blocks, first_block, absmax2_ptr, codes2_ptr, slot, qmap2_ptr,
                       BLOCKS_PER_TILE)
-    if HAS_MASTER:
-        tl.store(master_ptr + slot, value, mask=selected)
-    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
-                    PARAM_KIND, STOCHASTIC)
+    store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)
 
 
 def masked_adamw_8bit_triton(
