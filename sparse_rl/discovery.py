@@ -27,13 +27,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .config import check_density
+from .config import PROBE_BUDGETS as BUDGETS
+from .config import PROBE_SCORES, check_density
 from .mask import SubnetworkMask
 
 Budget = Literal["per_tensor", "global"]
 ProbeScore = Literal["gradient", "fisher", "adam", "precision"]
-PROBE_SCORES = ("gradient", "fisher", "adam", "precision")
-BUDGETS = ("per_tensor", "global")
 
 
 # ---------------------------------------------------------------------------------------------- name selection

@@ -187,16 +187,39 @@ def _without_autocast_cache():
         torch.clear_autocast_cache()  # anything an inner region cached from the swapped-in values
 
 
+def check_shared_reference_possible(trainer) -> None:
+    """Refuse trainers whose reference cannot be shared, before anything is changed (``sparsify`` calls this ahead
+    of its own changes so that a refusal leaves the trainer untouched)."""
+    if not hasattr(trainer, "ref_model"):
+        raise TypeError(f"{type(trainer).__name__} has no ref_model; shared references plug into DPOTrainer, "
+                        "KTOTrainer, GRPOTrainer and RLOOTrainer")
+    args = trainer.args
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError("sync_ref_model=True moves the reference towards the policy, so it is no longer the starting "
+                         "model a shared reference stores; set sync_ref_model=False")
+    if getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError("precompute_ref_log_probs=True: the reference log-probs were computed at construction and "
+                         "no reference model is kept, so there is nothing to share")
+    if hasattr(trainer.model, "peft_config"):
+        raise ValueError("PEFT models get their reference by disabling the adapter; a shared reference is for "
+                         "subnetwork training of the full model")
+    if trainer.ref_model is None:
+        raise ValueError(f"{type(trainer).__name__} keeps no reference model (beta=0.0?), so there is nothing to "
+                         "replace")
+    if not isinstance(trainer.ref_model, SharedReference):
+        unwrap = trainer.accelerator.unwrap_model
+        _check_same_weights(unwrap(trainer.model), unwrap(trainer.ref_model))
+
+
 def use_shared_reference(trainer, mask: SubnetworkMask | None = None) -> SharedReference:
     """Replace the reference model of a constructed TRL trainer (DPO, KTO, GRPO/RLOO with ``beta != 0``) by a
-    :class:`SharedReference` of its policy, and free the reference copy. Call before ``trainer.train()``.
+    :class:`SharedReference` of its policy, and free the reference copy. Call before ``trainer.train()``;
+    ``sparsify(trainer, SparseConfig(shared_reference=True))`` does it for you.
 
     ``mask`` defaults to the mask ``sparsify`` attached. The existing reference must equal the policy entry for entry
     (it does when TRL built it from the policy's checkpoint); a reference loaded from other weights is refused.
     """
-    if not hasattr(trainer, "ref_model"):
-        raise TypeError(f"{type(trainer).__name__} has no ref_model; shared references plug into DPOTrainer, "
-                        "KTOTrainer, GRPOTrainer and RLOOTrainer")
+    check_shared_reference_possible(trainer)
     sparse = getattr(trainer, "sparse_training", None)
     if mask is None:
         if sparse is None:
@@ -208,27 +231,13 @@ def use_shared_reference(trainer, mask: SubnetworkMask | None = None) -> SharedR
         if outside:
             raise ValueError(f"the trainer trains {outside} entries outside the reference's mask; the shared reference "
                              "must cover every trained entry (pass sparse_training.mask)")
-    args = trainer.args
-    if getattr(args, "sync_ref_model", False):
-        raise ValueError("sync_ref_model=True moves the reference towards the policy, so it is no longer the starting "
-                         "model a shared reference stores; set sync_ref_model=False")
-    if getattr(args, "precompute_ref_log_probs", False):
-        raise ValueError("precompute_ref_log_probs=True: the reference log-probs were computed at construction and "
-                         "no reference model is kept, so there is nothing to share")
-    if hasattr(trainer.model, "peft_config"):
-        raise ValueError("PEFT models get their reference by disabling the adapter; a shared reference is for "
-                         "subnetwork training of the full model")
     policy = trainer.accelerator.unwrap_model(trainer.model)
     existing = trainer.ref_model
-    if existing is None:
-        raise ValueError(f"{type(trainer).__name__} keeps no reference model (beta=0.0?), so there is nothing to "
-                         "replace")
     if isinstance(existing, SharedReference):
         if existing.policy is policy and existing.mask == mask:
             return existing
         raise ValueError("the trainer already has a SharedReference for another policy or mask")
 
-    _check_same_weights(policy, trainer.accelerator.unwrap_model(existing))
     shared = SharedReference(policy, mask)
     trainer.ref_model = shared
     models = getattr(trainer.accelerator, "_models", [])

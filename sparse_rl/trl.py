@@ -45,6 +45,7 @@ from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
+from .reference import SharedReference, check_shared_reference_possible, use_shared_reference
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
 
@@ -87,6 +88,10 @@ class SparseTraining:
         if self.trainer.optimizer is not None:
             raise UnsupportedTrainerSetup("remove() must be called before train(): the optimizer already holds the "
                                           "subnetwork's state only; build a new trainer for dense training")
+        if isinstance(getattr(self.trainer, "ref_model", None), SharedReference):
+            raise UnsupportedTrainerSetup("the trainer's reference copy was freed for a shared reference "
+                                          "(shared_reference=True), which only holds the subnetwork's starting values; "
+                                          "build a new trainer for dense training")
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
@@ -101,6 +106,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     config = config or SparseConfig()
     _refuse_unsupported(trainer)
     entropy_site = _entropy_site(trainer) if config.entropy_quantile < 1.0 else None
+    if config.shared_reference:
+        check_shared_reference_possible(trainer)
     mask = _resolve_mask(trainer, config)
     # every process trains the same entries: rank 0's probe result, or seeded/loaded masks checked to agree
     mask = agree_on_mask(mask, discovered=config.mask is None and config.discovery == "gradient")
@@ -109,7 +116,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     restriction = restrict_gradients(trainer.model, mask)
     trainer.optimizer_cls_and_kwargs = (
         _MaskedAdamWFactory,
-        {"mask": mask, "trainer": trainer, "master_weights": config.master_weights},
+        {"mask": mask, "trainer": trainer, "master_weights": config.master_weights,
+         "state_bits": config.state_bits, "stochastic_rounding": config.stochastic_rounding},
     )
     sparse = SparseTraining(trainer=trainer, mask=mask, restriction=restriction)
     if entropy_site is not None:
@@ -124,6 +132,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     if getattr(trainer, "is_fsdp_enabled", False):
         sparse._undo.append(_follow_fsdp2_sharding(sparse))
     trainer.sparse_training = sparse
+    if config.shared_reference:
+        use_shared_reference(trainer, mask)
     return sparse
 
 
@@ -241,7 +251,8 @@ def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
             raise UnsupportedTrainerSetup("gradient discovery probes trainer.compute_loss, which OnlineDPOTrainer does "
                                           "not use (its loss lives in training_step); use discovery='random' or "
                                           "pass a mask")
-        mask = gradient_mask_from_trainer(trainer, config.density, steps=config.probe_steps, exclude=config.exclude)
+        mask = gradient_mask_from_trainer(trainer, config.density, steps=config.probe_steps, exclude=config.exclude,
+                                          score=config.probe_score, budget=config.probe_budget)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     if not any(bool(selection.any()) for name, selection in mask.items() if name in trainable):
         raise UnsupportedTrainerSetup("the mask selects no entry of any trainable parameter, so nothing would be "
@@ -253,7 +264,8 @@ def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
 class _MaskedAdamWFactory:
     """Called by ``Trainer.create_optimizer`` as ``_MaskedAdamWFactory()(model, **kwargs)``."""
 
-    def __call__(self, model: torch.nn.Module, *, mask: SubnetworkMask, trainer: Trainer, master_weights: bool):
+    def __call__(self, model: torch.nn.Module, *, mask: SubnetworkMask, trainer: Trainer, master_weights: bool,
+                 state_bits: int = 32, stochastic_rounding: bool = False):
         args = trainer.args
         decay = set(trainer.get_decay_parameter_names(model))
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -265,7 +277,8 @@ class _MaskedAdamWFactory:
         ]
         groups = [g for g in groups if g["params"]]
         return MaskedAdamW(groups, mask, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           eps=args.adam_epsilon, master_weights=master_weights)
+                           eps=args.adam_epsilon, master_weights=master_weights, state_bits=state_bits,
+                           stochastic_rounding=stochastic_rounding, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------- patching helpers
