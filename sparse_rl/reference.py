@@ -193,6 +193,9 @@ def check_shared_reference_possible(trainer) -> None:
     if not hasattr(trainer, "ref_model"):
         raise TypeError(f"{type(trainer).__name__} has no ref_model; shared references plug into DPOTrainer, "
                         "KTOTrainer, GRPOTrainer and RLOOTrainer")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError("shared_reference swaps whole parameters of the policy, but under FSDP each process holds "
+                         "only a shard of them; keep TRL's reference copy (shared_reference=False) with FSDP2")
     args = trainer.args
     if getattr(args, "sync_ref_model", False):
         raise ValueError("sync_ref_model=True moves the reference towards the policy, so it is no longer the starting "

@@ -9,7 +9,7 @@ import torch
 from sparse_rl import SparseConfig, sparsify
 from sparse_rl.discovery import gradient_mask_from_trainer
 from sparse_rl.optim import MaskedAdamW
-from sparse_rl.reference import SharedReference
+from sparse_rl.reference import SharedReference, check_shared_reference_possible
 from sparse_rl.trl import UnsupportedTrainerSetup
 from tests.trl_cases import build_trainer, changed_entries, snapshot
 
@@ -38,7 +38,7 @@ def test_probe_score_and_budget_reach_discovery(tiny_checkpoint, tmp_path):
     per_tensor = gradient_mask_from_trainer(build_trainer("dpo", tiny_checkpoint, tmp_path / "c"), 0.1, steps=2,
                                             score="fisher")
     assert sparse.mask == direct
-    assert sparse.mask != per_tensor, "global and per-tensor budgets gave the same mask: the test cannot tell them apart"
+    assert sparse.mask != per_tensor, "global and per-tensor budgets gave the same mask"
     densities = [float(s.float().mean()) for _, s in direct.items()]
     assert max(densities) - min(densities) > 0.05, "a global budget should spread unevenly over tensors"
 
@@ -100,3 +100,10 @@ def test_remove_refuses_once_the_reference_copy_is_freed(tiny_checkpoint, tmp_pa
     sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.2, shared_reference=True))
     with pytest.raises(UnsupportedTrainerSetup, match="reference copy was freed"):
         sparse.remove()
+
+
+def test_shared_reference_refused_under_fsdp(tiny_checkpoint, tmp_path):
+    trainer = build_trainer("dpo", tiny_checkpoint, tmp_path, beta=0.5)
+    trainer.is_fsdp_enabled = True  # the flag accelerate's FSDP plugin sets; FSDP itself needs several processes
+    with pytest.raises(ValueError, match="under FSDP"):
+        check_shared_reference_possible(trainer)
