@@ -1,11 +1,12 @@
-"""What does probe discovery cost? SmolLM2-135M-Instruct, GRPO on few-shot arithmetic, CPU.
+"""What does probe discovery cost? SmolLM2-135M-Instruct, the demo's GRPO task, CPU.
 
-Times ``gradient_mask_from_trainer(trainer, 0.1, steps=K)`` against ``trainer.train()`` for K steps of full
-finetuning on the same trainer setup. Each measurement runs in its own process, so the peak RSS
-(``resource.getrusage(...).ru_maxrss``) is that of one operation on top of the same loaded model. Run:
+Times ``gradient_mask_from_trainer(trainer, 0.1, steps=K)`` (K = the demo's 4 probe batches) against
+``trainer.train()`` for the demo's 20 steps of full finetuning on the same trainer. Each measurement runs in its
+own process, so the peak RSS (``resource.getrusage(...).ru_maxrss``) is that of one operation on top of the same
+loaded model. Run:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py    # K=4, gradient + adam scores
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py --steps 8 --scores gradient
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py    # K=4, gradient + adam, 20 train steps
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py --steps 8 --train-steps 8 --scores gradient
 
 Writes ``benchmarks/results/probe_discovery.md`` (``--output`` to change).
 """
@@ -16,8 +17,6 @@ import argparse
 import json
 import os
 import platform
-import random
-import re
 import resource
 import subprocess
 import sys
@@ -27,45 +26,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPT = "2 + 3 = 5\n4 + 4 = 8\n1 + 6 = 7\n{a} + {b} ="
 DENSITY = 0.1
 
 
-def arithmetic_dataset(n: int = 64, seed: int = 0):
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]  # base reward ~0.7: most groups vary
-    return Dataset.from_dict({"prompt": [PROMPT.format(a=a, b=b) for a, b in pairs],
-                              "answer": [a + b for a, b in pairs]})
-
-
-def first_integer_reward(completions, answer, **kwargs) -> list[float]:
-    """1 if the first integer of the completion equals a + b, else 0."""
-    rewards = []
-    for completion, target in zip(completions, answer):
-        match = re.search(r"-?\d+", completion)
-        rewards.append(float(match is not None and int(match.group()) == target))
-    return rewards
-
-
-def build_trainer(steps: int, output_dir: str, seed: int = 0, learning_rate: float = 1e-6):
+def build_trainer(steps: int, output_dir: str):
+    """The demo's GRPOTrainer (``sparse_rl.demo``: few-shot addition with operands up to 19, 2 prompts x 8
+    completions of up to 6 tokens per step, lr 3e-5), dense: ``train()`` is full finetuning."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
+    from sparse_rl.demo import DemoConfig, addition_prompts, build_demo_trainer
     from sparse_rl.models import smollm2_checkpoint
 
     folder = smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    args = GRPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-        max_steps=steps, learning_rate=learning_rate, use_cpu=True, bf16=False, report_to="none",
-        save_strategy="no", logging_steps=1, seed=seed, temperature=1.0, disable_tqdm=True,
-    )
-    return GRPOTrainer(model=model, reward_funcs=first_integer_reward, args=args, train_dataset=arithmetic_dataset(),
-                       processing_class=tokenizer)
+    config = DemoConfig(steps=steps, output_dir=output_dir)
+    rows = addition_prompts(steps * config.prompts_per_step + 64, config.max_operand, config.seed)
+    trainer = build_demo_trainer(config, model, tokenizer, rows)
+    trainer.args.disable_tqdm = True
+    return trainer
 
 
 def rss_mb() -> float:
@@ -108,7 +88,7 @@ def run_child(operation: str, steps: int, output_dir: str, threads: int) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[float, float]) -> str:
+def write_markdown(results: list[dict], path: Path, steps: int, train_steps: int, load: tuple[float, float]) -> str:
     train = next(r for r in results if r["operation"] == "train")
 
     def added(r: dict) -> float:
@@ -117,10 +97,11 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
     lines = [
         "# Probe discovery cost on SmolLM2-135M-Instruct (CPU)",
         "",
-        f"GRPO on the few-shot arithmetic prompt `{PROMPT!r}` (single-digit operands, reward 1 if the first integer of "
-        "the completion equals a + b), 4 prompts x num_generations 4 per step, max_completion_length 8, fp32, "
-        f"`use_cpu=True`. Probe: `gradient_mask_from_trainer(trainer, {DENSITY}, steps={steps}, score=...)`; "
-        f"full finetuning: `trainer.train()` for max_steps={steps} (dense AdamW, lr 1e-6). Each row is its own "
+        "The demo's GRPO task (`sparse_rl.demo.build_demo_trainer`: few-shot addition with operands up to 19, reward 1 "
+        "if the first integer of the completion equals a + b, 2 prompts x 8 completions of up to 6 tokens per step, "
+        f"lr 3e-5), fp32, `use_cpu=True`. Probe: `gradient_mask_from_trainer(trainer, {DENSITY}, steps={steps}, "
+        f"score=...)` (what `make demo` runs before training); full finetuning: `trainer.train()` for the demo's "
+        f"max_steps={train_steps} with dense AdamW. Each row is its own "
         "process; *ready RSS* is the resident memory after loading the model and building the trainer, *peak RSS* "
         "the process's `ru_maxrss`, so peak - ready is what the operation itself added.",
         "",
@@ -128,18 +109,19 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
         f"{load[0]:.1f} before / {load[1]:.1f} after (other jobs shared the cores, so absolute times are upper "
         "bounds; CPU seconds, process time of the operation, are less sensitive to that).",
         "",
-        "| operation | wall (s) | wall / step | CPU (s) | CPU vs train | ready RSS (MB) | peak RSS (MB) "
+        "| operation | steps | wall (s) | wall / step | CPU (s) | CPU vs train | ready RSS (MB) | peak RSS (MB) "
         "| peak - ready (MB) | peak - ready vs train |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = "full finetuning, trainer.train()" if r["operation"] == "train" else \
             f"probe, score=\"{r['operation'].removeprefix('probe-')}\""
         lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['seconds'] / steps:.1f} | {r['cpu_seconds']:.1f} | "
+            f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['seconds'] / r['steps']:.1f} | "
+            f"{r['cpu_seconds']:.1f} | "
             f"{r['cpu_seconds'] / train['cpu_seconds']:.2f}x | {r['ready_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{added(r):.0f} | {added(r) / added(train):.2f}x |")
-    lines += ["", f"Rewards logged during the {steps} training steps: {train.get('rewards')}.", "",
+    lines += ["", f"Rewards logged during the {train_steps} training steps (every 5): {train.get('rewards')}.", "",
               "How to read it: a probe step is a training step without the optimizer step (the trainer's own "
               "generation, reward and loss, then backward), so probing K batches costs about K steps of full "
               "finetuning in time. In memory the gradient/Fisher probe keeps one fp32 score per parameter (each "
@@ -147,7 +129,8 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
               "moments; the Adam-update score keeps three buffers (score and both moments). The rest of the "
               "increase over *ready RSS* is generation and activations, the same in both.", "",
               "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py "
-              f"--steps {steps} --scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])} "
+              f"--steps {steps} --train-steps {train_steps} "
+              f"--scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])} "
               f"--threads {train['threads']}`",
               ""]
     text = "\n".join(lines)
@@ -158,7 +141,8 @@ def write_markdown(results: list[dict], path: Path, steps: int, load: tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="K: probe batches and training steps")
+    parser.add_argument("--steps", type=int, default=4, help="K: probe batches (the demo probes 4)")
+    parser.add_argument("--train-steps", type=int, default=20, help="full-finetuning steps (the demo trains 20)")
     parser.add_argument("--scores", nargs="+", default=["gradient", "adam"],
                         choices=["gradient", "fisher", "adam", "precision"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "probe_discovery.md"))
@@ -174,10 +158,12 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for operation in [f"probe-{s}" for s in args.scores] + ["train"]:
-        result = run_child(operation, args.steps, args.run_dir, args.threads)
+        steps = args.train_steps if operation == "train" else args.steps
+        result = run_child(operation, steps, args.run_dir, args.threads)
         print(json.dumps(result), flush=True)
         results.append(result)
-    print(write_markdown(results, Path(args.output), args.steps, (load_before, os.getloadavg()[0])))
+    print(write_markdown(results, Path(args.output), args.steps, args.train_steps,
+                         (load_before, os.getloadavg()[0])))
 
 
 if __name__ == "__main__":

@@ -69,10 +69,25 @@ def sampled_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, se
     return correct / len(rows)
 
 
-def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo") -> dict:
+def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[dict]):
+    """The demo's GRPOTrainer (dense until ``sparsify``): benchmarks build the same trainer to compare against it."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=config.output_dir, max_steps=config.steps,
+        per_device_train_batch_size=config.num_generations * config.prompts_per_step,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        learning_rate=config.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
+        use_cpu=True, bf16=False, report_to="none", logging_steps=5, save_strategy="no", seed=config.seed,
+        disable_tqdm=False,
+    )
+    return GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
+                       train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+
+
+def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo") -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import SparseConfig, sparsify
     from .models import smollm2_checkpoint
@@ -89,21 +104,12 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    per_step = config.num_generations * config.prompts_per_step
     train_rows = addition_prompts(config.steps * config.prompts_per_step + 64, config.max_operand, config.seed)
     eval_rows = addition_prompts(config.eval_prompts, config.max_operand, config.seed + 1)
     before = sampled_accuracy(model, tokenizer, eval_rows, config.max_completion_length, seed=config.seed)
     print(f"reward before training (sampled, {len(eval_rows)} held-out prompts): {before:.3f}", flush=True)
 
-    args = GRPOConfig(
-        output_dir=config.output_dir, max_steps=config.steps, per_device_train_batch_size=per_step,
-        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
-        learning_rate=config.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
-        use_cpu=True, bf16=False, report_to="none", logging_steps=5, save_strategy="no", seed=config.seed,
-        disable_tqdm=False,
-    )
-    trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
-                          train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+    trainer = build_demo_trainer(config, model, tokenizer, train_rows)
     probe_start = time.time()
     sparse = sparsify(trainer, SparseConfig(density=config.density, discovery="gradient",
                                             probe_steps=config.probe_steps))
@@ -145,4 +151,5 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     print(f"trained model and mask saved to {final}; total time {time.time() - started:.0f}s")
     if changed_unselected:
         raise SystemExit("unselected entries changed: the subnetwork restriction is broken")
-    return dict(before=before, after=after, changed_unselected=changed_unselected, state_ratio=sparse_state / dense_state)
+    return dict(before=before, after=after, changed_unselected=changed_unselected,
+                state_ratio=sparse_state / dense_state)
