@@ -7,14 +7,19 @@ run, interleaving the providers round by round so that machine noise hits them a
   AdamW8bit on the same tensors, as medians over the rounds, and their ratio to the fused step;
 * optimizer-state bytes of each (MaskedAdamW: ``state_bytes()``, layout included);
 * the CPU path's effective bandwidth (cache lines it must touch / step time) against a copy bandwidth measured in the
-  same run;
+  same run, and the time of a loop that does nothing but touch those lines (read the selected grads, read and write
+  the selected params): a floor for any kernel reading the dense grad and param tensors at that density;
 * the Triton kernel's bytes per step counted from its loads and stores at 32-byte-sector granularity (what DRAM
   moves on a GPU), against the minimum for its layout (only the selected values, plus bitmask and offsets).
 
 Random tensors of the model's shapes stand in for the weights (the config is read from the converted cache when
 present, else SmolLM2-135M's published values are used). Run:
 
-    TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_optimizer_step.py [--quick]
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_optimizer_step.py [--quick] [--threads 1 2] [--rounds N]
+
+Every provider runs on the same number of threads (``torch.set_num_threads``; MaskedAdamW's numba path follows
+torch's count), once per value of ``--threads``. Step times are medians of wall time; the CPU time column (process
+CPU time, all threads) is less sensitive to other processes taking the cores.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
+from numba import njit, prange
 from sparse_rl.kernels.layout import TILE
 
 from sparse_rl import MaskedAdamW, SubnetworkMask
@@ -107,24 +114,75 @@ def traffic(mask: SubnetworkMask, state_bits: int, line_bytes: int) -> tuple[flo
     return counted, minimum
 
 
-def time_rounds(providers: dict[str, callable], rounds: int) -> dict[str, list[float]]:
-    times = {name: [] for name in providers}
+def time_rounds(providers: dict[str, callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU time of each provider's step, interleaved round by round after one warm-up round."""
+    wall = {name: [] for name in providers}
+    cpu = {name: [] for name in providers}
     for step in providers.values():  # warm-up: state allocation, numba/bitsandbytes first calls
         step()
     for _ in range(rounds):
         for name, step in providers.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+@njit(error_model="numpy")
+def _touch(grad, param, indices):
+    """Read the selected grads and read-modify-write the selected params: the memory traffic of a masked step, with
+    no decoding, no state and no arithmetic to speak of."""
+    for j in range(indices.size):
+        i = indices[j]
+        param[i] = param[i] + grad[i] * np.float32(0.0)
+
+
+@njit(parallel=True, error_model="numpy")
+def _touch_parallel(grad, param, indices):
+    chunk = 1 << 16
+    for c in prange((indices.size + chunk - 1) // chunk):
+        _touch(grad, param, indices[c * chunk:(c + 1) * chunk])
+
+
+def touch_step(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask) -> callable:
+    """A step of the touch-only loop over ``mask``'s entries (see :func:`_touch`), on torch's thread count."""
+    work = [(p.grad.view(-1).numpy(), p.detach().view(-1).numpy(), np.flatnonzero(mask[n].reshape(-1).numpy()))
+            for n, p in params.items()]
+
+    def step():
+        threads = torch.get_num_threads()
+        if threads > 1:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        for grad, param, indices in work:
+            (_touch_parallel if threads > 1 and indices.size > 1 << 18 else _touch)(grad, param, indices)
+        torch.set_num_threads(threads)  # numba's pool start sets the OpenMP thread count: keep torch's
+
+    return step
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2-layer model with an 8K vocabulary, 2 rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per provider (default 5, quick 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to run every provider at (default: torch's current count)")
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+                        help="mask densities to run (default 0.01 0.05 0.1 0.3 1; each costs memory)")
+    parser.add_argument("--state-bits", type=int, nargs="+", default=[32, 8], choices=[32, 8],
+                        help="MaskedAdamW state precisions to run")
+    parser.add_argument("--fused-only", action="store_true",
+                        help="leave out the foreach and bitsandbytes baselines (1.3 GB of state less)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
+    densities = sorted(args.densities)
+    if 0.01 not in densities or 0.1 not in densities:
+        raise SystemExit("--densities must include 0.01 and 0.1 (the targets are read at those densities)")
+    thread_counts = args.threads or [torch.get_num_threads()]
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
 
@@ -133,68 +191,84 @@ def main() -> None:
     for p in params.values():
         p.grad = torch.randn(p.shape, generator=generator) * 1e-3
     total = sum(p.numel() for p in params.values())
-    print(f"{len(params)} tensors, {total / 1e6:.1f}M fp32 parameters, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{len(params)} tensors, {total / 1e6:.1f}M fp32 parameters, torch {torch.__version__}, numba "
+          f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads at most), thread counts {thread_counts}, "
+          f"{platform.processor() or platform.machine()}, load average {load_average()}")
 
     optimizers: dict[str, torch.optim.Optimizer] = {
         "torch AdamW fused": torch.optim.AdamW(params.values(), fused=True, **HYPER),
-        "torch AdamW foreach": torch.optim.AdamW(params.values(), foreach=True, **HYPER),
     }
-    try:
-        import bitsandbytes as bnb
+    if not args.fused_only:
+        optimizers["torch AdamW foreach"] = torch.optim.AdamW(params.values(), foreach=True, **HYPER)
+        try:
+            import bitsandbytes as bnb
 
-        optimizers["bnb AdamW8bit"] = bnb.optim.AdamW8bit(params.values(), **HYPER)
-    except Exception as error:  # noqa: BLE001 - report and go on without the baseline
-        print(f"bitsandbytes AdamW8bit unavailable: {error}")
+            optimizers["bnb AdamW8bit"] = bnb.optim.AdamW8bit(params.values(), **HYPER)
+        except Exception as error:  # noqa: BLE001 - report and go on without the baseline
+            print(f"bitsandbytes AdamW8bit unavailable: {error}")
     masks = {}
-    for density in DENSITIES:
+    for density in densities:
         masks[density] = SubnetworkMask({n: torch.rand(s, generator=generator) < density for n, s in shapes.items()})
-        for bits in (32, 8):
+        for bits in args.state_bits:
             label = f"MaskedAdamW d={density:.0%}" + (" 8-bit" if bits == 8 else "")
             optimizers[label] = MaskedAdamW(params.items(), masks[density], state_bits=bits, backend="cpu", **HYPER)
+    steps = {name: opt.step for name, opt in optimizers.items()}
+    for density in densities:
+        if density < 1.0:
+            steps[f"touch-only loop d={density:.0%}"] = touch_step(params, masks[density])
 
-    copy_gbps = copy_bandwidth()
-    times = time_rounds({name: opt.step for name, opt in optimizers.items()}, rounds)
-    copy_gbps = max(copy_gbps, copy_bandwidth())  # measured before and after the steps, best of both
-    median = {name: statistics.median(t) for name, t in times.items()}
     fused = "torch AdamW fused"
-    dense_state = state_bytes_of(optimizers[fused])
-
-    rows = []
-    for name, opt in optimizers.items():
-        density = next((d for d in DENSITIES if name.startswith(f"MaskedAdamW d={d:.0%}")), 1.0)
-        bits = 8 if ("8-bit" in name or "8bit" in name) else 32
-        row = dict(provider=name, density=density, step_ms=median[name] * 1e3,
-                   step_ratio_vs_fused=median[name] / median[fused], state_bytes=state_bytes_of(opt),
-                   state_ratio_vs_fused=state_bytes_of(opt) / dense_state, effective_gbps="", copy_gbps=copy_gbps)
-        if isinstance(opt, MaskedAdamW):
-            moved, _ = traffic(masks[density], bits, line_bytes=64)
-            row["effective_gbps"] = moved / median[name] / 1e9
-        rows.append(row)
+    rows, targets, runs = [], [], []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        load_before = load_average()
+        copy_gbps = copy_bandwidth()
+        wall, cpu = time_rounds(steps, rounds)
+        copy_gbps = max(copy_gbps, copy_bandwidth())  # measured before and after the steps, best of both
+        if torch.get_num_threads() != threads:
+            raise RuntimeError(f"torch's thread count changed from {threads} to {torch.get_num_threads()} during the "
+                               "run: the comparison would not be at equal thread counts")
+        runs.append(dict(threads=threads, copy_gbps=copy_gbps, load=f"{load_before} -> {load_average()}"))
+        median = {name: statistics.median(t) for name, t in wall.items()}
+        dense_state = state_bytes_of(optimizers[fused])
+        for name in steps:
+            density = next((d for d in densities if f"d={d:.0%}" in name), 1.0)
+            bits = 8 if ("8-bit" in name or "8bit" in name) else 32
+            opt = optimizers.get(name)
+            row = dict(threads=threads, provider=name, density=density, step_ms=median[name] * 1e3,
+                       cpu_ms=statistics.median(cpu[name]) * 1e3, step_ratio_vs_fused=median[name] / median[fused],
+                       state_bytes="", state_ratio_vs_fused="", effective_gbps="", copy_gbps=copy_gbps)
+            if opt is not None:
+                row["state_bytes"] = state_bytes_of(opt)
+                row["state_ratio_vs_fused"] = state_bytes_of(opt) / dense_state
+            if opt is None or isinstance(opt, MaskedAdamW):
+                moved, _ = traffic(masks[density], bits, line_bytes=64)
+                row["effective_gbps"] = moved / median[name] / 1e9
+            rows.append(row)
+        targets.append((threads, "state d=10% fp32 <= 0.15x torch AdamW",
+                        _row(rows, threads, "MaskedAdamW d=10%")["state_ratio_vs_fused"], 0.15))
+        if 8 in args.state_bits:
+            targets.append((threads, "state d=10% 8-bit <= 0.05x torch AdamW",
+                            _row(rows, threads, "MaskedAdamW d=10% 8-bit")["state_ratio_vs_fused"], 0.05))
+        for density, limit in ((0.1, 0.5), (0.01, 0.1)):
+            targets.append((threads, f"CPU step d={density:.0%} <= {limit}x fused",
+                            _row(rows, threads, f"MaskedAdamW d={density:.0%}")["step_ratio_vs_fused"], limit))
 
     kernel_rows = []
-    for density in DENSITIES:
-        for bits in (32, 8):
+    for density in densities:
+        for bits in args.state_bits:
             counted, minimum = traffic(masks[density], bits, line_bytes=32)
             kernel_rows.append(dict(density=density, state_bits=bits, counted_bytes_per_param=counted / total,
                                     minimum_bytes_per_param=minimum / total, counted_over_minimum=counted / minimum,
                                     dense_fused_bytes_per_param=28.0))
-
-    targets = [
-        ("state d=10% fp32 <= 0.15x torch AdamW", _row(rows, "MaskedAdamW d=10%")["state_ratio_vs_fused"], 0.15),
-        ("state d=10% 8-bit <= 0.05x torch AdamW", _row(rows, "MaskedAdamW d=10% 8-bit")["state_ratio_vs_fused"],
-         0.05),
-        ("CPU step d=10% <= 0.5x fused", _row(rows, "MaskedAdamW d=10%")["step_ratio_vs_fused"], 0.5),
-        ("CPU step d=1% <= 0.1x fused", _row(rows, "MaskedAdamW d=1%")["step_ratio_vs_fused"], 0.1),
-    ]
-    write_results(rows, kernel_rows, targets, total, rounds, args.quick, copy_gbps)
+    write_results(rows, kernel_rows, targets, runs, total, rounds, args.quick)
 
 
-def _row(rows, provider):
-    return next(r for r in rows if r["provider"] == provider)
+def _row(rows, threads, provider):
+    return next(r for r in rows if r["provider"] == provider and r["threads"] == threads)
 
 
-def write_results(rows, kernel_rows, targets, total, rounds, quick, copy_gbps) -> None:
+def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
     with open(RESULTS / f"optimizer_step{suffix}.csv", "w", newline="") as f:
@@ -206,23 +280,37 @@ def write_results(rows, kernel_rows, targets, total, rounds, quick, copy_gbps) -
         writer.writeheader()
         writer.writerows(kernel_rows)
 
+    fmt = lambda value, spec: "" if value == "" else format(value, spec)  # noqa: E731
     lines = [
         f"# Optimizer step, SmolLM2-135M shapes ({total / 1e6:.1f}M fp32 parameters{', quick run' if quick else ''})",
         "",
         f"`{' '.join(['TRITON_INTERPRET=1', '.venv/bin/python', *sys.argv])}` — median of {rounds} interleaved "
-        f"rounds, {torch.get_num_threads()} CPU threads; copy bandwidth in the same run: {copy_gbps:.1f} GB/s.",
-        "",
-        "| provider | step (ms) | vs fused | state (MB) | state vs fused | effective GB/s (CPU path) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "rounds; every provider at the same thread count (torch's; MaskedAdamW's numba path follows it).",
     ]
-    for r in rows:
-        gbps = f"{r['effective_gbps']:.1f}" if r["effective_gbps"] != "" else ""
-        lines.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['step_ratio_vs_fused']:.3f} | "
-                     f"{r['state_bytes'] / 1e6:.1f} | {r['state_ratio_vs_fused']:.3f} | {gbps} |")
+    for run in runs:
+        threads = run["threads"]
+        lines += [
+            "",
+            f"## {threads} thread{'s' if threads > 1 else ''}",
+            "",
+            f"Copy bandwidth in the same run: {run['copy_gbps']:.1f} GB/s (read + write counted); load average "
+            f"(1/5/15 min) {run['load']}.",
+            "",
+            "| provider | step (ms) | vs fused | CPU time (ms) | state (MB) | state vs fused | effective GB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in (r for r in rows if r["threads"] == threads):
+            state_mb = "" if r["state_bytes"] == "" else r["state_bytes"] / 1e6
+            lines.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['step_ratio_vs_fused']:.3f} | "
+                         f"{r['cpu_ms']:.1f} | {fmt(state_mb, '.1f')} | {fmt(r['state_ratio_vs_fused'], '.3f')} | "
+                         f"{fmt(r['effective_gbps'], '.1f')} |")
     lines += [
         "",
         "Effective GB/s = bytes the step must move (64-byte cache lines of grad and param holding a selected entry, "
-        "read, and param written back; compact state read and written; bitmask and offsets) / step time.",
+        "read, and param written back; compact state read and written; bitmask and offsets) / step time. The "
+        "touch-only loop reads the selected grads and reads and writes the selected params and nothing else (its "
+        "GB/s column counts the same bytes as the step's): no kernel that reads the dense grad tensor can be faster "
+        "at that density.",
         "",
         "## Triton kernel: bytes per step per parameter (counted from its loads and stores)",
         "",
@@ -236,9 +324,9 @@ def write_results(rows, kernel_rows, targets, total, rounds, quick, copy_gbps) -
         lines.append(f"| {r['density']:.0%} | {'8-bit' if r['state_bits'] == 8 else 'fp32'} | "
                      f"{r['counted_bytes_per_param']:.2f} | {r['minimum_bytes_per_param']:.2f} | "
                      f"{r['counted_over_minimum']:.2f} |")
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---:|---|"]
-    for label, value, limit in targets:
-        lines.append(f"| {label} | {value:.3f} | {'yes' if value <= limit else 'no'} |")
+    lines += ["", "## Targets", "", "| threads | target | measured | met |", "|---:|---|---:|---|"]
+    for threads, label, value, limit in targets:
+        lines.append(f"| {threads} | {label} | {value:.3f} | {'yes' if value <= limit else 'no'} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"optimizer_step{suffix}.md").write_text(text)
     print(text)
