@@ -292,6 +292,25 @@ def _gather(address, indices, count, out, param_kind):
 
 
 @njit(inline="always", **_JIT)
+def _gather_pair(first_address, second_address, indices, count, first_out, second_out, param_kind):
+    """:func:`_gather` from two tensors in one loop: both streams of cache misses are in flight together."""
+    first_fp32 = carray(_as_pointer(first_address), _UNBOUNDED, np.float32)
+    first_bits = carray(_as_pointer(first_address), _UNBOUNDED, np.uint16)
+    second_fp32 = carray(_as_pointer(second_address), _UNBOUNDED, np.float32)
+    second_bits = carray(_as_pointer(second_address), _UNBOUNDED, np.uint16)
+    if param_kind == _PARAM_FP32:
+        for j in range(count):
+            index = indices[j]
+            first_out[j] = first_fp32[index]
+            second_out[j] = second_fp32[index]
+    else:
+        for j in range(count):
+            index = indices[j]
+            first_out[j] = load_as_fp32(first_fp32, first_bits, index, param_kind)
+            second_out[j] = load_as_fp32(second_fp32, second_bits, index, param_kind)
+
+
+@njit(inline="always", **_JIT)
 def _scatter(address, indices, count, values, param_kind, stochastic, seed, stream):
     """``tensor[indices[j]] = values[j]``, rounded to the bf16/fp16 tensor's dtype as the Triton kernel does."""
     as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
@@ -344,12 +363,12 @@ def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts
     """Step ``count`` selected entries of one tensor, whose compact slots start at ``first_slot``: gather grads (and
     param values), update moments and values as contiguous vectors, scatter the values back."""
     param_address = table[row, _COL_PARAM]
-    _gather(table[row, _COL_GRAD], indices, count, grads, param_kind)
     if has_master:
+        _gather(table[row, _COL_GRAD], indices, count, grads, param_kind)
         value = carray(_as_pointer(table[row, _COL_MASTER] + first_slot * 4), count, np.float32)
     else:
         value = values
-        _gather(param_address, indices, count, value, param_kind)
+        _gather_pair(table[row, _COL_GRAD], param_address, indices, count, grads, value, param_kind)
     if quantised:
         codes1 = carray(_as_pointer(table[row, _COL_EXP_AVG] + first_slot), count, np.uint8)
         codes2 = carray(_as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot), count, np.uint8)
