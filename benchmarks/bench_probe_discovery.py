@@ -124,10 +124,11 @@ def write_markdown(results: list[dict], path: Path, steps: int, train_steps: int
     lines += ["", f"Rewards logged during the {train_steps} training steps (every 5): {train.get('rewards')}.", "",
               "How to read it: a probe step is a training step without the optimizer step (the trainer's own "
               "generation, reward and loss, then backward), so probing K batches costs about K steps of full "
-              "finetuning in time. In memory the gradient/Fisher probe keeps one fp32 score per parameter (each "
-              "gradient is folded into it during backward and dropped) where dense AdamW keeps gradients plus two "
-              "moments; the Adam-update score keeps three buffers (score and both moments). The rest of the "
-              "increase over *ready RSS* is generation and activations, the same in both.", "",
+              "finetuning in CPU time. The gradient/Fisher probe folds each gradient into one fp32 score per "
+              "parameter during backward (no moments); the Adam-update score keeps three buffers (score and both "
+              "moments). On this model the peak is set by generation and the backward pass (activations, "
+              "49K-vocabulary logits), not by those buffers, so the gradient probe peaks about where training does.",
+              "",
               "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_probe_discovery.py "
               f"--steps {steps} --train-steps {train_steps} "
               f"--scores {' '.join(r['operation'].removeprefix('probe-') for r in results[:-1])} "
