@@ -16,9 +16,9 @@ preference set. Configurations:
   the set-up; the training step is the same whatever chose the mask.
 
 Each child reports peak RSS (``ru_maxrss``), the peak during ``trainer.train()`` (VmHWM reset just before it), RSS
-after the model load and once the trainer is ready, live RSS at the end, optimizer-state bytes, gradient bytes
-present at the optimizer step, the reference model's bytes, trainable entries and the median step time (wall and
-CPU) of the K timed steps.
+after the model load, once the trainer is ready and at the end (trainer deleted, model kept), optimizer-state bytes,
+gradient bytes present at the optimizer step, the reference model's bytes, trainable entries and the median step time
+(wall and CPU) of the K timed steps.
 
     python benchmarks/bench_train_step.py            # full table (30 processes), writes results/train_step.{md,csv}
     python benchmarks/bench_train_step.py --quick    # 4 configurations per trainer, 1 timed step, *_quick.{md,csv}
@@ -340,8 +340,9 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
         "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values + indices + swap "
         "scratch); *ready* = RSS with model and trainer built, before `train()`; *peak train* = peak RSS during "
         "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
-        "its reference copy at construction, before `shared_reference` frees it); *end* = live RSS after training "
-        "(after `gc.collect()` + `malloc_trim`). Ratios are to `full-adamw` of the same trainer.",
+        "its reference copy at construction, before `shared_reference` frees it); *end* = RSS after `train()` once the "
+        "trainer is deleted and `gc.collect()` + `malloc_trim` ran (the policy model is kept): what the process "
+        "still holds after training. Ratios are to `full-adamw` of the same trainer.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs; 1-minute load average "
         f"{loads[0]:.1f} before" + (f" / {loads[1]:.1f} after" if loads[1] is not None else "")
