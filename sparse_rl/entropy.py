@@ -11,9 +11,9 @@ The loss is therefore normalised exactly as the trainer normalises it (by all co
 ``dapo`` loss, TRL-style), not by the selected tokens only as in the paper's verl code.
 
 The threshold is computed over the completion tokens of one training forward (one micro-batch under gradient
-accumulation) gathered from every process, like TRL's ``top_entropy_quantile``, and agrees with it exactly: a token is kept when its entropy is ``>= torch.quantile(all_entropies, 1 - q)`` (linear
-interpolation). ``torch.quantile`` refuses inputs above 2**24 elements, so the two order statistics it interpolates
-are found with ``kthvalue`` instead.
+accumulation) gathered from every process, like TRL's ``top_entropy_quantile``, and agrees with it exactly: a token
+is kept when its entropy is ``>= torch.quantile(all_entropies, 1 - q)`` (linear interpolation). ``torch.quantile``
+refuses inputs above 2**24 elements, so the two order statistics it interpolates are found with ``kthvalue`` instead.
 
 This module is plain PyTorch; ``sparse_rl.trl`` decides where in each trainer the selection is applied.
 """
