@@ -234,6 +234,12 @@ def use_shared_reference(trainer, mask: SubnetworkMask | None = None) -> SharedR
         if outside:
             raise ValueError(f"the trainer trains {outside} entries outside the reference's mask; the shared reference "
                              "must cover every trained entry (pass sparse_training.mask)")
+    return install_shared_reference(trainer, mask)
+
+
+def install_shared_reference(trainer, mask: SubnetworkMask) -> SharedReference:
+    """The replacement itself, for callers that already ran :func:`check_shared_reference_possible` (``sparsify``
+    runs it before changing anything; running it again would compare the two models entry by entry a second time)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     existing = trainer.ref_model
     if isinstance(existing, SharedReference):

@@ -45,7 +45,7 @@ from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
-from .reference import SharedReference, check_shared_reference_possible, use_shared_reference
+from .reference import SharedReference, check_shared_reference_possible, install_shared_reference
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
 
@@ -133,7 +133,7 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
         sparse._undo.append(_follow_fsdp2_sharding(sparse))
     trainer.sparse_training = sparse
     if config.shared_reference:
-        use_shared_reference(trainer, mask)
+        install_shared_reference(trainer, mask)
     return sparse
 
 
