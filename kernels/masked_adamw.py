@@ -105,9 +105,13 @@ def work_tile(table_ptr, tiles_ptr, NCOLS: tl.constexpr, TILE: tl.constexpr):
 
 
 @triton.jit
-def load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr):
-    """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32."""
-    grad = load_as_fp32(tl.load(entry + COL_GRAD), offsets, selected, PARAM_KIND)
+def load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
+                        COMPACT_GRAD: tl.constexpr):
+    """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32.
+
+    ``COMPACT_GRAD``: the gradient holds only the selected entries, in slot order (see ``sparse_rl.compact_grad``),
+    so it is read at the lanes' slots instead of their flat offsets."""
+    grad = load_as_fp32(tl.load(entry + COL_GRAD), slot if COMPACT_GRAD else offsets, selected, PARAM_KIND)
     if HAS_MASTER:
         master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
         value = tl.load(master_ptr + slot, mask=selected, other=0.0)
@@ -154,11 +158,12 @@ def _masked_adamw_kernel(
     PARAM_KIND: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    COMPACT_GRAD: tl.constexpr,
     NCOLS: tl.constexpr,
     TILE: tl.constexpr,
 ):
     entry, tile, offsets, selected, rank, slot = work_tile(table_ptr, tiles_ptr, NCOLS, TILE)
-    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER)
+    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER, COMPACT_GRAD)
     exp_avg_ptr = tl.load(entry + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
     exp_avg_sq_ptr = tl.load(entry + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
     exp_avg, exp_avg_sq, value = adamw_update(
@@ -178,8 +183,10 @@ def masked_adamw_triton(
     param_dtype: torch.dtype,
     has_master: bool,
     stochastic_rounding: bool,
+    compact_grad: bool = False,
 ) -> None:
-    """One launch stepping every tile listed in ``tiles`` (int32 ``[n, 2]``) of the tensors in ``tensor_table``."""
+    """One launch stepping every tile listed in ``tiles`` (int32 ``[n, 2]``) of the tensors in ``tensor_table``;
+    with ``compact_grad`` the table's gradients hold the selected entries only, in slot order."""
     _check_tables(tensor_table, tiles)
     if tiles.shape[0] == 0:
         return
@@ -188,7 +195,7 @@ def masked_adamw_triton(
         scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
         scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
         PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
-        NCOLS=TABLE_COLUMNS, TILE=TILE,
+        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE,
         num_warps=4, enable_fp_fusion=False,
     )
 

@@ -84,6 +84,7 @@ def _masked_adamw_8bit_kernel(
     PARAM_KIND: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    COMPACT_GRAD: tl.constexpr,
     NCOLS: tl.constexpr,
     TILE: tl.constexpr,
     QUANT_BLOCK: tl.constexpr,
@@ -104,7 +105,7 @@ def _masked_adamw_8bit_kernel(
     exp_avg = tl.load(qmap1_ptr + codes1) * tl.load(absmax1_ptr + first_block + block, mask=selected, other=0.0)
     exp_avg_sq = tl.load(qmap2_ptr + codes2) * tl.load(absmax2_ptr + first_block + block, mask=selected, other=0.0)
 
-    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER)
+    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER, COMPACT_GRAD)
     exp_avg, exp_avg_sq, value = adamw_update(grad, value, exp_avg, exp_avg_sq, beta1, beta2, one_minus_beta1,
                                               one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps)
     requantise_blocks(exp_avg, selected, block, num_blocks, first_block, absmax1_ptr, codes1_ptr, slot, qmap1_ptr,
@@ -124,8 +125,10 @@ def masked_adamw_8bit_triton(
     param_dtype: torch.dtype,
     has_master: bool,
     stochastic_rounding: bool,
+    compact_grad: bool = False,
 ) -> None:
-    """One launch over all listed tiles; the table's exp_avg/exp_avg_sq columns point to uint8 codes."""
+    """One launch over all listed tiles; the table's exp_avg/exp_avg_sq columns point to uint8 codes (``compact_grad``
+    as in :func:`~sparse_rl.kernels.masked_adamw.masked_adamw_triton`)."""
     _check_tables(tensor_table, tiles)
     if qmap1.numel() != 256 or qmap2.numel() != 256 or qmap1.dtype != torch.float32 or qmap2.dtype != torch.float32:
         raise ValueError("quantisation maps must be fp32 tensors of 256 entries")
@@ -136,6 +139,6 @@ def masked_adamw_8bit_triton(
         scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
         scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
         PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
-        NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK, BLOCKS_PER_TILE=BLOCKS_PER_TILE,
+        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK, BLOCKS_PER_TILE=BLOCKS_PER_TILE,
         num_warps=4, enable_fp_fusion=False,
     )

@@ -311,6 +311,15 @@ def _gather_pair(first_address, second_address, indices, count, first_out, secon
 
 
 @njit(inline="always", **_JIT)
+def _load_compact(address, first_slot, count, out, param_kind):
+    """``out[j] = compact[first_slot + j]`` widened to fp32, for the compact gradient at ``address``."""
+    as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
+    as_bits = carray(_as_pointer(address), _UNBOUNDED, np.uint16)
+    for j in range(count):
+        out[j] = load_as_fp32(as_fp32, as_bits, first_slot + j, param_kind)
+
+
+@njit(inline="always", **_JIT)
 def _scatter(address, indices, count, values, param_kind, stochastic, seed, stream):
     """``tensor[indices[j]] = values[j]``, rounded to the bf16/fp16 tensor's dtype as the Triton kernel does."""
     as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
@@ -359,16 +368,22 @@ def _requantise(values, codes, absmax, qmap, starts, block_offsets, batch_tiles,
 @njit(**_JIT)
 def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts, num_tiles, grads, values, m_buffer,
                 v_buffer, qmaps, starts, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
-                bias_correction2_sqrt, eps, seed, param_kind, has_master, stochastic, quantised):
+                bias_correction2_sqrt, eps, seed, param_kind, has_master, stochastic, quantised, compact_grad):
     """Step ``count`` selected entries of one tensor, whose compact slots start at ``first_slot``: gather grads (and
     param values), update moments and values as contiguous vectors, scatter the values back."""
     param_address = table[row, _COL_PARAM]
+    if compact_grad:  # the gradient holds the selected entries only, in slot order: a contiguous read
+        _load_compact(table[row, _COL_GRAD], first_slot, count, grads, param_kind)
     if has_master:
-        _gather(table[row, _COL_GRAD], indices, count, grads, param_kind)
+        if not compact_grad:
+            _gather(table[row, _COL_GRAD], indices, count, grads, param_kind)
         value = carray(_as_pointer(table[row, _COL_MASTER] + first_slot * 4), count, np.float32)
     else:
         value = values
-        _gather_pair(table[row, _COL_GRAD], param_address, indices, count, grads, value, param_kind)
+        if compact_grad:
+            _gather(param_address, indices, count, value, param_kind)
+        else:
+            _gather_pair(table[row, _COL_GRAD], param_address, indices, count, grads, value, param_kind)
     if quantised:
         codes1 = carray(_as_pointer(table[row, _COL_EXP_AVG] + first_slot), count, np.uint8)
         codes2 = carray(_as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot), count, np.uint8)
@@ -440,7 +455,8 @@ def _step_serial(table, tiles, *args):
     _run_tiles(table, tiles, 0, tiles.shape[0], *args)
 
 
-def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, quantised):
+def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, quantised,
+            compact_grad):
     _check_cpu_tables(tensor_table, tiles)
     if tiles.shape[0] == 0:
         return
@@ -458,7 +474,7 @@ def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master
             f32(scalars.beta1), f32(scalars.beta2), f32(scalars.one_minus_beta1), f32(scalars.one_minus_beta2),
             f32(scalars.decay), f32(scalars.step_size), f32(scalars.bias_correction2_sqrt), f32(scalars.eps),
             np.int64(scalars.seed), np.int64(PARAM_KINDS[param_dtype]), bool(has_master), bool(stochastic_rounding),
-            bool(quantised),
+            bool(quantised), bool(compact_grad),
         )
     finally:
         if torch.get_num_threads() != torch_threads:
@@ -477,9 +493,11 @@ def masked_adamw_cpu(
     param_dtype: torch.dtype,
     has_master: bool,
     stochastic_rounding: bool,
+    compact_grad: bool = False,
 ) -> None:
     """Same contract as :func:`masked_adamw_triton`, for CPU tensors."""
-    _launch(tensor_table, tiles, scalars, _NO_QMAPS, _NO_STARTS, param_dtype, has_master, stochastic_rounding, False)
+    _launch(tensor_table, tiles, scalars, _NO_QMAPS, _NO_STARTS, param_dtype, has_master, stochastic_rounding, False,
+            compact_grad)
 
 
 def masked_adamw_8bit_cpu(
@@ -492,12 +510,14 @@ def masked_adamw_8bit_cpu(
     param_dtype: torch.dtype,
     has_master: bool,
     stochastic_rounding: bool,
+    compact_grad: bool = False,
 ) -> None:
     """Same contract as :func:`masked_adamw_8bit_triton`, for CPU tensors."""
     if qmap1.numel() != 256 or qmap2.numel() != 256 or qmap1.dtype != torch.float32 or qmap2.dtype != torch.float32:
         raise ValueError("quantisation maps must be fp32 tensors of 256 entries")
     qmaps, starts = _cached_maps(qmap1, qmap2)
-    _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, True)
+    _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, True,
+            compact_grad)
 
 
 def _check_cpu_tables(tensor_table: torch.Tensor, tiles: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compact_grad import register_compact_gradient
 from .fsdp import is_sharded, restrict_sharded_gradient
 from .mask import SubnetworkMask
 
@@ -31,11 +32,13 @@ class GradientRestriction:
         self.frozen.clear()
 
 
-def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask) -> GradientRestriction:
+def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact: bool = False) -> GradientRestriction:
     """Zero gradients outside ``mask`` on every parameter of ``model``.
 
     Parameters that are not in the mask, or whose selection is empty, get ``requires_grad=False``: no gradient is
-    computed or stored for them at all. Fully selected parameters need no hook.
+    computed or stored for them at all. Fully selected parameters need no hook. With ``compact``, a partly selected
+    parameter keeps only its selected gradient entries, in ``param.compact_grad``, and its dense ``.grad`` is freed
+    during backward (see :mod:`sparse_rl.compact_grad`; only :class:`~sparse_rl.optim.MaskedAdamW` reads them).
     """
     named = list(model.named_parameters())
     mask.check_matches(named)
@@ -51,7 +54,13 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask) -> Gradient
         if bool(selection.all()):
             continue
         if is_sharded(param):  # FSDP2 writes the sharded gradient itself: tensor hooks would not run
+            if compact:
+                raise ValueError(f"compact gradients are single-process only, but {name!r} is sharded by FSDP2, "
+                                 "which reduces the dense gradient")
             restriction.handles.append(restrict_sharded_gradient(param, selection))
+            continue
+        if compact:
+            restriction.handles.append(register_compact_gradient(param, selection))
             continue
         keep = selection.to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))

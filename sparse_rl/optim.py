@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .compact_grad import compact_grad_of, zero_compact_grads
 from .fsdp import local_selection, local_tensor
 from .mask import SubnetworkMask
 
@@ -189,16 +190,24 @@ class MaskedAdamW(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 grad = param.grad
-                if grad is None:
+                compact = compact_grad_of(param)
+                if grad is None and compact is None:
                     continue
-                if grad.is_sparse:
+                if grad is not None and compact is not None:
+                    raise RuntimeError(f"parameter {self._names[param]!r} has both a dense .grad and a compact_grad: "
+                                       "it was given a gradient outside the compact-gradient hook")
+                if grad is not None and grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 if not self.state.get(param):
                     if self._layout(param).num_selected == 0:
                         continue
                     self._init_state(param)
-                buckets.setdefault((group_index, param.device, param.dtype), []).append(param)
-        for (group_index, device, dtype), params in buckets.items():
+                if compact is not None and compact.numel() != self._layout(param).num_selected:
+                    raise RuntimeError(f"compact gradient of {self._names[param]!r} has {compact.numel()} entries but "
+                                       f"the mask selects {self._layout(param).num_selected}")
+                key = (group_index, param.device, param.dtype, compact is not None)
+                buckets.setdefault(key, []).append(param)
+        for (group_index, device, dtype, compact), params in buckets.items():
             steps = [self.state[p]["step"] for p in params]
             torch._foreach_add_(steps, 1)
             counts = torch.stack(steps).tolist() if len({s.device for s in steps}) == 1 else [int(s) for s in steps]
@@ -206,25 +215,34 @@ class MaskedAdamW(torch.optim.Optimizer):
             for param, count in zip(params, counts):
                 by_count.setdefault(int(count), []).append(param)
             for step, same_step in by_count.items():
-                self._launch(self.param_groups[group_index], device, dtype, step, same_step)
+                self._launch(self.param_groups[group_index], device, dtype, step, same_step, compact)
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drops the compact gradients (:mod:`sparse_rl.compact_grad`), which ``set_to_none=False`` cannot keep
+        as zeros: the next backward starts them afresh either way."""
+        super().zero_grad(set_to_none=set_to_none)
+        zero_compact_grads(p for group in self.param_groups for p in group["params"])
+
     def _launch(self, group: dict, device: torch.device, dtype: torch.dtype, step: int,
-                params: list[torch.Tensor]) -> None:
+                params: list[torch.Tensor], compact: bool = False) -> None:
         from .kernels.layout import AdamWScalars, tile_table
 
         beta1, beta2 = group["betas"]
         scalars = AdamWScalars.for_step(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                                         step=step, seed=self.seed)
-        grads = [local_tensor(p.grad).contiguous() for p in params]  # kept alive to launch
-        key = (device, *(self._tensor_ids[p] for p in params))
+        if compact:
+            grads = [compact_grad_of(p).contiguous() for p in params]
+        else:
+            grads = [local_tensor(p.grad).contiguous() for p in params]  # kept alive to launch
+        key = (device, compact, *(self._tensor_ids[p] for p in params))
         table = self._tensor_table(key, params, grads)
         tiles = self._tile_tables.get(key)
         if tiles is None:
             tiles = self._tile_tables[key] = tile_table([self._layout(p) for p in params], device)
         has_master = "master" in self.state[params[0]]
-        options = dict(param_dtype=dtype, has_master=has_master,
+        options = dict(param_dtype=dtype, has_master=has_master, compact_grad=compact,
                        stochastic_rounding=self.stochastic_rounding and dtype in _LOW_PRECISION)
         backend = self._backend_for(device)
         if self.state_bits == 8:

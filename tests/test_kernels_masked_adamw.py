@@ -22,7 +22,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = {"w": (37, 50), "v": (TILE + 1,), "s": (5,), "one": (1,)}
 
 
-def _run_both(params, mask, grads_per_step, *, backend, lrs=None, master_weights=True, **hyper):
+def _run_both(params, mask, grads_per_step, *, backend, lrs=None, master_weights=True, compact=False, **hyper):
     hyper = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, **hyper}
     ours = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
     theirs = {n: p.clone() for n, p in params.items()}
@@ -32,7 +32,10 @@ def _run_both(params, mask, grads_per_step, *, backend, lrs=None, master_weights
         if lrs is not None:  # lr changes between steps, as under a scheduler
             optimizer.param_groups[0]["lr"] = reference.lr = lrs[step]
         for n, p in ours.items():
-            p.grad = grads[n].clone()
+            if compact and mask[n].any() and not mask[n].all():  # as the compact-gradient hook leaves it
+                p.grad, p.compact_grad = None, grads[n][mask[n]].clone()
+            else:
+                p.grad = grads[n].clone()
         optimizer.step()
         reference.step(grads)
     return ours, theirs, optimizer, reference
@@ -64,6 +67,34 @@ def test_bit_exact_against_reference(backend, dtype, master_weights):
     _assert_matches_reference(ours, theirs, opt, ref, mask, start)
     selected = mask["w"]
     assert not torch.equal(ours["w"].detach()[selected], start["w"][selected])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,master_weights", [
+    (torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False),
+], ids=str)
+def test_compact_gradients_bit_exact(backend, dtype, master_weights):
+    """A compact gradient (selected entries in flat order, read at their slots) gives the dense gradient's bits."""
+    params, mask = random_problem(SHAPES, 0.3, dtype)
+    start = {n: p.clone() for n, p in params.items()}
+    grads = random_grads(params, 3)
+    ours, theirs, opt, ref = _run_both(params, mask, grads, backend=backend, master_weights=master_weights,
+                                       compact=True, lrs=[1e-2, 3e-3, 2e-2])
+    _assert_matches_reference(ours, theirs, opt, ref, mask, start)
+    partly = [n for n in ours if mask[n].any() and not mask[n].all()]
+    assert partly and all(ours[n].grad is None for n in partly)  # the step had no dense gradient to read
+
+
+def test_compact_gradient_of_wrong_size_is_refused():
+    params, mask = random_problem({"w": (37, 50)}, 0.3, torch.float32)
+    p = torch.nn.Parameter(params["w"].clone())
+    optimizer = MaskedAdamW([("w", p)], mask, backend="cpu")
+    p.compact_grad = torch.zeros(int(mask["w"].sum()) - 1)
+    with pytest.raises(RuntimeError, match="compact gradient of 'w' has"):
+        optimizer.step()
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="both a dense .grad and a compact_grad"):
+        optimizer.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

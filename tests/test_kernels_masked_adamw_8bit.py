@@ -35,25 +35,32 @@ def dequantise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, bl
 
 
 def test_backends_agree_bit_for_bit():
+    """Triton and CPU agree bit for bit, and a compact gradient (selected entries only, as the compact-gradient hook
+    leaves it) gives the same bits as the dense one on both."""
     for dtype, master in ((torch.float32, True), (torch.bfloat16, True), (torch.float16, False)):
         params, mask = random_problem({"w": (37, 50), "v": (TILE + 300,), "full": (600,)}, 0.4, dtype)
         mask.selections["full"][:] = True  # a tile with more than 256 selected entries: several blocks per tile
         grads = random_grads(params, 3)
         runs = []
-        for backend in ("triton", "cpu"):
+        for backend, compact in (("triton", False), ("cpu", False), ("triton", True), ("cpu", True)):
             ours = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
             opt = MaskedAdamW(ours.items(), mask, lr=1e-2, state_bits=8, master_weights=master, backend=backend)
             for g in grads:
                 for n, p in ours.items():
-                    p.grad = g[n].clone()
+                    if compact and not mask[n].all():
+                        p.grad, p.compact_grad = None, g[n][mask[n]].clone()
+                    else:
+                        p.grad = g[n].clone()
                 opt.step()
-            runs.append((ours, opt))
-        (ours_t, opt_t), (ours_c, opt_c) = runs
-        for n in params:
-            assert_bits_equal(ours_t[n], ours_c[n], f"{dtype} param {n}")
-            for key in ("exp_avg", "exp_avg_sq", "absmax1", "absmax2", "master"):
-                if key in opt_t.state[ours_t[n]]:
-                    assert_bits_equal(opt_t.state[ours_t[n]][key], opt_c.state[ours_c[n]][key], f"{key} of {n}")
+            runs.append((f"{backend}, compact={compact}", ours, opt))
+        _, ours_t, opt_t = runs[0]
+        for label, ours_c, opt_c in runs[1:]:
+            for n in params:
+                assert_bits_equal(ours_t[n], ours_c[n], f"{dtype} param {n} ({label})")
+                for key in ("exp_avg", "exp_avg_sq", "absmax1", "absmax2", "master"):
+                    if key in opt_t.state[ours_t[n]]:
+                        assert_bits_equal(opt_t.state[ours_t[n]][key], opt_c.state[ours_c[n]][key],
+                                          f"{key} of {n} ({label})")
 
 
 @pytest.mark.parametrize("dtype,steps,backend", [(torch.float32, 50, "cpu"), (torch.bfloat16, 50, "cpu"),
