@@ -139,6 +139,7 @@ def masked_adamw_8bit_triton(
         scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
         scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
         PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
-        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK, BLOCKS_PER_TILE=BLOCKS_PER_TILE,
+        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK,
+        BLOCKS_PER_TILE=BLOCKS_PER_TILE,
         num_warps=4, enable_fp_fusion=False,
     )

@@ -41,6 +41,10 @@ class SparseConfig:
         shared_reference: replace the trainer's reference model (DPO, KTO, GRPO/RLOO with ``beta != 0``) by the
             policy itself with the original values of the selected entries swapped in for reference forwards
             (:func:`sparse_rl.reference.use_shared_reference`); saves a whole model copy.
+        compact_grads: keep only the selected gradient entries and free each dense gradient during backward
+            (:mod:`sparse_rl.compact_grad`): gradient memory drops from 4 bytes per parameter to 4 per selected entry
+            and the optimizer step reads no dense gradient. Results equal the dense masked gradients'. Single
+            process only (DDP/FSDP reduce the dense gradient) and not with fp16 loss scaling.
         seed: seed of random discovery.
         entropy_quantile: share q of completion tokens, the highest-entropy ones, whose loss gradient is kept (the
             paper uses 0.2); ``1.0`` keeps every token. Forward values (ratios, margins, reference log-probs, the
@@ -60,6 +64,7 @@ class SparseConfig:
     state_bits: Literal[32, 8] = 32
     stochastic_rounding: bool = False
     shared_reference: bool = False
+    compact_grads: bool = False
     seed: int = 0
     entropy_quantile: float = 1.0
 

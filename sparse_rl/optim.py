@@ -41,6 +41,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         backend: ``"auto"`` (Triton for CUDA tensors, the numba CPU path for CPU tensors), ``"triton"`` (also on CPU
             tensors under ``TRITON_INTERPRET=1``, for testing the kernel), or ``"cpu"``.
         seed: seed of the stochastic-rounding stream (a function of seed, step and parameter, so runs are repeatable).
+
+    Gradients are read from ``param.grad`` (dense; only the selected entries are read) or, for parameters under
+    :mod:`sparse_rl.compact_grad`, from ``param.compact_grad`` (the selected entries only), which the step consumes.
     """
 
     def __init__(
@@ -216,6 +219,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 by_count.setdefault(int(count), []).append(param)
             for step, same_step in by_count.items():
                 self._launch(self.param_groups[group_index], device, dtype, step, same_step, compact)
+            if compact:  # consumed: a later backward must start from zero even if only model.zero_grad() runs
+                zero_compact_grads(params)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -37,9 +37,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import compact_grad
 from .config import SparseConfig
 from .discovery import gradient_mask_from_trainer, random_mask
-from .distributed import agree_on_mask
+from .distributed import agree_on_mask, is_distributed
 from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_logits
 from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
@@ -108,12 +109,14 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     entropy_site = _entropy_site(trainer) if config.entropy_quantile < 1.0 else None
     if config.shared_reference:
         check_shared_reference_possible(trainer)
+    if config.compact_grads:
+        _refuse_compact_grads(trainer)
     mask = _resolve_mask(trainer, config)
     # every process trains the same entries: rank 0's probe result, or seeded/loaded masks checked to agree
     mask = agree_on_mask(mask, discovered=config.mask is None and config.discovery == "gradient")
 
     # Nothing below refuses user input: from here on the trainer is changed.
-    restriction = restrict_gradients(trainer.model, mask)
+    restriction = restrict_gradients(trainer.model, mask, compact=config.compact_grads)
     trainer.optimizer_cls_and_kwargs = (
         _MaskedAdamWFactory,
         {"mask": mask, "trainer": trainer, "master_weights": config.master_weights,
@@ -126,6 +129,9 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
             sparse._undo.append(restrict_fused_forward(trainer.model, sparse.entropy_tokens))
         else:
             sparse._undo.append(_restrict_online_dpo_forward(trainer, sparse.entropy_tokens))
+    if config.compact_grads:  # the trainer's clipping and grad_norm logging read .grad, which is freed
+        sparse._undo.append(_patch_attribute(trainer.accelerator, "clip_grad_norm_",
+                                             _compact_clip_grad_norm(trainer.accelerator)))
     sparse._undo.append(_save_mask_with_checkpoints(sparse))
     sparse._undo.append(_check_mask_on_resume(sparse))
     sparse._undo.append(_log_sparse_metrics(sparse))
@@ -175,6 +181,27 @@ def _refuse_unsupported(trainer: Trainer) -> None:
             "PEFT models are not supported: the adapter already limits training to its own weights and PEFT freezes "
             "the base weights a subnetwork mask would select; pass the plain model (no peft_config) to train a "
             "subnetwork, or use PEFT without sparse_rl")
+
+
+def _refuse_compact_grads(trainer: Trainer) -> None:
+    if is_distributed() or trainer.args.world_size > 1:
+        raise UnsupportedTrainerSetup(
+            f"compact_grads=True runs in a single process, but this run has {trainer.args.world_size} processes: "
+            "DDP and FSDP reduce the dense .grad across processes, which compact gradients free during backward; "
+            "set compact_grads=False")
+    if trainer.args.fp16:
+        raise UnsupportedTrainerSetup("compact_grads=True is not supported with fp16=True: the loss scaler unscales "
+                                      "the dense .grad, which compact gradients free; use bf16 or compact_grads=False")
+
+
+def _compact_clip_grad_norm(accelerator) -> Callable:
+    """``Accelerator.clip_grad_norm_`` for compact gradients: what the Trainer calls to clip and to log grad_norm."""
+
+    def clip_grad_norm_(parameters, max_norm, norm_type=2):
+        accelerator.unscale_gradients()  # a no-op without a loss scaler (fp16 is refused)
+        return compact_grad.clip_grad_norm_(parameters, max_norm, norm_type)
+
+    return clip_grad_norm_
 
 
 def _refuse_unsupported_fsdp(trainer: Trainer) -> None:

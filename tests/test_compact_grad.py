@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
-from sparse_rl import MaskedAdamW, random_mask, restrict_gradients
+from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, random_mask, restrict_gradients, sparsify
 from sparse_rl.compact_grad import clip_grad_norm_, compact_grad_of
+from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
 
 def _backward(model, ids):
@@ -81,3 +83,57 @@ def test_remove_restores_dense_gradients(tiny_model):
     restriction.remove()
     _backward(tiny_model, torch.randint(0, 20, (2, 6)))
     assert all(p.grad is not None and not hasattr(p, "compact_grad") for p in tiny_model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ with TRL trainers
+
+
+class _GradientKinds(TrainerCallback):
+    """What the optimizer is about to read for the partly selected parameters: dense or compact gradients."""
+
+    def __init__(self, model, mask):
+        self.params = [p for n, p in model.named_parameters() if mask[n].any() and not mask[n].all()]
+        self.kinds = set()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.params:
+            self.kinds.add("compact" if p.grad is None and compact_grad_of(p) is not None else
+                           "dense" if p.grad is not None and compact_grad_of(p) is None else "neither")
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainers_match_dense_masked_gradients(name, tiny_checkpoint, tmp_path):
+    """Each trainer, sparsified with and without compact_grads on the same mask: the same weights and logged
+    grad_norm (clipping is active: max_grad_norm is below the gradient norm), and only selected entries move."""
+    options = dict(max_grad_norm=0.05, gradient_accumulation_steps=2 if name in ("grpo", "sft") else 1)
+    runs = {}
+    for compact in (False, True):
+        trainer = build_trainer(name, tiny_checkpoint, tmp_path / str(compact), **options)
+        mask = random_mask(trainer.model, 0.1, seed=3)
+        before = snapshot(trainer.model)
+        sparsify(trainer, SparseConfig(mask=mask, compact_grads=compact))
+        seen = _GradientKinds(trainer.model, mask)
+        trainer.add_callback(seen)
+        trainer.train()
+        assert seen.kinds == ({"compact"} if compact else {"dense"})
+        assert changed_entries(before, trainer.model, mask, selected=False) == 0
+        runs[compact] = trainer
+    norms = {c: [e["grad_norm"] for e in t.state.log_history if "grad_norm" in e] for c, t in runs.items()}
+    assert len(norms[True]) == 2 and max(norms[True]) > 0.05  # clipped
+    assert norms[True] == pytest.approx(norms[False], rel=1e-5)
+    for (n, dense), (_, compact) in zip(runs[False].model.named_parameters(), runs[True].model.named_parameters()):
+        torch.testing.assert_close(compact, dense, rtol=1e-5, atol=1e-7, msg=n)
+    assert changed_entries(before, runs[True].model, mask, selected=True) > 0.25 * mask.num_selected
+
+
+def test_refused_where_the_dense_gradient_is_needed(tiny_checkpoint, tmp_path, monkeypatch):
+    trainer = build_trainer("sft", tiny_checkpoint, tmp_path)
+    mask = random_mask(trainer.model, 0.1, seed=3)
+    trainer.args.fp16 = True
+    with pytest.raises(UnsupportedTrainerSetup, match="fp16"):
+        sparsify(trainer, SparseConfig(mask=mask, compact_grads=True))
+    trainer.args.fp16 = False
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    with pytest.raises(UnsupportedTrainerSetup, match="single process, but this run has 2 processes"):
+        sparsify(trainer, SparseConfig(mask=mask, compact_grads=True))
+    assert all(not hasattr(p, "compact_grad") for p in trainer.model.parameters())  # refused before any change
