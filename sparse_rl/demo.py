@@ -91,7 +91,7 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
 
     from . import SparseConfig, sparsify
     from .models import smollm2_checkpoint
-    from .optim import MaskedAdamW
+    from .optim import MaskedAdamW, unwrap_optimizer
 
     config = DemoConfig(density=density, output_dir=output_dir)
     if steps is not None:
@@ -118,7 +118,7 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     trainer.train()
 
     after = sampled_accuracy(model, tokenizer, eval_rows, config.max_completion_length, seed=config.seed)
-    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    optimizer = unwrap_optimizer(trainer.optimizer)
     assert isinstance(optimizer, MaskedAdamW)
     sparse_state = optimizer.state_bytes()
     trained_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -346,6 +346,12 @@ class MaskedAdamW(torch.optim.Optimizer):
                              f"copy but this optimizer has master_weights={self.master_weights}")
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (what ``Trainer.optimizer`` holds after
+    ``train()`` starts), or ``optimizer`` itself."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _as_named_groups(named_params: Iterable) -> list[dict]:
     items = list(named_params)
     if not items:

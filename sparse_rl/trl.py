@@ -45,7 +45,7 @@ from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_log
 from .fsdp import is_sharded, restrict_sharded_gradients
 from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
-from .optim import MaskedAdamW
+from .optim import MaskedAdamW, unwrap_optimizer
 from .reference import SharedReference, check_shared_reference_possible, install_shared_reference
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
@@ -448,8 +448,7 @@ class _FSDP2GradientRestriction(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.installed:
             return
-        optimizer = self.sparse.trainer.optimizer
-        optimizer = getattr(optimizer, "optimizer", optimizer)
+        optimizer = unwrap_optimizer(self.sparse.trainer.optimizer)
         named = [(n, p) for group in optimizer.param_groups for n, p in zip(group["param_names"], group["params"])]
         restriction = self.sparse.restriction
         if not any(is_sharded(p) for _, p in named):
@@ -486,7 +485,7 @@ def _log_sparse_metrics(sparse: SparseTraining) -> Callable[[], None]:
     def log(logs: dict, *args, **kwargs):
         if "loss" in logs:
             logs["sparse/trained_fraction"] = sparse.trained_fraction
-            inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+            inner = unwrap_optimizer(trainer.optimizer)
             if isinstance(inner, MaskedAdamW):
                 logs["sparse/optimizer_state_bytes"] = inner.state_bytes()
             if "grad_norm" in logs:

@@ -8,14 +8,14 @@ import torch
 
 from sparse_rl import SparseConfig, sparsify
 from sparse_rl.discovery import gradient_mask_from_trainer
-from sparse_rl.optim import MaskedAdamW
+from sparse_rl.optim import MaskedAdamW, unwrap_optimizer
 from sparse_rl.reference import SharedReference, check_shared_reference_possible
 from sparse_rl.trl import UnsupportedTrainerSetup
 from tests.trl_cases import build_trainer, changed_entries, snapshot
 
 
 def _inner_optimizer(trainer) -> MaskedAdamW:
-    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return unwrap_optimizer(trainer.optimizer)
 
 
 @pytest.mark.parametrize("kwargs,match", [
