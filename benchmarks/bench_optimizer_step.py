@@ -94,11 +94,22 @@ def lines_touched(selection: np.ndarray, element_bytes: int, line_bytes: int) ->
     return int(padded.reshape(-1, per_line).any(axis=1).sum())
 
 
-def traffic(mask: SubnetworkMask, state_bits: int, line_bytes: int) -> tuple[float, float]:
+def gradient_bytes(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask | None, compact: bool) -> int:
+    """Bytes the gradients take while the optimizer runs: dense fp32 ``.grad`` (plus the dense hook's 1-byte bool mask
+    under a mask), or compact gradients plus the compact hook's int32 indices (4 + 4 bytes per selected entry)."""
+    if mask is None or mask.num_selected == mask.num_total:
+        return sum(p.numel() * 4 for p in params.values())
+    if compact:
+        return 8 * mask.num_selected
+    return sum(p.numel() * 5 for p in params.values())
+
+
+def traffic(mask: SubnetworkMask, state_bits: int, line_bytes: int, compact_grads: bool = False) -> tuple[float, float]:
     """(bytes one step must move at ``line_bytes`` granularity, minimum bytes for the layout), fp32 params.
 
-    Touched lines of grad (read) and param (read + write); compact state read and written in full; bitmask and tile
-    offsets read (8-bit: block offsets and absmax too). The minimum moves only the selected values themselves.
+    Touched lines of grad (read; with compact gradients only the selected values, contiguous) and param (read +
+    write); compact state read and written in full; bitmask and tile offsets read (8-bit: block offsets and absmax
+    too). The minimum moves only the selected values themselves.
     """
     state_per_entry = 2 * (2 if state_bits == 8 else 8)  # read + write of exp_avg and exp_avg_sq
     counted = minimum = 0.0
@@ -109,7 +120,9 @@ def traffic(mask: SubnetworkMask, state_bits: int, line_bytes: int) -> tuple[flo
             continue
         tiles = -(-n // TILE)
         layout_bytes = tiles * (TILE // 8 + 4) + (tiles * 4 + 2 * 2 * 4 * -(-k // 256) if state_bits == 8 else 0)
-        counted += 3 * lines_touched(flat, 4, line_bytes) * line_bytes + k * state_per_entry + layout_bytes
+        grad_lines = 0 if compact_grads else 1
+        counted += ((2 + grad_lines) * lines_touched(flat, 4, line_bytes) * line_bytes + k * state_per_entry
+                    + layout_bytes + (4 * k if compact_grads else 0))
         minimum += k * (4 + 8) + k * state_per_entry + layout_bytes
     return counted, minimum
 
@@ -161,6 +174,45 @@ def touch_step(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask) -> c
     return step
 
 
+def compact_step(optimizer: MaskedAdamW, params: dict[str, torch.nn.Parameter], mask: SubnetworkMask) -> callable:
+    """A MaskedAdamW step reading compact gradients (``SparseConfig(compact_grads=True)``): the selected gradient
+    entries, as the compact-gradient hook leaves them, with no dense ``.grad`` (restored after the step for the other
+    providers, which share the parameters)."""
+    compact = {n: p.grad[mask[n]].clone() for n, p in params.items()}
+
+    def step():
+        for n, p in params.items():
+            p.compact_grad, p.grad = compact[n], None
+        try:
+            optimizer.step()
+        finally:
+            for n, p in params.items():
+                p.grad = dense_grads[n]
+
+    dense_grads = {n: p.grad for n, p in params.items()}
+    return step
+
+
+def restriction_steps(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask, label: str) -> dict:
+    """What each gradient restriction costs per backward, on the same gradients: the dense hook's ``torch.where`` (a
+    new zero-filled gradient) against the compact hook's ``index_select`` of the selected entries."""
+    from sparse_rl.compact_grad import selected_indices
+
+    keep = {n: mask[n] for n in params}
+    indices = {n: selected_indices(mask[n], "cpu") for n in params}
+    zero = torch.zeros(())
+
+    def dense_hook():
+        for n, p in params.items():
+            torch.where(keep[n], p.grad, zero)
+
+    def compact_hook():
+        for n, p in params.items():
+            torch.index_select(p.grad.reshape(-1), 0, indices[n])
+
+    return {f"dense-gradient hook {label}": dense_hook, f"compact-gradient hook {label}": compact_hook}
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
 
@@ -207,15 +259,23 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - report and go on without the baseline
             print(f"bitsandbytes AdamW8bit unavailable: {error}")
     masks = {}
+    compact = {}
     for density in densities:
         masks[density] = SubnetworkMask({n: torch.rand(s, generator=generator) < density for n, s in shapes.items()})
         for bits in args.state_bits:
             label = f"MaskedAdamW d={density:.0%}" + (" 8-bit" if bits == 8 else "")
             optimizers[label] = MaskedAdamW(params.items(), masks[density], state_bits=bits, backend="cpu", **HYPER)
-    steps = {name: opt.step for name, opt in optimizers.items()}
+        if density < 1.0:
+            label = f"MaskedAdamW d={density:.0%} compact grads"
+            optimizers[label] = MaskedAdamW(params.items(), masks[density], backend="cpu", **HYPER)
+            compact[label] = compact_step(optimizers[label], params, masks[density])
+    steps = {name: compact.get(name, opt.step) for name, opt in optimizers.items()}
     for density in densities:
         if density < 1.0:
             steps[f"touch-only loop d={density:.0%}"] = touch_step(params, masks[density])
+    for density in densities:
+        if density < 1.0:
+            steps.update(restriction_steps(params, masks[density], f"d={density:.0%}"))
 
     fused = "torch AdamW fused"
     rows, targets, runs = [], [], []
@@ -237,12 +297,14 @@ def main() -> None:
             opt = optimizers.get(name)
             row = dict(threads=threads, provider=name, density=density, step_ms=median[name] * 1e3,
                        cpu_ms=statistics.median(cpu[name]) * 1e3, step_ratio_vs_fused=median[name] / median[fused],
-                       state_bytes="", state_ratio_vs_fused="", effective_gbps="", copy_gbps=copy_gbps)
+                       state_bytes="", state_ratio_vs_fused="", gradient_bytes="", effective_gbps="",
+                       copy_gbps=copy_gbps)
             if opt is not None:
                 row["state_bytes"] = state_bytes_of(opt)
                 row["state_ratio_vs_fused"] = state_bytes_of(opt) / dense_state
-            if opt is None or isinstance(opt, MaskedAdamW):
-                moved, _ = traffic(masks[density], bits, line_bytes=64)
+                row["gradient_bytes"] = gradient_bytes(params, masks.get(density), "compact" in name)
+            if (opt is None and "hook" not in name) or isinstance(opt, MaskedAdamW):
+                moved, _ = traffic(masks[density], bits, line_bytes=64, compact_grads="compact" in name)
                 row["effective_gbps"] = moved / median[name] / 1e9
             rows.append(row)
         targets.append((threads, "state d=10% fp32 <= 0.15x torch AdamW",
@@ -251,8 +313,10 @@ def main() -> None:
             targets.append((threads, "state d=10% 8-bit <= 0.05x torch AdamW",
                             _row(rows, threads, "MaskedAdamW d=10% 8-bit")["state_ratio_vs_fused"], 0.05))
         for density, limit in ((0.1, 0.5), (0.01, 0.1)):
-            targets.append((threads, f"CPU step d={density:.0%} <= {limit}x fused",
-                            _row(rows, threads, f"MaskedAdamW d={density:.0%}")["step_ratio_vs_fused"], limit))
+            for suffix in ("", " compact grads"):
+                targets.append((threads, f"CPU step d={density:.0%}{suffix} <= {limit}x fused",
+                                _row(rows, threads, f"MaskedAdamW d={density:.0%}{suffix}")["step_ratio_vs_fused"],
+                                limit))
 
     kernel_rows = []
     for density in densities:
@@ -296,14 +360,16 @@ def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> Non
             f"Copy bandwidth in the same run: {run['copy_gbps']:.1f} GB/s (read + write counted); load average "
             f"(1/5/15 min) {run['load']}.",
             "",
-            "| provider | step (ms) | vs fused | CPU time (ms) | state (MB) | state vs fused | effective GB/s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| provider | step (ms) | vs fused | CPU time (ms) | state (MB) | state vs fused | gradients (MB) | "
+            "effective GB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in (r for r in rows if r["threads"] == threads):
             state_mb = "" if r["state_bytes"] == "" else r["state_bytes"] / 1e6
+            grad_mb = "" if r["gradient_bytes"] == "" else r["gradient_bytes"] / 1e6
             lines.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['step_ratio_vs_fused']:.3f} | "
                          f"{r['cpu_ms']:.1f} | {fmt(state_mb, '.1f')} | {fmt(r['state_ratio_vs_fused'], '.3f')} | "
-                         f"{fmt(r['effective_gbps'], '.1f')} |")
+                         f"{fmt(grad_mb, '.1f')} | {fmt(r['effective_gbps'], '.1f')} |")
     lines += [
         "",
         "Effective GB/s = bytes the step must move (64-byte cache lines of grad and param holding a selected entry, "
@@ -311,6 +377,13 @@ def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> Non
         "touch-only loop reads the selected grads and reads and writes the selected params and nothing else (its "
         "GB/s column counts the same bytes as the step's): no kernel that reads the dense grad tensor can be faster "
         "at that density.",
+        "",
+        "*compact grads* rows step from compact gradients (`SparseConfig(compact_grads=True)`): the selected gradient "
+        "entries only, so the step reads no dense gradient. The copy into them happens during backward, in the "
+        "gradient hook, in place of the dense hook's masking: the *hook* rows time both hooks over the same "
+        "gradients, once per backward (a cost of the backward, not of the step). Gradients (MB) = what gradients "
+        "hold while the optimizer runs: dense fp32 (+ the dense hook's 1-byte bool mask), or compact fp32 + the "
+        "compact hook's int32 indices.",
         "",
         "## Triton kernel: bytes per step per parameter (counted from its loads and stores)",
         "",

@@ -11,9 +11,10 @@ preference set. Configurations:
 - ``full-adamw8bit``: full finetuning, ``optim="adamw_bnb_8bit"`` (bitsandbytes blockwise 8-bit AdamW);
 - ``lora``: PEFT LoRA on all linear layers, rank chosen so its trainable count is closest to sparse_rl at 10%
   (TRL then gets the reference by disabling the adapter: no reference copy);
-- ``sparse-<d>%[-8bit][-shared]``: ``sparsify(trainer, SparseConfig(density=d, discovery="random", state_bits=8|32,
-  shared_reference=True|False))``. Random discovery so that the (optional, one-off) gradient probe does not dominate
-  the set-up; the training step is the same whatever chose the mask.
+- ``sparse-<d>%[-8bit][-shared][-compact]``: ``sparsify(trainer, SparseConfig(density=d, discovery="random",
+  state_bits=8|32, shared_reference=True|False, compact_grads=True|False))`` (``-compact`` rows at 10% only).
+  Random discovery so that the (optional, one-off) gradient probe does not dominate the set-up; the training step
+  is the same whatever chose the mask.
 
 Each child reports peak RSS (``ru_maxrss``), the peak during ``trainer.train()`` (VmHWM reset just before it), RSS
 after the model load, once the trainer is ready and at the end (trainer deleted, model kept), optimizer-state bytes,
@@ -68,6 +69,7 @@ class Setup:
     density: float = 0.0
     state_bits: int = 32
     shared_reference: bool = False
+    compact_grads: bool = False
 
 
 def all_setups() -> dict[str, Setup]:
@@ -78,6 +80,10 @@ def all_setups() -> dict[str, Setup]:
             for shared in (False, True):
                 name = f"sparse-{density:.0%}" + ("-8bit" if bits == 8 else "") + ("-shared" if shared else "")
                 setups.append(Setup(name, "sparse", density=density, state_bits=bits, shared_reference=shared))
+    for base in ("sparse-10%", "sparse-10%-shared", "sparse-10%-8bit-shared"):
+        setup = next(s for s in setups if s.name == base)
+        setups.append(Setup(f"{base}-compact", "sparse", density=setup.density, state_bits=setup.state_bits,
+                            shared_reference=setup.shared_reference, compact_grads=True))
     return {s.name: s for s in setups}
 
 
@@ -149,7 +155,10 @@ class StepRecorder:
                 recorder._begin = (time.perf_counter(), time.process_time())
 
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                recorder.grad_bytes = max(recorder.grad_bytes, sum(
+                compact = [getattr(p, "compact_grad", None) for p in model.parameters()]
+                recorder.compact_grad_bytes = max(recorder.compact_grad_bytes, sum(
+                    g.numel() * g.element_size() for g in compact if g is not None))
+                recorder.grad_bytes = max(recorder.grad_bytes, recorder.compact_grad_bytes + sum(
                     p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None))
                 recorder._optimizer_begin = time.perf_counter()
 
@@ -163,6 +172,7 @@ class StepRecorder:
 
         self.callback = _Callback()
         self.grad_bytes = 0
+        self.compact_grad_bytes = 0
         self.step_seconds: list[float] = []
         self.step_cpu_seconds: list[float] = []
         self.optimizer_seconds: list[float] = []
@@ -170,8 +180,9 @@ class StepRecorder:
 
 def _optimizer_state_bytes(optimizer) -> int:
     from sparse_rl import MaskedAdamW
+    from sparse_rl.optim import unwrap_optimizer
 
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    inner = unwrap_optimizer(optimizer)
     if isinstance(inner, MaskedAdamW):
         return inner.state_bytes()
     return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
@@ -195,8 +206,9 @@ def _check_setup_applied(trainer, setup: Setup) -> None:
     import torch
 
     from sparse_rl import MaskedAdamW, SharedReference
+    from sparse_rl.optim import unwrap_optimizer
 
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    inner = unwrap_optimizer(trainer.optimizer)
     bnb_8bit = setup.optim == "adamw_bnb_8bit"
     # transformers builds bitsandbytes.optim.AdamW(optim_bits=8) for "adamw_bnb_8bit"
     expected = {"full": bitsandbytes.optim.AdamW if bnb_8bit else torch.optim.AdamW,
@@ -216,7 +228,7 @@ def _apply_sparse(trainer, setup: Setup):
     from sparse_rl import SparseConfig, sparsify
 
     config = SparseConfig(density=setup.density, discovery="random", state_bits=setup.state_bits,
-                          shared_reference=setup.shared_reference)
+                          shared_reference=setup.shared_reference, compact_grads=setup.compact_grads)
     return sparsify(trainer, config)
 
 
@@ -251,6 +263,9 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
     peak_train = status_mib("VmHWM") if reset else None
     state_bytes = _optimizer_state_bytes(trainer.optimizer)
     _check_setup_applied(trainer, setup)
+    if setup.compact_grads != (recorder.compact_grad_bytes > 0):
+        raise RuntimeError(f"{setup.name}: compact_grads={setup.compact_grads} but the optimizer step saw "
+                           f"{recorder.compact_grad_bytes} bytes of compact gradients")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainer_args = trainer.args
     del trainer
@@ -336,7 +351,8 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
         "",
         "Columns: *trained* = entries the optimizer updates (the mask's selected entries for sparse rows); "
         "*state* = optimizer state (`MaskedAdamW.state_bytes()`: moments, 8-bit absmax, selection layout; torch / "
-        "bitsandbytes: every state tensor); *grad* = bytes of `.grad` tensors present at the optimizer step; "
+        "bitsandbytes: every state tensor); *grad* = bytes of `.grad` tensors (and of `compact_grad` ones with "
+        "`compact_grads=True`) present at the optimizer step; "
         "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values + indices + swap "
         "scratch); *ready* = RSS with model and trainer built, before `train()`; *peak train* = peak RSS during "
         "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
@@ -393,6 +409,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already measured in results/<name>.json "
                         "(written after every process) and run only the missing or failed ones")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--name", help="stem of the result files (default train_step, --quick train_step_quick)")
     args = parser.parse_args()
     args.steps = args.steps if args.steps is not None else (1 if args.quick else 3)
     if args.steps < 1:
@@ -407,12 +424,13 @@ def main() -> None:
     setups = args.setups or (list(QUICK_SETUPS) if args.quick else list(SETUPS))
     if "full-adamw" not in setups:
         print("note: full-adamw is not among the setups, so no ratios can be given")
-    stem = "train_step_quick" if args.quick else "train_step"
+    stem = args.name or ("train_step_quick" if args.quick else "train_step")
     command = "python benchmarks/bench_train_step.py" + (" --quick" if args.quick else "") + \
         (f" --jobs {args.jobs}" if args.jobs != 1 else "") + \
         (f" --steps {args.steps}" if args.steps != (1 if args.quick else 3) else "") + \
         (f" --trainers {' '.join(args.trainers)}" if args.trainers != list(TRAINERS) else "") + \
-        (f" --setups {' '.join(args.setups)}" if args.setups else "")
+        (f" --setups {' '.join(args.setups)}" if args.setups else "") + \
+        (f" --name {args.name}" if args.name else "")
     load_before = load_average()
     order = [(t, s) for s in setups for t in args.trainers]
     raw_path = RESULTS_DIR / f"{stem}.json"
