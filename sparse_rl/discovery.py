@@ -4,7 +4,9 @@
   tensor by tensor from in-memory models or safetensors checkpoints (sharded ones included).
 - :func:`gradient_mask` / :func:`gradient_mask_from_trainer`: a probe of the user's own loss for a few batches,
   scored by accumulated |gradient|, squared gradient (Fisher), the AdamW update the entries would receive, or that
-  update relative to the resolution of the stored dtype (``"precision"``). Weights are never changed.
+  update relative to the resolution of the stored dtype (``"precision"``). Weights are never changed. Under
+  ``torch.distributed`` every process probes its own shard and each step's gradient is averaged over the processes
+  before it is scored, so all of them score the global batch and pick the same mask.
 - Baselines: :func:`random_mask`, :func:`magnitude_mask` (largest or smallest |w| first).
 
 Budget rules (``budget=``): ``"per_tensor"`` (default) keeps the same density in every selected tensor, because the
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .config import PROBE_BUDGETS as BUDGETS
 from .config import PROBE_SCORES, check_density
+from .distributed import average_gradients, check_same_parameters, is_distributed
 from .mask import SubnetworkMask
 
 Budget = Literal["per_tensor", "global"]
@@ -256,16 +259,27 @@ def accumulate_gradient_scores(
             Weight decay is left out: it moves every entry by lr·wd·|w| whatever the loss. Needs two more fp32
             copies of the model. With ``steps=1`` every entry with a non-zero gradient scores 1 (ties): use K >= 4.
 
-    Each gradient is folded into its score during backward and then dropped, so the probe's memory is one fp32 score
-    per parameter (three for ``"adam"``/``"precision"``), not score plus gradient.
         ``"precision"``: the ``"adam"`` displacement times ``lr`` over :func:`half_ulp` of the weight in
             ``storage_dtype``; above 1 the update would survive rounding to that dtype.
+
+    Each gradient is folded into its score during backward and then dropped, so the probe's memory is one fp32 score
+    per parameter (three for ``"adam"``/``"precision"``), not score plus gradient.
+
+    Under ``torch.distributed`` (more than one process) this is collective: every process calls it with its own
+    shard's ``loss_fn``, and each step's gradient is averaged over the processes (fp32 all-reduce, as DDP averages a
+    training step) before it is scored. None of the scores is linear in the gradient (|g|, g², Adam's m/√v), so
+    summing per-process scores afterwards would not give the global batch's; averaging first does, and every process
+    gets the same scores (bit for bit, given the same weights). The gradients are then held until the end of each
+    backward, like DDP's: one gradient per parameter on top of the scores.
     """
     if score not in PROBE_SCORES:
         raise ValueError(f"score must be one of {PROBE_SCORES}, got {score!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     params = _trainable(model, exclude, include)
+    global_batch = is_distributed()
+    check_same_parameters(params)
+    by_name = dict(params)
     saved_grads = {n: p.grad for n, p in params}
     accumulators = {n: _ScoreAccumulator(p.shape, p.device, score, betas, eps) for n, p in params}
     scored: set[str] = set()
@@ -280,7 +294,9 @@ def accumulate_gradient_scores(
 
         return hook
 
-    handles = [p.register_post_accumulate_grad_hook(fold_into_score(n)) for n, p in params]
+    # across processes the gradients are reduced after backward, in parameter order: hooks fire in autograd's
+    # order, which the processes need not share
+    handles = [] if global_batch else [p.register_post_accumulate_grad_hook(fold_into_score(n)) for n, p in params]
     try:
         for step in tqdm(range(steps), desc=desc):
             for _, p in params:
@@ -288,6 +304,11 @@ def accumulate_gradient_scores(
             scored.clear()
             loss = loss_fn(step)
             loss.backward()
+            if global_batch:
+                for n, grad in average_gradients(params):
+                    accumulators[n].add(grad.to(by_name[n].device))
+                    by_name[n].grad = None
+                continue
             for n, p in params:
                 # outside this step's graph: torch's AdamW skips a parameter without a gradient, and so do we
                 if n not in scored and p.grad is not None:

@@ -31,10 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch.distributed as dist  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
-from sparse_rl import SparseConfig, distributed, sparsify  # noqa: E402
-from sparse_rl.distributed import MaskMismatchError, broadcast_mask, check_masks_agree  # noqa: E402
+from sparse_rl import SparseConfig, discovery, sparsify  # noqa: E402
+from sparse_rl.config import PROBE_BUDGETS, PROBE_SCORES  # noqa: E402
+from sparse_rl.discovery import accumulate_gradient_scores, gradient_mask  # noqa: E402
+from sparse_rl.distributed import MaskMismatchError, average_gradients, check_masks_agree  # noqa: E402
 from sparse_rl.entropy import select_high_entropy_tokens  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
 from tests.trl_cases import build_trainer, snapshot  # noqa: E402
@@ -46,6 +49,11 @@ GLOBAL_BATCH = 4  # preference pairs per optimizer step, summed over processes
 # other tokens (at q = 0.5 this batch happens to split evenly and could not tell).
 DPO_CONFIG = SparseConfig(discovery="random", density=0.3, entropy_quantile=0.2)
 ENTROPY_QUANTILE = 0.3
+# The probe on fixed token batches: every rank takes PROBE_ROWS rows of each step's global batch.
+PROBE_STEPS = 3
+PROBE_ROWS = 3
+PROBE_DENSITY = 0.2
+GRPO_PROBE = SparseConfig(density=0.2, probe_steps=2)
 
 
 class RecordGradients(TrainerCallback):
@@ -88,23 +96,53 @@ def run_dpo(checkpoint, output_dir, world_size: int, config: SparseConfig = DPO_
 
 def run_grpo_probe(checkpoint, output_dir) -> dict:
     """GRPO with gradient discovery: every rank probes its own prompts (generation and reward gathering are
-    collective, so all ranks must probe together) and rank 0's mask is broadcast. The mask each rank handed to the
-    broadcast is recorded."""
-    handed_over = []
+    collective, so all ranks probe together). Records each probe step's gradients as the rank's backward left them,
+    before :func:`average_gradients`, and whether the model the probe ran was wrapped in DDP (before ``train()``)."""
+    local_gradients, probed_models = [], []
 
-    def recording_broadcast(mask, src=0):
-        handed_over.append(mask)
-        return broadcast_mask(mask, src)
+    def recording_average(params):
+        probed_models.append(isinstance(trainer.model_wrapped, DistributedDataParallel))
+        local_gradients.append({n: p.grad.detach().clone() for n, p in params if p.grad is not None})
+        yield from average_gradients(params)
 
     trainer = build_trainer("grpo", checkpoint, output_dir, max_steps=1, per_device_train_batch_size=4)
     initial = snapshot(trainer.model)
-    distributed.broadcast_mask = recording_broadcast
+    discovery.average_gradients = recording_average
     try:
-        sparse = sparsify(trainer, SparseConfig(density=0.2, probe_steps=2))
+        sparse = sparsify(trainer, GRPO_PROBE)
     finally:
-        distributed.broadcast_mask = broadcast_mask
+        discovery.average_gradients = average_gradients
     trainer.train()
-    return {"initial": initial, "local_mask": handed_over[0], "mask": sparse.mask, "final": snapshot(trainer.model)}
+    return {"initial": initial, "local_gradients": local_gradients, "probed_ddp": probed_models,
+            "trained_ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "mask": sparse.mask,
+            "final": snapshot(trainer.model)}
+
+
+def probe_shard(rank: int) -> slice:
+    return slice(rank * PROBE_ROWS, (rank + 1) * PROBE_ROWS)
+
+
+def probe_loss(model, rows: slice):
+    """``loss_fn(step)``: the language-model loss on ``rows`` of step ``step``'s global batch. Every row has the
+    same length and no padding, so the global batch's loss is the mean of the shards' losses."""
+    def loss_fn(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1000 + step)
+        ids = torch.randint(4, model.config.vocab_size, (2 * PROBE_ROWS, 10), generator=generator)[rows]
+        return model(input_ids=ids, labels=ids).loss
+
+    return loss_fn
+
+
+def run_probe(checkpoint, rank: int) -> dict:
+    """Every score kind and budget of the probe, each rank on its own rows of the same global batches."""
+    if not dist.is_initialized():  # no trainer here to initialise the process group from the launcher's environment
+        dist.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    loss_fn = probe_loss(model, probe_shard(rank))
+    scores = {kind: accumulate_gradient_scores(model, loss_fn, PROBE_STEPS, score=kind) for kind in PROBE_SCORES}
+    masks = {(kind, budget): gradient_mask(model, loss_fn, PROBE_DENSITY, PROBE_STEPS, score=kind, budget=budget)
+             for kind in PROBE_SCORES for budget in PROBE_BUDGETS}
+    return {"scores": scores, "masks": masks}
 
 
 def entropy_shard(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +153,35 @@ def entropy_shard(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return entropy, valid
 
 
+def partial_model() -> torch.nn.ModuleDict:
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(3, 2)})
+
+
+PARTIAL_USES_B = {(0, 1), (2, 0), (2, 1)}  # (step, rank) whose loss uses "b": one rank, none, both
+
+
+def partial_loss(model: torch.nn.ModuleDict, rank: int, step: int) -> torch.Tensor:
+    """Rank ``rank``'s probe loss at ``step``; "b" is outside some ranks' graphs (it gets no gradient there)."""
+    x = torch.arange(6.0).reshape(2, 3) + rank - step
+    loss = model["a"](x).square().mean()
+    return loss + model["b"](x).sum() if (step, rank) in PARTIAL_USES_B else loss
+
+
 def run_collectives(rank: int) -> dict:
-    """The entropy threshold over all processes' tokens, and the errors of mismatched masks (raised on every rank)."""
+    """The entropy threshold over all processes' tokens, a probe where a parameter gets no gradient on some ranks,
+    and the errors of mismatched masks and parameters (raised on every rank)."""
     entropy, valid = entropy_shard(rank)
     selection = select_high_entropy_tokens(entropy, valid, quantile=ENTROPY_QUANTILE)
     result = {"keep": selection.keep, "threshold": selection.threshold, "num_kept": selection.num_kept,
               "num_valid": selection.num_valid}
+    model = partial_model()
+    result["partial_scores"] = accumulate_gradient_scores(model, lambda step: partial_loss(model, rank, step), 3,
+                                                          score="adam")
     base = {"a": torch.tensor([True, False, True]), "b": torch.zeros(2, 2, dtype=torch.bool)}
-    extra = {"c": torch.ones(1, dtype=torch.bool)} if rank == 1 else {}
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 1), **({"c": torch.nn.Linear(1, 1)} if rank == 1 else {})})
     for name, call in {
-        "broadcast_structure": lambda: broadcast_mask(SubnetworkMask({**base, **extra})),
+        "probe_structure": lambda: accumulate_gradient_scores(model, lambda step: model["a"].weight.sum(), 1),
         "check_one_bit": lambda: check_masks_agree(SubnetworkMask({**base, "a": torch.tensor([True, rank == 1,
                                                                                               True])})),
     }.items():
@@ -140,6 +197,7 @@ SCENARIOS = {
     "dpo": lambda checkpoint, out, rank: run_dpo(checkpoint, out / "dpo", int(os.environ["WORLD_SIZE"]),
                                                  refused_config=SparseConfig(discovery="random", seed=rank)),
     "grpo_gradient": lambda checkpoint, out, rank: run_grpo_probe(checkpoint, out / "grpo_gradient"),
+    "probe": lambda checkpoint, out, rank: run_probe(checkpoint, rank),
     # needs the process group that the trainers above initialised
     "collectives": lambda checkpoint, out, rank: run_collectives(rank),
 }
