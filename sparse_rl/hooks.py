@@ -22,6 +22,7 @@ class GradientRestriction:
 
     handles: list = field(default_factory=list)
     frozen: list[torch.nn.Parameter] = field(default_factory=list)
+    held_bytes: int = 0  # what the hooks keep to mask: a bool per entry (dense), an int32 per selected entry (compact)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -30,6 +31,7 @@ class GradientRestriction:
             param.requires_grad_(True)
         self.handles.clear()
         self.frozen.clear()
+        self.held_bytes = 0
 
 
 def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact: bool = False) -> GradientRestriction:
@@ -61,9 +63,11 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
             continue
         if compact:
             restriction.handles.append(register_compact_gradient(param, selection))
+            restriction.held_bytes += 4 * int(selection.sum())
             continue
         keep = selection.to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))
+        restriction.held_bytes += keep.numel() * keep.element_size()
     return restriction
 
 

@@ -137,3 +137,17 @@ def test_refused_where_the_dense_gradient_is_needed(tiny_checkpoint, tmp_path, m
     with pytest.raises(UnsupportedTrainerSetup, match="single process, but this run has 2 processes"):
         sparsify(trainer, SparseConfig(mask=mask, compact_grads=True))
     assert all(not hasattr(p, "compact_grad") for p in trainer.model.parameters())  # refused before any change
+
+
+def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model):
+    mask = random_mask(tiny_model, 0.1)
+    partly = [n for n, _ in tiny_model.named_parameters() if mask[n].any() and not mask[n].all()]
+    dense = restrict_gradients(tiny_model, mask)
+    assert dense.held_bytes == sum(mask[n].numel() for n in partly)
+    dense.remove()
+    compact = restrict_gradients(tiny_model, mask, compact=True)
+    assert compact.held_bytes == 4 * sum(int(mask[n].sum()) for n in partly) < 0.5 * dense_bytes(mask, partly)
+
+
+def dense_bytes(mask, names):
+    return sum(mask[n].numel() for n in names)
