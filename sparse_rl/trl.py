@@ -112,7 +112,7 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     if config.compact_grads:
         _refuse_compact_grads(trainer)
     mask = _resolve_mask(trainer, config)
-    # every process trains the same entries: rank 0's probe result, or seeded/loaded masks checked to agree
+    # every process trains the same entries: the probe scored the global batch, and every mask is checked to agree
     mask = agree_on_mask(mask, discovered=config.mask is None and config.discovery == "gradient")
 
     # Nothing below refuses user input: from here on the trainer is changed.
