@@ -42,9 +42,10 @@ class SparseConfig:
             policy itself with the original values of the selected entries swapped in for reference forwards
             (:func:`sparse_rl.reference.use_shared_reference`); saves a whole model copy.
         compact_grads: keep only the selected gradient entries and free each dense gradient during backward
-            (:mod:`sparse_rl.compact_grad`): gradient memory drops from 4 bytes per parameter to 4 per selected entry
-            and the optimizer step reads no dense gradient. Results equal the dense masked gradients'. Single
-            process only (DDP/FSDP reduce the dense gradient) and not with fp16 loss scaling.
+            (:mod:`sparse_rl.compact_grad`): gradient memory drops from a dense gradient plus the hooks' bool mask (5
+            bytes per fp32 parameter) to 8 bytes per selected entry (value and int32 index), and the optimizer step
+            reads no dense gradient. Results equal the dense masked gradients'. Single process only (DDP/FSDP reduce
+            the dense gradient) and not with fp16 loss scaling.
         seed: seed of random discovery.
         entropy_quantile: share q of completion tokens, the highest-entropy ones, whose loss gradient is kept (the
             paper uses 0.2); ``1.0`` keeps every token. Forward values (ratios, margins, reference log-probs, the
