@@ -246,9 +246,13 @@ def main() -> None:
                         help="mask densities to run (default 0.01 0.05 0.1 0.3 1; each costs memory)")
     parser.add_argument("--state-bits", type=int, nargs="+", default=[32, 8], choices=[32, 8],
                         help="MaskedAdamW state precisions to run")
+    parser.add_argument("--mask", help="also run a saved SubnetworkMask over SmolLM2-135M's parameters (e.g. "
+                        "outputs/demo/final/sparse_mask.safetensors, the demo's probe mask, after `make demo`)")
     parser.add_argument("--fused-only", action="store_true",
                         help="leave out the foreach and bitsandbytes baselines (1.3 GB of state less)")
     args = parser.parse_args()
+    if args.mask and args.quick:
+        parser.error("--mask needs the full model's shapes; leave out --quick")
     rounds = args.rounds or (2 if args.quick else 5)
     densities = sorted(args.densities)
     if 0.01 not in densities or 0.1 not in densities:
@@ -277,25 +281,35 @@ def main() -> None:
             optimizers["bnb AdamW8bit"] = bnb.optim.AdamW8bit(params.values(), **HYPER)
         except Exception as error:  # noqa: BLE001 - report and go on without the baseline
             print(f"bitsandbytes AdamW8bit unavailable: {error}")
-    masks = {}
+    masks = {f"d={d:.0%}": SubnetworkMask({n: torch.rand(s, generator=generator) < d for n, s in shapes.items()})
+             for d in densities}
+    if args.mask:  # a saved mask (e.g. the demo's probe mask): real masks have locality that random ones lack
+        saved = SubnetworkMask.load(args.mask)
+        masks[f"{Path(args.mask).stem} {saved.num_selected / saved.num_total:.1%}"] = SubnetworkMask(
+            {n: saved[n] for n in shapes})
     compact = {}
-    for density in densities:
-        masks[density] = SubnetworkMask({n: torch.rand(s, generator=generator) < density for n, s in shapes.items()})
+    row_mask = {}  # provider -> the mask key its row is about
+    for key, mask in masks.items():
         for bits in args.state_bits:
-            label = f"MaskedAdamW d={density:.0%}" + (" 8-bit" if bits == 8 else "")
-            optimizers[label] = MaskedAdamW(params.items(), masks[density], state_bits=bits, backend="cpu", **HYPER)
-        if density < 1.0:
-            label = f"MaskedAdamW d={density:.0%} compact grads"
-            optimizers[label] = MaskedAdamW(params.items(), masks[density], backend="cpu", **HYPER)
-            compact[label] = compact_step(optimizers[label], params, masks[density])
+            label = f"MaskedAdamW {key}" + (" 8-bit" if bits == 8 else "")
+            optimizers[label] = MaskedAdamW(params.items(), mask, state_bits=bits, backend="cpu", **HYPER)
+            row_mask[label] = key
+        if mask.num_selected < mask.num_total:
+            label = f"MaskedAdamW {key} compact grads"
+            optimizers[label] = MaskedAdamW(params.items(), mask, backend="cpu", **HYPER)
+            compact[label] = compact_step(optimizers[label], params, mask)
+            row_mask[label] = key
     steps = {name: compact.get(name, opt.step) for name, opt in optimizers.items()}
-    for density in densities:
-        if density < 1.0:
-            steps[f"touch-only loop d={density:.0%}"] = touch_step(params, masks[density])
-            steps[f"touch-only loop d={density:.0%} compact grads"] = touch_step(params, masks[density], compact=True)
-    for density in densities:
-        if density < 1.0:
-            steps.update(restriction_steps(params, masks[density], f"d={density:.0%}"))
+    for key, mask in masks.items():
+        if mask.num_selected < mask.num_total:
+            for suffix, is_compact in (("", False), (" compact grads", True)):
+                steps[f"touch-only loop {key}{suffix}"] = touch_step(params, mask, compact=is_compact)
+                row_mask[f"touch-only loop {key}{suffix}"] = key
+    for key, mask in masks.items():
+        if mask.num_selected < mask.num_total:
+            hooks = restriction_steps(params, mask, key)
+            steps.update(hooks)
+            row_mask.update({name: key for name in hooks})
 
     fused = "torch AdamW fused"
     rows, targets, runs = [], [], []
@@ -312,7 +326,8 @@ def main() -> None:
         median = {name: statistics.median(t) for name, t in wall.items()}
         dense_state = state_bytes_of(optimizers[fused])
         for name in steps:
-            density = next((d for d in densities if f"d={d:.0%}" in name), 1.0)
+            mask = masks.get(row_mask.get(name))
+            density = mask.num_selected / mask.num_total if mask is not None else 1.0
             bits = 8 if ("8-bit" in name or "8bit" in name) else 32
             opt = optimizers.get(name)
             row = dict(threads=threads, provider=name, density=density, step_ms=median[name] * 1e3,
@@ -322,9 +337,9 @@ def main() -> None:
             if opt is not None:
                 row["state_bytes"] = state_bytes_of(opt)
                 row["state_ratio_vs_fused"] = state_bytes_of(opt) / dense_state
-                row["gradient_bytes"] = gradient_bytes(params, masks.get(density), "compact" in name)
+                row["gradient_bytes"] = gradient_bytes(params, mask, "compact" in name)
             if (opt is None and "hook" not in name) or isinstance(opt, MaskedAdamW):
-                moved, _ = traffic(masks[density], bits, line_bytes=64, compact_grads="compact" in name)
+                moved, _ = traffic(mask, bits, line_bytes=64, compact_grads="compact" in name)
                 row["effective_gbps"] = moved / median[name] / 1e9
             rows.append(row)
         targets.append((threads, "state d=10% fp32 <= 0.15x torch AdamW",
@@ -339,12 +354,14 @@ def main() -> None:
                                 limit))
 
     kernel_rows = []
-    for density in densities:
+    for key, mask in masks.items():
         for bits in args.state_bits:
-            counted, minimum = traffic(masks[density], bits, line_bytes=32)
-            kernel_rows.append(dict(density=density, state_bits=bits, counted_bytes_per_param=counted / total,
-                                    minimum_bytes_per_param=minimum / total, counted_over_minimum=counted / minimum,
-                                    dense_fused_bytes_per_param=28.0))
+            for is_compact in (False, True) if mask.num_selected < mask.num_total else (False,):
+                counted, minimum = traffic(mask, bits, line_bytes=32, compact_grads=is_compact)
+                kernel_rows.append(dict(mask=key, state_bits=bits, gradients="compact" if is_compact else "dense",
+                                        counted_bytes_per_param=counted / total,
+                                        minimum_bytes_per_param=minimum / total,
+                                        counted_over_minimum=counted / minimum, dense_fused_bytes_per_param=28.0))
     write_results(rows, kernel_rows, targets, runs, total, rounds, args.quick)
 
 
@@ -411,11 +428,11 @@ def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> Non
         "Counted at 32-byte-sector granularity (what DRAM moves on a GPU) against the minimum for the layout "
         "(only the selected values + bitmask and offsets). Dense fused AdamW in fp32 moves 28 B/param.",
         "",
-        "| density | state | counted B/param | minimum B/param | counted / minimum |",
-        "|---:|---|---:|---:|---:|",
+        "| mask | state | gradients | counted B/param | minimum B/param | counted / minimum |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for r in kernel_rows:
-        lines.append(f"| {r['density']:.0%} | {'8-bit' if r['state_bits'] == 8 else 'fp32'} | "
+        lines.append(f"| {r['mask']} | {'8-bit' if r['state_bits'] == 8 else 'fp32'} | {r['gradients']} | "
                      f"{r['counted_bytes_per_param']:.2f} | {r['minimum_bytes_per_param']:.2f} | "
                      f"{r['counted_over_minimum']:.2f} |")
     lines += ["", "## Targets", "", "| threads | target | measured | met |", "|---:|---|---:|---|"]
