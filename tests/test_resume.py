@@ -11,12 +11,13 @@ from tests.trl_cases import build_trainer, snapshot
 CHECKPOINTING = dict(max_steps=4, save_strategy="steps", save_steps=2)
 
 
-@pytest.mark.parametrize("name, dtype", [("sft", None), ("sft", torch.bfloat16), ("grpo", None)],
-                         ids=["sft-fp32", "sft-bf16-master", "grpo-fp32"])
-def test_resume_equals_uninterrupted_run(name, dtype, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("name, dtype, compact", [("sft", None, False), ("sft", torch.bfloat16, False),
+                                                   ("grpo", None, False), ("grpo", None, True)],
+                         ids=["sft-fp32", "sft-bf16-master", "grpo-fp32", "grpo-fp32-compact-grads"])
+def test_resume_equals_uninterrupted_run(name, dtype, compact, tiny_checkpoint, tmp_path):
     full = build_trainer(name, tiny_checkpoint, tmp_path / "full", dtype=dtype, **CHECKPOINTING)
     mask = random_mask(full.model, 0.1, seed=3)
-    sparsify(full, SparseConfig(mask=mask))
+    sparsify(full, SparseConfig(mask=mask, compact_grads=compact))
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert SubnetworkMask.load(checkpoint / MASK_FILE_NAME) == mask
@@ -27,7 +28,7 @@ def test_resume_equals_uninterrupted_run(name, dtype, tiny_checkpoint, tmp_path)
     assert sum(state["exp_avg"].numel() for state in saved["state"].values()) == selected
 
     resumed = build_trainer(name, tiny_checkpoint, tmp_path / "resumed", dtype=dtype, **CHECKPOINTING)
-    sparsify(resumed, SparseConfig(mask=str(checkpoint / MASK_FILE_NAME)))
+    sparsify(resumed, SparseConfig(mask=str(checkpoint / MASK_FILE_NAME), compact_grads=compact))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected = snapshot(full.model)
     for name_, param in resumed.model.named_parameters():
