@@ -2,10 +2,12 @@
 
 Task: few-shot addition ("2 + 3 = 5\\n...\\n{a} + {b} ="), reward 1 when the first integer of the completion is a+b.
 With operands up to 19 the base model's sampled reward sits between 0 and 1, so GRPO groups have non-zero advantage.
+The held-out prompts use addition pairs that never appear in training.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -21,14 +23,14 @@ _FIRST_INTEGER = re.compile(r"-?\d+")
 @dataclass
 class DemoConfig:
     density: float = 0.1
-    steps: int = 20
+    steps: int = 30
     max_operand: int = 19
     num_generations: int = 8
     prompts_per_step: int = 2
     max_completion_length: int = 6
-    learning_rate: float = 3e-5
+    learning_rate: float = 3e-5  # 5e-5 and above collapsed the held-out reward within 30 steps
     probe_steps: int = 4
-    eval_prompts: int = 128
+    eval_prompts: int = 256  # distinct addition pairs held out of training
     seed: int = 0
     output_dir: str = "outputs/demo"
 
@@ -40,6 +42,30 @@ def addition_prompts(n: int, max_operand: int, seed: int) -> list[dict]:
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         rows.append({"prompt": f"{FEW_SHOT}{a} + {b} =", "answer": a + b})
     return rows
+
+
+def demo_rows(config: DemoConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): ``eval_prompts`` distinct pairs are held out, training draws from the others
+    (with 64 spare rows for the probe), so the held-out reward measures generalisation, not memorised sums."""
+    pairs = [(a, b) for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)]
+    if not 0 < config.eval_prompts < len(pairs):
+        raise ValueError(f"eval_prompts must be in (0, {len(pairs)}) for max_operand {config.max_operand} "
+                         f"({len(pairs)} distinct pairs), got {config.eval_prompts}")
+    held_out = random.Random(config.seed + 1).sample(pairs, config.eval_prompts)
+    seen = set(held_out)
+    train_pairs = [p for p in pairs if p not in seen]
+    rng = random.Random(config.seed)
+    train = [rng.choice(train_pairs) for _ in range(config.steps * config.prompts_per_step + 64)]
+
+    def rows(selection):
+        return [{"prompt": f"{FEW_SHOT}{a} + {b} =", "answer": a + b} for a, b in selection]
+
+    return rows(train), rows(held_out)
+
+
+def difference_standard_error(before: float, after: float, n: int) -> float:
+    """Standard error of ``after - before`` for two independent sampled rewards on ``n`` prompts each."""
+    return math.sqrt((before * (1 - before) + after * (1 - after)) / n)
 
 
 def first_integer_matches(completion: str, answer: int) -> bool:
@@ -86,14 +112,17 @@ def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[di
                        train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
 
 
-def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo") -> dict:
+def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo",
+             config: DemoConfig | None = None) -> dict:
+    """Run the demo; ``config`` (if given) replaces the defaults, and ``density``/``steps``/``output_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import SparseConfig, sparsify
     from .models import smollm2_checkpoint
     from .optim import MaskedAdamW, unwrap_optimizer
 
-    config = DemoConfig(density=density, output_dir=output_dir)
+    if config is None:
+        config = DemoConfig(density=density, output_dir=output_dir)
     if steps is not None:
         config.steps = steps
     started = time.time()
@@ -104,15 +133,14 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    train_rows = addition_prompts(config.steps * config.prompts_per_step + 64, config.max_operand, config.seed)
-    eval_rows = addition_prompts(config.eval_prompts, config.max_operand, config.seed + 1)
+    train_rows, eval_rows = demo_rows(config)
     before = sampled_accuracy(model, tokenizer, eval_rows, config.max_completion_length, seed=config.seed)
     print(f"reward before training (sampled, {len(eval_rows)} held-out prompts): {before:.3f}", flush=True)
 
     trainer = build_demo_trainer(config, model, tokenizer, train_rows)
     probe_start = time.time()
     sparse = sparsify(trainer, SparseConfig(density=config.density, discovery="gradient",
-                                            probe_steps=config.probe_steps))
+                                            probe_steps=config.probe_steps, compact_grads=True))
     print(f"mask from a {config.probe_steps}-batch gradient probe of the GRPO loss: "
           f"{time.time() - probe_start:.0f}s", flush=True)
     trainer.train()
@@ -139,7 +167,9 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
 
     total = sum(p.numel() for p in model.parameters())
     print("\n== results ==")
-    print(f"reward before -> after (sampled, held-out): {before:.3f} -> {after:.3f}")
+    se = difference_standard_error(before, after, len(eval_rows))
+    print(f"reward before -> after (sampled, held-out): {before:.3f} -> {after:.3f} "
+          f"({after - before:+.3f}, {(after - before) / se:+.1f} standard errors of the difference, SE {se:.3f})")
     if train_rewards:
         print(f"training reward, first -> last logged window: {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}")
     print(f"parameters trained: {sparse.mask.num_selected:,} of {total:,} ({sparse.mask.num_selected / total:.2%}); "
@@ -151,5 +181,6 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     print(f"trained model and mask saved to {final}; total time {time.time() - started:.0f}s")
     if changed_unselected:
         raise SystemExit("unselected entries changed: the subnetwork restriction is broken")
-    return dict(before=before, after=after, changed_unselected=changed_unselected,
+    return dict(before=before, after=after, se=se, train_rewards=train_rewards, seconds=time.time() - started,
+                changed_unselected=changed_unselected,
                 state_ratio=sparse_state / dense_state)
