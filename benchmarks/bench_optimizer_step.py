@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 from sparse_rl.kernels.layout import TILE
+from sparse_rl.kernels.masked_adamw_cpu_blocks import block_path_available
 
 from sparse_rl import MaskedAdamW, SubnetworkMask
 
@@ -212,6 +214,24 @@ def compact_step(optimizer: MaskedAdamW, params: dict[str, torch.nn.Parameter], 
     return step
 
 
+def general_path(step: callable) -> callable:
+    """``step`` with the CPU block path turned off (``SPARSE_RL_CPU_BLOCKS=0``): the general per-entry path that
+    bf16/fp16 parameters and 8-bit state take, timed on the same fp32 tensors for comparison."""
+
+    def run():
+        previous = os.environ.get("SPARSE_RL_CPU_BLOCKS")
+        os.environ["SPARSE_RL_CPU_BLOCKS"] = "0"
+        try:
+            step()
+        finally:
+            if previous is None:
+                del os.environ["SPARSE_RL_CPU_BLOCKS"]
+            else:
+                os.environ["SPARSE_RL_CPU_BLOCKS"] = previous
+
+    return run
+
+
 def restriction_steps(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask, label: str) -> dict:
     """What each gradient restriction costs per backward, on the same gradients: the dense hook's ``torch.where`` (a
     new zero-filled gradient) against the compact hook's ``index_select`` of the selected entries."""
@@ -268,6 +288,7 @@ def main() -> None:
     total = sum(p.numel() for p in params.values())
     print(f"{len(params)} tensors, {total / 1e6:.1f}M fp32 parameters, torch {torch.__version__}, numba "
           f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads at most), thread counts {thread_counts}, "
+          f"CPU block path {'on' if block_path_available() else 'off (no AVX-512)'}, "
           f"{platform.processor() or platform.machine()}, load average {load_average()}")
 
     optimizers: dict[str, torch.optim.Optimizer] = {
@@ -288,6 +309,7 @@ def main() -> None:
         masks[f"{Path(args.mask).stem} {saved.num_selected / saved.num_total:.1%}"] = SubnetworkMask(
             {n: saved[n] for n in shapes})
     compact = {}
+    general_steps = {}
     row_mask = {}  # provider -> the mask key its row is about
     for key, mask in masks.items():
         for bits in args.state_bits:
@@ -299,7 +321,16 @@ def main() -> None:
             optimizers[label] = MaskedAdamW(params.items(), mask, backend="cpu", **HYPER)
             compact[label] = compact_step(optimizers[label], params, mask)
             row_mask[label] = key
+    if block_path_available():  # the same fp32 steps on the general path, for comparison in the same run
+        for label in [name for name in optimizers if name.startswith("MaskedAdamW") and "8-bit" not in name]:
+            general = label + " general path"
+            optimizers[general] = MaskedAdamW(params.items(), masks[row_mask[label]], backend="cpu", **HYPER)
+            if label in compact:
+                compact[general] = compact_step(optimizers[general], params, masks[row_mask[label]])
+            row_mask[general] = row_mask[label]
+            general_steps[general] = True
     steps = {name: compact.get(name, opt.step) for name, opt in optimizers.items()}
+    steps = {name: general_path(step) if name in general_steps else step for name, step in steps.items()}
     for key, mask in masks.items():
         if mask.num_selected < mask.num_total:
             for suffix, is_compact in (("", False), (" compact grads", True)):
@@ -411,10 +442,13 @@ def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> Non
         "",
         "Effective GB/s = bytes the step must move (64-byte cache lines of grad and param holding a selected entry, "
         "read, and param written back; compact state read and written; bitmask and offsets) / step time. The "
-        "touch-only loop reads the selected grads and reads and writes the selected params and nothing else (its "
-        "GB/s column counts the same bytes as the step's): no kernel that reads the dense grad tensor can be faster "
-        "at that density. Its *compact grads* variant reads a contiguous compact gradient instead: the floor of a "
-        "step from compact gradients.",
+        "touch-only loop reads the selected grads and reads and writes the selected params entry by entry through "
+        "a precomputed index list, and nothing else (its GB/s column counts the same bytes as the step's): the "
+        "floor of any step that moves entries one at a time (its *compact grads* variant reads a contiguous "
+        "compact gradient). It is not a floor for the block path, which moves whole 16-entry cache lines "
+        "with AVX-512 (rows without *general path*, on a CPU with AVX-512); *general path* rows are the per-entry "
+        "path that bf16/fp16 parameters and 8-bit state take, on the same fp32 tensors "
+        "(`SPARSE_RL_CPU_BLOCKS=0`).",
         "",
         "*compact grads* rows step from compact gradients (`SparseConfig(compact_grads=True)`): the selected gradient "
         "entries only, so the step reads no dense gradient. The copy into them happens during backward, in the "

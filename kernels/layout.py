@@ -94,7 +94,8 @@ COL_ABSMAX1 = 7
 COL_ABSMAX2 = 8
 COL_BLOCK_OFFSETS = 9
 COL_TENSOR_ID = 10
-TABLE_COLUMNS = 11
+COL_NUMEL = 11  # entries of the tensor: the CPU block path must not read or write 16-entry blocks past its end
+TABLE_COLUMNS = 12
 
 PARAM_FP32 = 0
 PARAM_BF16 = 1
@@ -130,6 +131,7 @@ def tensor_table_row(
     row[COL_ABSMAX2] = _address(absmax2)
     row[COL_BLOCK_OFFSETS] = _address(layout.block_offsets)
     row[COL_TENSOR_ID] = tensor_id
+    row[COL_NUMEL] = layout.numel
     return row
 
 

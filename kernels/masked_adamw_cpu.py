@@ -1,5 +1,9 @@
 """CPU path of the masked AdamW step: the Triton kernels' algorithm compiled with numba, on the same tables.
 
+fp32 parameters with fp32 state take the AVX-512 block path (:mod:`.masked_adamw_cpu_blocks`) where the CPU has it;
+everything else (bf16/fp16 parameters, master copies, stochastic rounding, 8-bit state, CPUs without AVX-512) takes
+the general path below. Both give the same bits.
+
 Why numba: a gather/compute/scatter step in plain PyTorch moves every selected value through several temporaries
 and was measured 4x slower than the dense fused AdamW step. Here each parallel work item (``prange`` over runs of
 tiles, on torch's thread count) walks its tiles' bitmasks and, for batches of up to ~2048 selected entries of one
@@ -30,6 +34,7 @@ from numba.extending import intrinsic
 
 from . import layout
 from .layout import PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, WORDS_PER_TILE, AdamWScalars
+from .masked_adamw_cpu_blocks import block_path_available, step_blocks
 
 _PARAM_FP32 = layout.PARAM_FP32
 _PARAM_BF16 = layout.PARAM_BF16
@@ -468,7 +473,11 @@ def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master
     parallel = torch_threads > 1 and tiles.shape[0] > _SERIAL_TILES
     if parallel:
         numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    blocks = param_dtype == torch.float32 and not has_master and not quantised and block_path_available()
     try:
+        if blocks:
+            step_blocks(tensor_table.numpy(), tiles.numpy(), scalars, compact_grad=compact_grad, parallel=parallel)
+            return
         (_step_parallel if parallel else _step_serial)(
             tensor_table.numpy(), tiles.numpy(), qmaps, starts,
             f32(scalars.beta1), f32(scalars.beta2), f32(scalars.one_minus_beta1), f32(scalars.one_minus_beta2),

@@ -19,6 +19,17 @@ from tests.test_optim_reference import ReferenceMaskedAdamW, random_grads, rando
 SHAPES = {"sparse": (300 * TILE,), "mid": (70, 3 * TILE + 5), "dense": (20 * TILE + 333,), "small": (17, 3)}
 
 
+@pytest.fixture(params=["general", "blocks"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths: the general one, and the AVX-512 block path that fp32 parameters take where the CPU has it."""
+    from sparse_rl.kernels.masked_adamw_cpu_blocks import block_path_available
+
+    monkeypatch.setenv("SPARSE_RL_CPU_BLOCKS", "1" if request.param == "blocks" else "0")
+    if request.param == "blocks" and not block_path_available():
+        pytest.skip("this CPU has no AVX-512: the block path is not used here")
+    return request.param
+
+
 @pytest.fixture
 def two_threads():
     threads = torch.get_num_threads()
@@ -29,7 +40,7 @@ def two_threads():
 
 @pytest.mark.parametrize("dtype,master_weights", [(torch.float32, True), (torch.bfloat16, True),
                                                   (torch.float16, False)], ids=str)
-def test_parallel_launch_matches_reference(two_threads, dtype, master_weights):
+def test_parallel_launch_matches_reference(two_threads, cpu_path, dtype, master_weights):
     params, mask = random_problem(SHAPES, 0.1, dtype)
     for name, density in (("sparse", 0.01), ("dense", 0.6)):
         mask.selections[name] = torch.rand(SHAPES[name], generator=torch.Generator().manual_seed(3)) < density
@@ -41,7 +52,7 @@ def test_parallel_launch_matches_reference(two_threads, dtype, master_weights):
 
 
 @pytest.mark.parametrize("state_bits", [32, 8])
-def test_tables_follow_new_gradient_parameter_and_state_tensors(state_bits):
+def test_tables_follow_new_gradient_parameter_and_state_tensors(cpu_path, state_bits):
     """Fresh gradient tensors every step (zero_grad(set_to_none=True)), a parameter rebound to new storage and state
     loaded from a checkpoint all change addresses in the cached launch table: the step must follow each of them."""
     if state_bits == 8:
@@ -74,21 +85,22 @@ def test_tables_follow_new_gradient_parameter_and_state_tensors(state_bits):
         assert torch.equal(ours[n].detach().view(torch.int32), expected[n].detach().view(torch.int32)), n
 
 
-def test_launch_uses_torch_threads_and_leaves_torch_count_alone(two_threads, monkeypatch):
+def test_launch_uses_torch_threads_and_leaves_torch_count_alone(two_threads, cpu_path, monkeypatch):
     """The parallel launch runs on torch's thread count. numba's OpenMP pool sets the process's OpenMP thread count
     (torch's too) to all cores at its first parallel launch; the launch must put torch's back, as it was set."""
     import numba
-    from sparse_rl.kernels import masked_adamw_cpu
+    from sparse_rl.kernels import masked_adamw_cpu, masked_adamw_cpu_blocks
 
+    module = masked_adamw_cpu_blocks if cpu_path == "blocks" else masked_adamw_cpu
     seen = {}
-    real = masked_adamw_cpu._step_parallel
+    real = module._step_parallel
 
     def first_launch(*args):
         seen["numba_threads"] = numba.get_num_threads()
         torch.set_num_threads(1)  # what starting numba's pool does to torch, on a machine with another core count
         return real(*args)
 
-    monkeypatch.setattr(masked_adamw_cpu, "_step_parallel", first_launch)
+    monkeypatch.setattr(module, "_step_parallel", first_launch)
     p = torch.nn.Parameter(torch.randn(400 * TILE))
     optimizer = MaskedAdamW([("p", p)], random_problem({"p": p.shape}, 0.1)[1], backend="cpu")
     p.grad = torch.randn_like(p)
