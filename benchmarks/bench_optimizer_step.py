@@ -266,8 +266,10 @@ def main() -> None:
                         help="mask densities to run (default 0.01 0.05 0.1 0.3 1; each costs memory)")
     parser.add_argument("--state-bits", type=int, nargs="+", default=[32, 8], choices=[32, 8],
                         help="MaskedAdamW state precisions to run")
-    parser.add_argument("--mask", help="also run a saved SubnetworkMask over SmolLM2-135M's parameters (e.g. "
-                        "outputs/demo/final/sparse_mask.safetensors, the demo's probe mask, after `make demo`)")
+    parser.add_argument("--mask", nargs="+", default=[],
+                        help="also run saved SubnetworkMasks over SmolLM2-135M's parameters (e.g. "
+                        "outputs/demo/final/sparse_mask.safetensors, the demo's probe mask, after `make demo`, or "
+                        "one saved by benchmarks/probe_mask.py)")
     parser.add_argument("--fused-only", action="store_true",
                         help="leave out the foreach and bitsandbytes baselines (1.3 GB of state less)")
     args = parser.parse_args()
@@ -304,9 +306,9 @@ def main() -> None:
             print(f"bitsandbytes AdamW8bit unavailable: {error}")
     masks = {f"d={d:.0%}": SubnetworkMask({n: torch.rand(s, generator=generator) < d for n, s in shapes.items()})
              for d in densities}
-    if args.mask:  # a saved mask (e.g. the demo's probe mask): real masks have locality that random ones lack
-        saved = SubnetworkMask.load(args.mask)
-        masks[f"{Path(args.mask).stem} {saved.num_selected / saved.num_total:.1%}"] = SubnetworkMask(
+    for path in args.mask:  # saved masks (e.g. the demo's probe mask): real masks have locality random ones lack
+        saved = SubnetworkMask.load(path)
+        masks[f"{Path(path).stem} {saved.num_selected / saved.num_total:.1%}"] = SubnetworkMask(
             {n: saved[n] for n in shapes})
     compact = {}
     general_steps = {}
@@ -393,14 +395,18 @@ def main() -> None:
                                         counted_bytes_per_param=counted / total,
                                         minimum_bytes_per_param=minimum / total,
                                         counted_over_minimum=counted / minimum, dense_fused_bytes_per_param=28.0))
-    write_results(rows, kernel_rows, targets, runs, total, rounds, args.quick)
+    locality = [dict(mask=key, density=mask.num_selected / mask.num_total,
+                     lines_touched=sum(lines_touched(s.reshape(-1).numpy(), 4, 64) for s in mask.selections.values())
+                     / sum(-(-s.numel() // 16) for s in mask.selections.values()))
+                for key, mask in masks.items()]
+    write_results(rows, kernel_rows, targets, runs, total, rounds, args.quick, locality)
 
 
 def _row(rows, threads, provider):
     return next(r for r in rows if r["provider"] == provider and r["threads"] == threads)
 
 
-def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> None:
+def write_results(rows, kernel_rows, targets, runs, total, rounds, quick, locality) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
     with open(RESULTS / f"optimizer_step{suffix}.csv", "w", newline="") as f:
@@ -456,6 +462,10 @@ def write_results(rows, kernel_rows, targets, runs, total, rounds, quick) -> Non
         "gradients, once per backward (a cost of the backward, not of the step). Gradients (MB) = what gradients "
         "hold while the optimizer runs: dense fp32 (+ the dense hook's 1-byte bool mask), or compact fp32 + the "
         "compact hook's int32 indices.",
+        "",
+        "Share of the fp32 parameters' 64-byte cache lines that hold a selected entry (each is read and written "
+        "by the step, whatever its other 15 entries): "
+        + "; ".join(f"{r['mask']}: {r['lines_touched']:.1%}" for r in locality) + ".",
         "",
         "## Triton kernel: bytes per step per parameter (counted from its loads and stores)",
         "",
