@@ -213,12 +213,19 @@ def _block_bits(words, block):
 
 
 @njit(inline="always", **_JIT)
+def _tile_selection(table, row, tile):
+    """(the tile's mask words, summary bits of its selected blocks that lie wholly inside the tensor, and of the
+    tensor's last, partial block if the tile holds it and it selects anything)."""
+    address = table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)
+    summary = _block_summary(address)
+    inside = _full_blocks(table[row, _COL_NUMEL], tile)
+    return carray(_as_pointer(address), WORDS_PER_TILE, np.uint32), summary & inside, summary & ~inside
+
+
+@njit(inline="always", **_JIT)
 def _pack_tile(table, row, tile, packed, count):
     """Append the tile's selected dense-gradient entries to ``packed[count:]``; return the new count."""
-    numel = table[row, _COL_NUMEL]
-    words = carray(_as_pointer(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)), WORDS_PER_TILE, np.uint32)
-    summary = _block_summary(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4))
-    full = summary & _full_blocks(numel, tile)
+    words, full, tail = _tile_selection(table, row, tile)
     first = tile * TILE
     grad_address = table[row, _COL_GRAD]
     packed_address = packed.ctypes.data
@@ -228,7 +235,6 @@ def _pack_tile(table, row, tile, packed, count):
         bits = _block_bits(words, block)
         _compress_block(grad_address + (first + block * LANES) * 4, packed_address + count * 4, bits)
         count += _bit_count(bits)
-    tail = summary & ~_full_blocks(numel, tile)
     if tail != 0:  # the tensor's last, partial block: entry by entry
         grad = carray(_as_pointer(grad_address), _UNBOUNDED, np.float32)
         block = _lowest_bit(tail)
@@ -255,10 +261,7 @@ def _prefetch_tile(table, tiles, work, column):
 @njit(inline="always", **_JIT)
 def _update_tile(table, row, tile, updates, count, decay):
     """``p = p * decay - u`` on the tile's selected entries, their updates at ``updates[count:]``; return the count."""
-    numel = table[row, _COL_NUMEL]
-    words = carray(_as_pointer(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)), WORDS_PER_TILE, np.uint32)
-    summary = _block_summary(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4))
-    full = summary & _full_blocks(numel, tile)
+    words, full, tail = _tile_selection(table, row, tile)
     first = tile * TILE
     param_address = table[row, _COL_PARAM]
     updates_address = updates.ctypes.data
@@ -268,7 +271,6 @@ def _update_tile(table, row, tile, updates, count, decay):
         bits = _block_bits(words, block)
         _update_block(updates_address + count * 4, param_address + (first + block * LANES) * 4, bits, decay)
         count += _bit_count(bits)
-    tail = summary & ~_full_blocks(numel, tile)
     if tail != 0:
         param = carray(_as_pointer(param_address), _UNBOUNDED, np.float32)
         block = _lowest_bit(tail)
