@@ -37,8 +37,9 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, njit, prange
 from sparse_rl.kernels.layout import TILE
+from sparse_rl.kernels.masked_adamw_cpu import _as_pointer
 from sparse_rl.kernels.masked_adamw_cpu_blocks import block_path_available
 
 from sparse_rl import MaskedAdamW, SubnetworkMask
@@ -144,54 +145,55 @@ def time_rounds(providers: dict[str, callable], rounds: int) -> tuple[dict[str, 
     return wall, cpu
 
 
-@njit(error_model="numpy")
-def _touch(grad, param, indices):
-    """Read the selected grads and read-modify-write the selected params: the memory traffic of a masked step, with
-    no decoding, no state and no arithmetic to speak of."""
-    for j in range(indices.size):
-        i = indices[j]
-        param[i] = param[i] + grad[i] * np.float32(0.0)
+@njit(error_model="numpy")  # not inlined: numba 0.68 drops stores through these raw views inlined into a prange
+def _touch_range(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact, first, last):
+    """Read the selected grads (dense, or the contiguous compact ones) and read-modify-write the selected params:
+    the memory traffic of a masked step, with no decoding, no state and no arithmetic to speak of. Entries of all
+    tensors in one list ((tensor, flat index) pairs, 8 bytes an entry), so that threads share them evenly."""
+    for k in range(first, last):
+        tensor = tensor_of[k]
+        param = carray(_as_pointer(param_bases[tensor]), 1 << 31, np.float32)
+        i = np.int64(index_of[k])
+        if compact:
+            g = compact_grad[k]
+        else:
+            g = carray(_as_pointer(grad_bases[tensor]), 1 << 31, np.float32)[i]
+        param[i] = param[i] + g * np.float32(0.0)
 
 
 @njit(error_model="numpy")
-def _touch_params(compact_grad, param, indices):
-    """Read-modify-write the selected params, adding a contiguous compact gradient: the memory traffic of a step from
-    compact gradients, with no decoding, no state and no arithmetic to speak of."""
-    for j in range(indices.size):
-        i = indices[j]
-        param[i] = param[i] + compact_grad[j] * np.float32(0.0)
+def _touch_serial(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact):
+    _touch_range(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact, 0, index_of.size)
 
 
 @njit(parallel=True, error_model="numpy")
-def _touch_parallel(grad, param, indices, compact):
-    chunk = 1 << 16
-    for c in prange((indices.size + chunk - 1) // chunk):
-        if compact:
-            _touch_params(grad[c * chunk:(c + 1) * chunk], param, indices[c * chunk:(c + 1) * chunk])
-        else:
-            _touch(grad, param, indices[c * chunk:(c + 1) * chunk])
+def _touch_parallel(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact):
+    chunk = 1 << 14
+    for c in prange((index_of.size + chunk - 1) // chunk):
+        _touch_range(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact, c * chunk,
+                     min((c + 1) * chunk, index_of.size))
 
 
 def touch_step(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask, compact: bool = False) -> callable:
-    """A step of the touch-only loop over ``mask``'s entries (see :func:`_touch`; with ``compact``,
-    :func:`_touch_params`), on torch's thread count."""
-    work = []
-    for n, p in params.items():
-        indices = np.flatnonzero(mask[n].reshape(-1).numpy())
-        grad = p.grad.view(-1).numpy()
-        work.append((grad[indices].copy() if compact else grad, p.detach().view(-1).numpy(), indices))
+    """A step of the touch-only loop over ``mask``'s entries (see :func:`_touch_range`), on torch's thread count."""
+    names = list(params)
+    indices = [np.flatnonzero(mask[n].reshape(-1).numpy()).astype(np.int32) for n in names]
+    tensor_of = np.concatenate([np.full(ix.size, t, np.int32) for t, ix in enumerate(indices)])
+    index_of = np.concatenate(indices)
+    param_bases = np.array([params[n].data_ptr() for n in names], np.int64)
+    grad_bases = np.array([params[n].grad.data_ptr() for n in names], np.int64)
+    compact_grad = np.concatenate([params[n].grad.view(-1).numpy()[ix] for n, ix in zip(names, indices)])
 
     def step():
         threads = torch.get_num_threads()
         if threads > 1:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        for grad, param, indices in work:
-            if threads > 1 and indices.size > 1 << 18:
-                _touch_parallel(grad, param, indices, compact)
-            else:
-                (_touch_params if compact else _touch)(grad, param, indices)
+            _touch_parallel(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact)
+        else:
+            _touch_serial(param_bases, grad_bases, tensor_of, index_of, compact_grad, compact)
         torch.set_num_threads(threads)  # numba's pool start sets the OpenMP thread count: keep torch's
 
+    step.grads = [params[n].grad for n in names]  # keeps the tensors at grad_bases alive
     return step
 
 

@@ -475,6 +475,8 @@ def _run_tiles(table, tiles, first_work, last_work, *args):
 
 @njit(parallel=True, **_JIT)
 def _step_parallel(table, tiles, *args):
+    # _run_tiles must stay a function of its own: inlined into the prange body, its stores through raw-address views
+    # are dropped by numba's parfor pass (seen with numba 0.68; the parallel tests compare against the reference).
     num_work = tiles.shape[0]
     for chunk in prange((num_work + _CHUNK_TILES - 1) // _CHUNK_TILES):
         first = chunk * _CHUNK_TILES
