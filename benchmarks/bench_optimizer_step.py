@@ -313,7 +313,7 @@ def main() -> None:
         masks[f"{Path(path).stem} {saved.num_selected / saved.num_total:.1%}"] = SubnetworkMask(
             {n: saved[n] for n in shapes})
     compact = {}
-    general_steps = {}
+    general_steps = set()  # providers timed on the general path
     row_mask = {}  # provider -> the mask key its row is about
     for key, mask in masks.items():
         for bits in args.state_bits:
@@ -332,7 +332,7 @@ def main() -> None:
             if label in compact:
                 compact[general] = compact_step(optimizers[general], params, masks[row_mask[label]])
             row_mask[general] = row_mask[label]
-            general_steps[general] = True
+            general_steps.add(general)
     steps = {name: compact.get(name, opt.step) for name, opt in optimizers.items()}
     steps = {name: general_path(step) if name in general_steps else step for name, step in steps.items()}
     for key, mask in masks.items():

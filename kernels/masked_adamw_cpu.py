@@ -34,7 +34,6 @@ from numba.extending import intrinsic
 
 from . import layout
 from .layout import PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, WORDS_PER_TILE, AdamWScalars
-from .masked_adamw_cpu_blocks import block_path_available, step_blocks
 
 _PARAM_FP32 = layout.PARAM_FP32
 _PARAM_BF16 = layout.PARAM_BF16
@@ -364,17 +363,23 @@ def _scatter(address, indices, count, values, param_kind, stochastic, seed, stre
 
 
 @njit(inline="always", **_JIT)
+def adamw_entry(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, eps):
+    """(new m, new v, ``step_size * m / denom``) of one entry, in the Triton kernel's order of IEEE operations; the
+    value then becomes ``value * decay - update``. Shared by both CPU paths, so they cannot drift apart."""
+    m_j = m * beta1 + g * one_minus_beta1
+    v_j = v * beta2 + (g * g) * one_minus_beta2
+    denom = np.sqrt(v_j) / bias_correction2_sqrt + eps
+    return m_j, v_j, step_size * (m_j / denom)
+
+
+@njit(inline="always", **_JIT)
 def _adamw(grad, value, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
            bias_correction2_sqrt, eps):
-    """The update on contiguous fp32 vectors, in the Triton kernel's order of IEEE operations (vectorised by LLVM)."""
+    """The update on contiguous fp32 vectors (vectorised by LLVM)."""
     for j in range(count):
-        g = grad[j]
-        m_j = m[j] * beta1 + g * one_minus_beta1
-        v_j = v[j] * beta2 + (g * g) * one_minus_beta2
-        denom = np.sqrt(v_j) / bias_correction2_sqrt + eps
-        value[j] = value[j] * decay - step_size * (m_j / denom)
-        m[j] = m_j
-        v[j] = v_j
+        m[j], v[j], update = adamw_entry(grad[j], m[j], v[j], beta1, beta2, one_minus_beta1, one_minus_beta2,
+                                         step_size, bias_correction2_sqrt, eps)
+        value[j] = value[j] * decay - update
 
 
 @njit(inline="always", **_JIT)
@@ -501,6 +506,8 @@ def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master
     parallel = torch_threads > 1 and tiles.shape[0] > _SERIAL_TILES
     if parallel:
         numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    from .masked_adamw_cpu_blocks import block_path_available, step_blocks  # it builds on this module's helpers
+
     blocks = param_dtype == torch.float32 and not has_master and not quantised and block_path_available()
     try:
         if blocks:

@@ -33,10 +33,12 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from . import layout
 from .layout import TILE, WORDS_PER_TILE
+from .masked_adamw_cpu import _as_pointer, _popcount, adamw_entry
 
 _COL_PARAM = layout.COL_PARAM
 _COL_GRAD = layout.COL_GRAD
@@ -100,26 +102,15 @@ def _block_summary(typingctx, words_address):
     return types.uint64(types.int64), codegen
 
 
-@intrinsic
-def _lowest_bit(typingctx, word):
-    """Index of the lowest set bit of a non-zero uint64 (``tzcnt``)."""
-
-    def codegen(context, builder, signature, args):
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)]), "llvm.cttz.i64")
-        return builder.call(function, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-    return types.int64(types.uint64), codegen
+@njit(inline="always", **_JIT)
+def _lowest_bit(word):
+    """Index of the lowest set bit of a non-zero word (``tzcnt``)."""
+    return np.int64(trailing_zeros(word))
 
 
-@intrinsic
-def _bit_count(typingctx, word):
-    def codegen(context, builder, signature, args):
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64)]), "llvm.ctpop.i64")
-        return builder.call(function, [args[0]])
-
-    return types.int64(types.uint64), codegen
+@njit(inline="always", **_JIT)
+def _bit_count(word):
+    return np.int64(_popcount(word))
 
 
 @intrinsic
@@ -175,27 +166,14 @@ def _update_block(typingctx, updates, params, bits, decay):
     return types.none(types.int64, types.int64, types.uint64, types.float32), codegen
 
 
-@intrinsic
-def _as_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(address), codegen
-
-
 # ---------------------------------------------------------------------------------------------------- the step
 @njit(inline="always", **_JIT)
 def _moments(grad, update, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
              bias_correction2_sqrt, eps):
-    """Moments and ``step_size * m / denom`` on contiguous fp32 vectors, in the Triton kernel's order of operations."""
+    """Moments and ``step_size * m / denom`` on contiguous fp32 vectors (:func:`.masked_adamw_cpu.adamw_entry`)."""
     for j in range(count):
-        g = grad[j]
-        m_j = m[j] * beta1 + g * one_minus_beta1
-        v_j = v[j] * beta2 + (g * g) * one_minus_beta2
-        denom = np.sqrt(v_j) / bias_correction2_sqrt + eps
-        update[j] = step_size * (m_j / denom)
-        m[j] = m_j
-        v[j] = v_j
+        m[j], v[j], update[j] = adamw_entry(grad[j], m[j], v[j], beta1, beta2, one_minus_beta1, one_minus_beta2,
+                                            step_size, bias_correction2_sqrt, eps)
 
 
 @njit(inline="always", **_JIT)
