@@ -150,3 +150,15 @@ def test_cpu_code_search_equals_the_kernels_binary_search():
         codes = np.empty(values.size, np.uint8)
         walk(values, qmap, search_starts(qmap), codes)
         assert np.array_equal(codes, binary_search(values, qmap))
+
+
+def test_map_needing_a_longer_walk_is_refused():
+    """The CPU code search walks a fixed two steps from its table start: a map with codes packed closer than that
+    (here 256 codes in [0, 0.01], many per 16-bit key range) must be refused, not quantised to the wrong code."""
+    from sparse_rl.kernels.masked_adamw_cpu import search_starts
+
+    dense_map = np.linspace(0.0, 0.01, 256, dtype=np.float32)
+    with pytest.raises(ValueError, match="walk"):
+        search_starts(dense_map)
+    for qmap in quantisation_maps():  # bitsandbytes' maps pass
+        search_starts(qmap.numpy())
