@@ -38,8 +38,8 @@ import numba
 import numpy as np
 import torch
 from numba import carray, njit, prange
+from sparse_rl.kernels.cpu_common import as_pointer
 from sparse_rl.kernels.layout import TILE
-from sparse_rl.kernels.masked_adamw_cpu import _as_pointer
 from sparse_rl.kernels.masked_adamw_cpu_blocks import block_path_available
 
 from sparse_rl import MaskedAdamW, SubnetworkMask
@@ -152,12 +152,12 @@ def _touch_range(param_bases, grad_bases, tensor_of, index_of, compact_grad, com
     tensors in one list ((tensor, flat index) pairs, 8 bytes an entry), so that threads share them evenly."""
     for k in range(first, last):
         tensor = tensor_of[k]
-        param = carray(_as_pointer(param_bases[tensor]), 1 << 31, np.float32)
+        param = carray(as_pointer(param_bases[tensor]), 1 << 31, np.float32)
         i = np.int64(index_of[k])
         if compact:
             g = compact_grad[k]
         else:
-            g = carray(_as_pointer(grad_bases[tensor]), 1 << 31, np.float32)[i]
+            g = carray(as_pointer(grad_bases[tensor]), 1 << 31, np.float32)[i]
         param[i] = param[i] + g * np.float32(0.0)
 
 

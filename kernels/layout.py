@@ -18,6 +18,7 @@ With 8-bit state, moments are quantised in blocks: the selected entries of one t
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -146,6 +147,51 @@ def tile_table(layouts: list[SelectionLayout], device: torch.device | str) -> to
     return table.contiguous().to(device)
 
 
+@dataclass(frozen=True)
+class KernelVariant:
+    """The compile-time choices of a launch (the Triton kernels' constexprs; arguments of the numba paths).
+
+    ``param_dtype``: the parameters' dtype (all tensors of a launch share it); ``has_master``: they have fp32 master
+    copies of their selected entries; ``stochastic_rounding``: bf16/fp16 values are rounded stochastically instead of
+    to nearest even; ``compact_grad``: the gradients hold the selected entries only, in slot order
+    (:mod:`sparse_rl.compact_grad`), instead of every entry; ``state_bits``: 32 for fp32 moments, 8 for uint8 codes
+    into :func:`quantisation_maps` with an fp32 absmax per block.
+    """
+
+    param_dtype: torch.dtype
+    has_master: bool = False
+    stochastic_rounding: bool = False
+    compact_grad: bool = False
+    state_bits: int = 32
+
+    def __post_init__(self):
+        if self.param_dtype not in PARAM_KINDS:
+            raise TypeError(f"the kernels step float32, bfloat16 and float16 parameters, got {self.param_dtype}")
+        if self.state_bits not in (32, 8):
+            raise ValueError(f"state_bits must be 32 or 8, got {self.state_bits!r}")
+        if self.param_dtype == torch.float32 and (self.has_master or self.stochastic_rounding):
+            raise ValueError("fp32 parameters take no master copy and no stochastic rounding")
+        if self.has_master and self.stochastic_rounding:
+            raise ValueError("stochastic rounding replaces the fp32 master copy: not both")
+
+    @property
+    def name(self) -> str:
+        rounding = "master" if self.has_master else "stochastic" if self.stochastic_rounding else "nearest"
+        dtype = str(self.param_dtype).removeprefix("torch.")
+        return f"{dtype}-{rounding}-{'compact' if self.compact_grad else 'dense'}-{self.state_bits}bit"
+
+    @classmethod
+    def all(cls) -> list[KernelVariant]:
+        """Every variant ``MaskedAdamW`` can launch: fp32 parameters (no master copy, nearest rounding), bf16/fp16
+        parameters with a master copy, stochastic rounding or neither; dense or compact gradients; fp32 or 8-bit
+        state."""
+        roundings = [(torch.float32, False, False)]
+        roundings += [(dtype, master, stochastic) for dtype in (torch.bfloat16, torch.float16)
+                      for master, stochastic in ((True, False), (False, True), (False, False))]
+        return [cls(dtype, master, stochastic, compact, bits)
+                for bits in (32, 8) for compact in (True, False) for dtype, master, stochastic in roundings]
+
+
 def _fp32(x: float) -> float:
     return float(np.float32(x))
 
@@ -183,3 +229,13 @@ class AdamWScalars:
             eps=_fp32(eps),
             seed=(seed * 0x9E3779B1 + step * 0x85EBCA77 + 0x165667B1) % 2**31,
         )
+
+
+@functools.cache
+def quantisation_maps(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' 256-entry dynamic maps: signed (for ``exp_avg``) and unsigned (for ``exp_avg_sq``)."""
+    try:
+        from bitsandbytes.functional import create_dynamic_map
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("state_bits=8 uses bitsandbytes' quantisation maps: pip install 'sparse-rl[bnb]'") from error
+    return create_dynamic_map(signed=True).to(device), create_dynamic_map(signed=False).to(device)

@@ -9,19 +9,19 @@ reads the tile's mask bits, ranks the selected entries with a cumsum, and applie
     p = p * (1 - lr * wd) - step_size * (m / (sqrt(v) / sqrt(1 - beta2**t) + eps))
 
 with correctly rounded ``sqrt``/``/`` and no FMA contraction, so the result is bit-identical to the same sequence of
-IEEE fp32 operations on any backend (the numba CPU path, the interpreter, a GPU). bf16/fp16 parameters are read
+IEEE fp32 operations on any backend (the numba CPU path, the interpreter, a GPU). The numba port in
+:mod:`.masked_adamw_cpu` is this module's twin by design (the same operations for another compiler). The launch
+(grid, warps, options) is built by :mod:`.triton_launch`. bf16/fp16 parameters are read
 through an fp32 master copy of the selected entries (default) and rounded to nearest even with explicit bit
 operations (the interpreter's own fp32->bf16 cast truncates), or stochastically rounded without a master copy.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from . import layout
-from .layout import PARAM_KINDS, TABLE_COLUMNS, TILE, AdamWScalars
 
 # Globals read inside @triton.jit must be constexpr.
 COL_EXP_AVG = tl.constexpr(layout.COL_EXP_AVG)
@@ -142,8 +142,8 @@ def store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND: tl.cons
                     PARAM_KIND, STOCHASTIC)
 
 
-@triton.jit
-def _masked_adamw_kernel(
+@triton.jit(do_not_specialize=["seed"])  # not specialised on the seed's value, which changes every step
+def masked_adamw_kernel(
     table_ptr,
     tiles_ptr,
     beta1,
@@ -173,38 +173,3 @@ def _masked_adamw_kernel(
     tl.store(exp_avg_ptr + slot, exp_avg, mask=selected)
     tl.store(exp_avg_sq_ptr + slot, exp_avg_sq, mask=selected)
     store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)
-
-
-def masked_adamw_triton(
-    tensor_table: torch.Tensor,
-    tiles: torch.Tensor,
-    scalars: AdamWScalars,
-    *,
-    param_dtype: torch.dtype,
-    has_master: bool,
-    stochastic_rounding: bool,
-    compact_grad: bool = False,
-) -> None:
-    """One launch stepping every tile listed in ``tiles`` (int32 ``[n, 2]``) of the tensors in ``tensor_table``;
-    with ``compact_grad`` the table's gradients hold the selected entries only, in slot order."""
-    _check_tables(tensor_table, tiles)
-    if tiles.shape[0] == 0:
-        return
-    _masked_adamw_kernel[(tiles.shape[0],)](
-        tensor_table, tiles,
-        scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
-        scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
-        PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
-        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE,
-        num_warps=4, enable_fp_fusion=False,
-    )
-
-
-def _check_tables(tensor_table: torch.Tensor, tiles: torch.Tensor) -> None:
-    if tensor_table.dtype != torch.int64 or tensor_table.dim() != 2 or tensor_table.shape[1] != TABLE_COLUMNS:
-        raise ValueError(f"tensor_table must be int64 [n, {TABLE_COLUMNS}], got {tensor_table.dtype} "
-                         f"{tuple(tensor_table.shape)}")
-    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
-        raise ValueError(f"tiles must be int32 [n, 2], got {tiles.dtype} {tuple(tiles.shape)}")
-    if not (tensor_table.is_contiguous() and tiles.is_contiguous()):
-        raise ValueError("tensor_table and tiles must be contiguous")

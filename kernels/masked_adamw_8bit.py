@@ -10,31 +10,18 @@ State: 2 bytes per selected entry + 8 bytes per block, against 8 bytes per selec
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
 from . import layout
-from .layout import BLOCKS_PER_TILE, PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, AdamWScalars
-from .masked_adamw import _check_tables, adamw_update, load_grad_and_value, store_value, work_tile
+from .layout import quantisation_maps  # noqa: F401  (the maps this kernel's codes index)
+from .masked_adamw import adamw_update, load_grad_and_value, store_value, work_tile
 
 COL_ABSMAX1 = tl.constexpr(layout.COL_ABSMAX1)
 COL_ABSMAX2 = tl.constexpr(layout.COL_ABSMAX2)
 COL_BLOCK_OFFSETS = tl.constexpr(layout.COL_BLOCK_OFFSETS)
 COL_EXP_AVG = tl.constexpr(layout.COL_EXP_AVG)
 COL_EXP_AVG_SQ = tl.constexpr(layout.COL_EXP_AVG_SQ)
-
-
-@functools.cache
-def quantisation_maps(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' 256-entry dynamic maps: signed (for ``exp_avg``) and unsigned (for ``exp_avg_sq``)."""
-    try:
-        from bitsandbytes.functional import create_dynamic_map
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("state_bits=8 uses bitsandbytes' quantisation maps: pip install 'sparse-rl[bnb]'") from error
-    return create_dynamic_map(signed=True).to(device), create_dynamic_map(signed=False).to(device)
 
 
 @triton.jit
@@ -66,8 +53,9 @@ def requantise_blocks(values, selected, block, num_blocks, first_block, absmax_p
     tl.store(codes_ptr + slot, quantise(normalised, qmap_ptr).to(tl.uint8), mask=selected)
 
 
-@triton.jit
-def _masked_adamw_8bit_kernel(
+# The parameters of masked_adamw_kernel (the launch contract of triton_launch), plus the maps and block constants.
+@triton.jit(do_not_specialize=["seed"])  # not specialised on the seed's value, which changes every step
+def masked_adamw_8bit_kernel(
     table_ptr,
     tiles_ptr,
     qmap1_ptr,
@@ -113,33 +101,3 @@ def _masked_adamw_8bit_kernel(
     requantise_blocks(exp_avg_sq, selected, block, num_blocks, first_block, absmax2_ptr, codes2_ptr, slot, qmap2_ptr,
                       BLOCKS_PER_TILE)
     store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)
-
-
-def masked_adamw_8bit_triton(
-    tensor_table: torch.Tensor,
-    tiles: torch.Tensor,
-    scalars: AdamWScalars,
-    qmap1: torch.Tensor,
-    qmap2: torch.Tensor,
-    *,
-    param_dtype: torch.dtype,
-    has_master: bool,
-    stochastic_rounding: bool,
-    compact_grad: bool = False,
-) -> None:
-    """One launch over all listed tiles; the table's exp_avg/exp_avg_sq columns point to uint8 codes (``compact_grad``
-    as in :func:`~sparse_rl.kernels.masked_adamw.masked_adamw_triton`)."""
-    _check_tables(tensor_table, tiles)
-    if qmap1.numel() != 256 or qmap2.numel() != 256 or qmap1.dtype != torch.float32 or qmap2.dtype != torch.float32:
-        raise ValueError("quantisation maps must be fp32 tensors of 256 entries")
-    if tiles.shape[0] == 0:
-        return
-    _masked_adamw_8bit_kernel[(tiles.shape[0],)](
-        tensor_table, tiles, qmap1, qmap2,
-        scalars.beta1, scalars.beta2, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.decay,
-        scalars.step_size, scalars.bias_correction2_sqrt, scalars.eps, scalars.seed,
-        PARAM_KIND=PARAM_KINDS[param_dtype], HAS_MASTER=has_master, STOCHASTIC=stochastic_rounding,
-        COMPACT_GRAD=compact_grad, NCOLS=TABLE_COLUMNS, TILE=TILE, QUANT_BLOCK=QUANT_BLOCK,
-        BLOCKS_PER_TILE=BLOCKS_PER_TILE,
-        num_warps=4, enable_fp_fusion=False,
-    )

@@ -1,39 +1,41 @@
-"""CPU path of the masked AdamW step: the Triton kernels' algorithm compiled with numba, on the same tables.
+"""General CPU path of the masked AdamW step: the Triton kernels' algorithm compiled with numba, on the same tables.
 
-fp32 parameters with fp32 state take the AVX-512 block path (:mod:`.masked_adamw_cpu_blocks`) where the CPU has it;
-everything else (bf16/fp16 parameters, master copies, stochastic rounding, 8-bit state, CPUs without AVX-512) takes
-the general path below. Both give the same bits.
+It steps every variant (fp32/bf16/fp16 parameters, master copies, stochastic rounding, 8-bit state, dense or compact
+gradients); fp32 parameters with fp32 state take the AVX-512 block path (:mod:`.masked_adamw_cpu_blocks`) instead
+where the CPU has it (:func:`sparse_rl.kernels.dispatch.launch` picks). Both give the same bits.
 
-Why numba: a gather/compute/scatter step in plain PyTorch moves every selected value through several temporaries
-and was measured 4x slower than the dense fused AdamW step. Here each parallel work item (``prange`` over runs of
-tiles, on torch's thread count) walks its tiles' bitmasks and, for batches of up to ~2048 selected entries of one
-tensor, (1) decodes their flat indices, (2) gathers their grads and values into small buffers (independent loads, so
-many cache misses are in flight at once), (3) updates moments and values as contiguous vectors, which LLVM turns
-into 8-lane AVX code, (4) scatters the values back. Each selected entry is read and written once; unselected entries
-are never written. numba ships wheels for every platform PyTorch does, needs no compiler on the user's machine, and
-caches the compiled code on disk (``cache=True``), so only the first use on a machine pays the ~10 s compilation.
+Why numba and not plain PyTorch: a gather/compute/scatter step in PyTorch moves every selected value through several
+temporaries. Here each parallel work item (``prange`` over runs of tiles, on torch's thread count) walks its tiles'
+bitmasks and, for batches of up to ``_BATCH`` selected entries of one tensor, (1) decodes their flat indices,
+(2) gathers their grads and values into small buffers (independent loads, so many cache misses are in flight at
+once), (3) updates moments and values as contiguous vectors, which LLVM turns into AVX code, (4) scatters the values
+back. Each selected entry is read and written once; unselected entries are never written. numba ships wheels for every
+platform PyTorch does, needs no compiler on the user's machine, and caches the compiled code on disk, so only the first
+use on a machine pays the compilation.
 
 Every fp32 operation is the one the Triton kernel performs, in the same order, with IEEE rounding and no FMA
 contraction (numba does not contract without ``fastmath``, which we do not use: it would also reassociate), so both
 backends produce bit-identical results; vector sqrt and division are correctly rounded like the scalar ones.
 bf16/fp16 values are handled as bit patterns (numba has no half types); stochastic rounding draws the same Philox
 numbers as ``tl.randint``. The fp32 and 8-bit paths share one driver: the 8-bit one dequantises a batch's moments
-into buffers before the update and requantises them after.
+into buffers before the update and requantises them after. The numba functions named like the Triton helpers of
+:mod:`.masked_adamw` and :mod:`.masked_adamw_8bit` (``load_as_fp32``, ``store_from_fp32``, the quantisation) are their
+twins by design: the same operations for another compiler.
 """
 
 from __future__ import annotations
 
-import numba
+import functools
+
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from . import layout
-from .layout import PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, WORDS_PER_TILE, AdamWScalars
+from .cpu_common import CHUNK_TILES, JIT, UNBOUNDED, adamw_arguments, adamw_entry, as_pointer, lowest_bit, popcount
+from .layout import PARAM_KINDS, QUANT_BLOCK, TILE, WORDS_PER_TILE, AdamWScalars, KernelVariant
 
 _PARAM_FP32 = layout.PARAM_FP32
 _PARAM_BF16 = layout.PARAM_BF16
@@ -49,22 +51,9 @@ _COL_TENSOR_ID = layout.COL_TENSOR_ID
 _COL_ABSMAX1 = layout.COL_ABSMAX1
 _COL_ABSMAX2 = layout.COL_ABSMAX2
 _COL_BLOCK_OFFSETS = layout.COL_BLOCK_OFFSETS
-# IEEE semantics for x / 0 (inf/nan, as the Triton kernel) instead of numba's default Python check, whose branch also
-# keeps LLVM from vectorising the update loop (8 lanes of correctly rounded vsqrtps/vdivps: ~8x faster, same bits).
-_JIT = dict(cache=True, error_model="numpy")
 
 
 # ---------------------------------------------------------------------------------------------------- intrinsics
-@intrinsic
-def _as_pointer(typingctx, address):
-    """int64 address -> void*, so that ``carray`` can view memory named in the tensor table."""
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(address), codegen
-
-
 @intrinsic
 def _f32_to_bits(typingctx, value):
     def codegen(context, builder, signature, args):
@@ -82,7 +71,7 @@ def _bits_to_f32(typingctx, bits):
 
 
 # ---------------------------------------------------------------------------------------------------- conversions
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _fp16_bits_to_f32(h):
     h = np.uint32(h)
     sign = (h & np.uint32(0x8000)) << np.uint32(16)
@@ -96,7 +85,7 @@ def _fp16_bits_to_f32(h):
     return _bits_to_f32(sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13)))
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _f32_to_fp16_bits(value):
     """Round to nearest even, as numpy's ``astype(float16)`` and CUDA's ``cvt.rn.f16.f32``."""
     bits = _f32_to_bits(value)
@@ -119,7 +108,7 @@ def _f32_to_fp16_bits(value):
     return np.uint16(sign | result)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _philox_randint(seed, counter0, counter1):
     """First output word of ``tl.randint(seed, counter1 << 32 | counter0)`` (Philox 4x32, 10 rounds)."""
     mask = np.uint64(0xFFFFFFFF)
@@ -143,7 +132,7 @@ def _philox_randint(seed, counter0, counter1):
     return np.uint32(c0)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def load_as_fp32(param_fp32, param_bits, index, param_kind):
     if param_kind == _PARAM_FP32:
         return param_fp32[index]
@@ -152,7 +141,7 @@ def load_as_fp32(param_fp32, param_bits, index, param_kind):
     return _fp16_bits_to_f32(param_bits[index])
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def store_from_fp32(param_fp32, param_bits, index, value, param_kind, stochastic, seed, stream):
     if param_kind == _PARAM_FP32:
         param_fp32[index] = value
@@ -180,8 +169,8 @@ def search_starts(qmap: np.ndarray) -> np.ndarray:
     """For each value of the top 16 bits of an fp32 number, the largest code below every float sharing them.
 
     The nearest code of ``x`` is then found by walking up from ``starts[bits(x) >> 16]`` (one or two steps), instead
-    of an 8-step binary search of dependent loads: 10x faster on a CPU, and the same code, because the map is strictly
-    increasing, so "nearest, ties to the lower code" has one answer, which is also what the Triton search returns.
+    of the Triton kernel's 8-step binary search of dependent loads (:func:`.masked_adamw_8bit.quantise`). The result is
+    the same code: the map is strictly increasing, so "nearest, ties to the lower code" has one answer.
     """
     qmap = np.asarray(qmap, dtype=np.float32)
     if not (np.diff(qmap) > 0).all():
@@ -207,7 +196,7 @@ def search_starts(qmap: np.ndarray) -> np.ndarray:
 _MAX_WALK = 2
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _quantise(normalised, qmap, starts):
     """Nearest entry of the sorted 256-entry map, ties to the lower one (see :func:`search_starts`).
 
@@ -220,7 +209,7 @@ def _quantise(normalised, qmap, starts):
     return np.uint8(code)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _walk_step(normalised, qmap, code):
     """One step up if it gets closer, as an addition of the comparison: a select here is turned back into a branch
     by LLVM's x86 cmov conversion (its operand feeds the next load), and that branch is mispredicted half the time."""
@@ -228,7 +217,7 @@ def _walk_step(normalised, qmap, code):
     return code + np.int64(abs(normalised - qmap[step]) < abs(normalised - qmap[code]))
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _requantise_block(values, first, last, absmax, block, codes, qmap, starts):
     block_max = np.float32(0.0)
     for j in range(first, last):
@@ -242,31 +231,13 @@ def _requantise_block(values, first, last, absmax, block, codes, qmap, starts):
 
 # ---------------------------------------------------------------------------------------------------- the step
 _BATCH = 2048  # selected entries of one tensor gathered, updated and scattered together
-_CHUNK_TILES = 64  # work tiles per parallel work item
-# Below this many tiles (256K entries) a parallel region costs more than it saves: run on the calling thread.
-_SERIAL_TILES = 256
-_UNBOUNDED = 1 << 31  # raw views are bounds-free: only selected entries (inside the tensor) are touched
-
-
-@intrinsic
-def _popcount(typingctx, word):
-    """Number of set bits (``llvm.ctpop``: one instruction where the CPU has it)."""
-
-    def codegen(context, builder, signature, args):
-        function_type = ir.FunctionType(args[0].type, [args[0].type])
-        function = cgutils.get_or_insert_function(builder.module, function_type, f"llvm.ctpop.i{args[0].type.width}")
-        return builder.call(function, [args[0]])
-
-    if not isinstance(word, types.Integer):
-        return None
-    return word(word), codegen
 
 
 # A tile with at least this many selected entries is decoded word by word without data-dependent branches.
 _DENSE_TILE = 64
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _decode_tile(words, first, selected, indices, count):
     """Append the flat indices of the ``selected`` entries of a tile (its mask ``words``, first entry ``first``) to
     ``indices[count:]``; return the new count. ``indices`` needs 8 entries of slack past the tile's last.
@@ -282,25 +253,25 @@ def _decode_tile(words, first, selected, indices, count):
             base = first + w * 32
             rest = word
             for k in range(8):
-                indices[count + k] = base + np.int64(trailing_zeros(rest | np.uint32(0x80000000)))
+                indices[count + k] = base + lowest_bit(rest | np.uint32(0x80000000))
                 rest &= rest - np.uint32(1)
             k = 8
             while rest != 0:
-                indices[count + k] = base + np.int64(trailing_zeros(rest))
+                indices[count + k] = base + lowest_bit(rest)
                 rest &= rest - np.uint32(1)
                 k += 1
-            count += np.int64(_popcount(word))
+            count += popcount(word)
         return count
     summary = np.uint32(0)
     for w in range(WORDS_PER_TILE):
         summary |= np.uint32(words[w] != 0) << np.uint32(w)
     while summary != 0:
-        w = np.int64(trailing_zeros(summary))
+        w = lowest_bit(summary)
         summary &= summary - np.uint32(1)
         word = words[w]
         base = first + w * 32
         while True:
-            indices[count] = base + np.int64(trailing_zeros(word))
+            indices[count] = base + lowest_bit(word)
             count += 1
             word &= word - np.uint32(1)
             if word == 0:
@@ -308,11 +279,11 @@ def _decode_tile(words, first, selected, indices, count):
     return count
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _gather(address, indices, count, out, param_kind):
     """``out[j] = tensor[indices[j]]`` widened to fp32, for the fp32/bf16/fp16 tensor at ``address``."""
-    as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
-    as_bits = carray(_as_pointer(address), _UNBOUNDED, np.uint16)
+    as_fp32 = carray(as_pointer(address), UNBOUNDED, np.float32)
+    as_bits = carray(as_pointer(address), UNBOUNDED, np.uint16)
     if param_kind == _PARAM_FP32:
         for j in range(count):
             out[j] = as_fp32[indices[j]]
@@ -321,13 +292,13 @@ def _gather(address, indices, count, out, param_kind):
             out[j] = load_as_fp32(as_fp32, as_bits, indices[j], param_kind)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _gather_pair(first_address, second_address, indices, count, first_out, second_out, param_kind):
     """:func:`_gather` from two tensors in one loop: both streams of cache misses are in flight together."""
-    first_fp32 = carray(_as_pointer(first_address), _UNBOUNDED, np.float32)
-    first_bits = carray(_as_pointer(first_address), _UNBOUNDED, np.uint16)
-    second_fp32 = carray(_as_pointer(second_address), _UNBOUNDED, np.float32)
-    second_bits = carray(_as_pointer(second_address), _UNBOUNDED, np.uint16)
+    first_fp32 = carray(as_pointer(first_address), UNBOUNDED, np.float32)
+    first_bits = carray(as_pointer(first_address), UNBOUNDED, np.uint16)
+    second_fp32 = carray(as_pointer(second_address), UNBOUNDED, np.float32)
+    second_bits = carray(as_pointer(second_address), UNBOUNDED, np.uint16)
     if param_kind == _PARAM_FP32:
         for j in range(count):
             index = indices[j]
@@ -340,20 +311,20 @@ def _gather_pair(first_address, second_address, indices, count, first_out, secon
             second_out[j] = load_as_fp32(second_fp32, second_bits, index, param_kind)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _load_compact(address, first_slot, count, out, param_kind):
     """``out[j] = compact[first_slot + j]`` widened to fp32, for the compact gradient at ``address``."""
-    as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
-    as_bits = carray(_as_pointer(address), _UNBOUNDED, np.uint16)
+    as_fp32 = carray(as_pointer(address), UNBOUNDED, np.float32)
+    as_bits = carray(as_pointer(address), UNBOUNDED, np.uint16)
     for j in range(count):
         out[j] = load_as_fp32(as_fp32, as_bits, first_slot + j, param_kind)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _scatter(address, indices, count, values, param_kind, stochastic, seed, stream):
     """``tensor[indices[j]] = values[j]``, rounded to the bf16/fp16 tensor's dtype as the Triton kernel does."""
-    as_fp32 = carray(_as_pointer(address), _UNBOUNDED, np.float32)
-    as_bits = carray(_as_pointer(address), _UNBOUNDED, np.uint16)
+    as_fp32 = carray(as_pointer(address), UNBOUNDED, np.float32)
+    as_bits = carray(as_pointer(address), UNBOUNDED, np.uint16)
     if param_kind == _PARAM_FP32:
         for j in range(count):
             as_fp32[indices[j]] = values[j]
@@ -362,17 +333,7 @@ def _scatter(address, indices, count, values, param_kind, stochastic, seed, stre
             store_from_fp32(as_fp32, as_bits, indices[j], values[j], param_kind, stochastic, seed, stream)
 
 
-@njit(inline="always", **_JIT)
-def adamw_entry(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, eps):
-    """(new m, new v, ``step_size * m / denom``) of one entry, in the Triton kernel's order of IEEE operations; the
-    value then becomes ``value * decay - update``. Shared by both CPU paths, so they cannot drift apart."""
-    m_j = m * beta1 + g * one_minus_beta1
-    v_j = v * beta2 + (g * g) * one_minus_beta2
-    denom = np.sqrt(v_j) / bias_correction2_sqrt + eps
-    return m_j, v_j, step_size * (m_j / denom)
-
-
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _adamw(grad, value, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
            bias_correction2_sqrt, eps):
     """The update on contiguous fp32 vectors (vectorised by LLVM)."""
@@ -382,7 +343,7 @@ def _adamw(grad, value, m, v, count, beta1, beta2, one_minus_beta1, one_minus_be
         value[j] = value[j] * decay - update
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _dequantise(codes, absmax, qmap, block_offsets, batch_tiles, tile_starts, num_tiles, out):
     """Moments of the batch from their 8-bit codes: ``qmap[code] * absmax[block]``, blocks counted inside each tile."""
     for t in range(num_tiles):
@@ -391,7 +352,7 @@ def _dequantise(codes, absmax, qmap, block_offsets, batch_tiles, tile_starts, nu
             out[j] = qmap[codes[j]] * absmax[first_block + (j - tile_starts[t]) // QUANT_BLOCK]
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _requantise(values, codes, absmax, qmap, starts, block_offsets, batch_tiles, tile_starts, num_tiles):
     for t in range(num_tiles):
         first_block = np.int64(block_offsets[batch_tiles[t]])
@@ -401,7 +362,7 @@ def _requantise(values, codes, absmax, qmap, starts, block_offsets, batch_tiles,
                               codes, qmap, starts)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts, num_tiles, grads, values, m_buffer,
                 v_buffer, qmaps, starts, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
                 bias_correction2_sqrt, eps, seed, param_kind, has_master, stochastic, quantised, compact_grad):
@@ -413,7 +374,7 @@ def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts
     if has_master:
         if not compact_grad:
             _gather(table[row, _COL_GRAD], indices, count, grads, param_kind)
-        value = carray(_as_pointer(table[row, _COL_MASTER] + first_slot * 4), count, np.float32)
+        value = carray(as_pointer(table[row, _COL_MASTER] + first_slot * 4), count, np.float32)
     else:
         value = values
         if compact_grad:
@@ -421,17 +382,17 @@ def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts
         else:
             _gather_pair(table[row, _COL_GRAD], param_address, indices, count, grads, value, param_kind)
     if quantised:
-        codes1 = carray(_as_pointer(table[row, _COL_EXP_AVG] + first_slot), count, np.uint8)
-        codes2 = carray(_as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot), count, np.uint8)
-        absmax1 = carray(_as_pointer(table[row, _COL_ABSMAX1]), _UNBOUNDED, np.float32)
-        absmax2 = carray(_as_pointer(table[row, _COL_ABSMAX2]), _UNBOUNDED, np.float32)
-        block_offsets = carray(_as_pointer(table[row, _COL_BLOCK_OFFSETS]), _UNBOUNDED, np.int32)
+        codes1 = carray(as_pointer(table[row, _COL_EXP_AVG] + first_slot), count, np.uint8)
+        codes2 = carray(as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot), count, np.uint8)
+        absmax1 = carray(as_pointer(table[row, _COL_ABSMAX1]), UNBOUNDED, np.float32)
+        absmax2 = carray(as_pointer(table[row, _COL_ABSMAX2]), UNBOUNDED, np.float32)
+        block_offsets = carray(as_pointer(table[row, _COL_BLOCK_OFFSETS]), UNBOUNDED, np.int32)
         _dequantise(codes1, absmax1, qmaps[0], block_offsets, batch_tiles, tile_starts, num_tiles, m_buffer)
         _dequantise(codes2, absmax2, qmaps[1], block_offsets, batch_tiles, tile_starts, num_tiles, v_buffer)
         m, v = m_buffer, v_buffer
     else:
-        m = carray(_as_pointer(table[row, _COL_EXP_AVG] + first_slot * 4), count, np.float32)
-        v = carray(_as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot * 4), count, np.float32)
+        m = carray(as_pointer(table[row, _COL_EXP_AVG] + first_slot * 4), count, np.float32)
+        v = carray(as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot * 4), count, np.float32)
     _adamw(grads, value, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
            bias_correction2_sqrt, eps)
     if quantised:
@@ -440,7 +401,7 @@ def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts
     _scatter(param_address, indices, count, value, param_kind, stochastic, seed, table[row, _COL_TENSOR_ID])
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _run_tiles(table, tiles, first_work, last_work, *args):
     """Step the work tiles ``first_work:last_work``, batching consecutive tiles of a tensor (consecutive slots)."""
     capacity = _BATCH + TILE
@@ -458,7 +419,7 @@ def _run_tiles(table, tiles, first_work, last_work, *args):
     for work in range(first_work, last_work):
         work_row = np.int64(tiles[work, 0])
         tile = np.int64(tiles[work, 1])
-        tile_offsets = carray(_as_pointer(table[work_row, _COL_TILE_OFFSETS]), tile + 2, np.int32)
+        tile_offsets = carray(as_pointer(table[work_row, _COL_TILE_OFFSETS]), tile + 2, np.int32)
         slot = np.int64(tile_offsets[tile])
         if work_row != row or slot != first_slot + count or count >= _BATCH:
             if count > 0:
@@ -466,7 +427,7 @@ def _run_tiles(table, tiles, first_work, last_work, *args):
                 _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts, num_tiles, grads,
                             values, m_buffer, v_buffer, *args)
             row, first_slot, count, num_tiles = work_row, slot, 0, 0
-        words = carray(_as_pointer(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)), WORDS_PER_TILE,
+        words = carray(as_pointer(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)), WORDS_PER_TILE,
                        np.uint32)
         batch_tiles[num_tiles] = tile
         tile_starts[num_tiles] = count
@@ -478,109 +439,42 @@ def _run_tiles(table, tiles, first_work, last_work, *args):
                     m_buffer, v_buffer, *args)
 
 
-@njit(parallel=True, **_JIT)
+# The launcher pair below and the block path's are twins by design: each calls its own module's _run_tiles. A shared
+# pair would take _run_tiles as an argument (or closure variable), and numba's disk cache (cache=True) misses for such
+# a function in every new process (checked with numba 0.68: the argument's type differs per process), so it would be
+# recompiled at each start.
+@njit(parallel=True, **JIT)
 def _step_parallel(table, tiles, *args):
     # _run_tiles must stay a function of its own: inlined into the prange body, its stores through raw-address views
     # are dropped by numba's parfor pass (seen with numba 0.68; the parallel tests compare against the reference).
     num_work = tiles.shape[0]
-    for chunk in prange((num_work + _CHUNK_TILES - 1) // _CHUNK_TILES):
-        first = chunk * _CHUNK_TILES
-        _run_tiles(table, tiles, first, min(first + _CHUNK_TILES, num_work), *args)
+    for chunk in prange((num_work + CHUNK_TILES - 1) // CHUNK_TILES):
+        first = chunk * CHUNK_TILES
+        _run_tiles(table, tiles, first, min(first + CHUNK_TILES, num_work), *args)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _step_serial(table, tiles, *args):
     _run_tiles(table, tiles, 0, tiles.shape[0], *args)
 
 
-def _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, quantised,
-            compact_grad):
-    _check_cpu_tables(tensor_table, tiles)
-    if tiles.shape[0] == 0:
-        return
-    f32 = np.float32
-    # As many threads as torch's intra-op pool (``torch.set_num_threads`` / OMP_NUM_THREADS), so that a comparison
-    # with torch's optimizers is at equal thread counts. numba's OpenMP pool, started at its first parallel launch,
-    # sets the process's OpenMP thread count to all cores, which is torch's count too: we put torch's back.
-    torch_threads = torch.get_num_threads()
-    parallel = torch_threads > 1 and tiles.shape[0] > _SERIAL_TILES
-    if parallel:
-        numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    from .masked_adamw_cpu_blocks import block_path_available, step_blocks  # it builds on this module's helpers
-
-    blocks = param_dtype == torch.float32 and not has_master and not quantised and block_path_available()
-    try:
-        if blocks:
-            step_blocks(tensor_table.numpy(), tiles.numpy(), scalars, compact_grad=compact_grad, parallel=parallel)
-            return
-        (_step_parallel if parallel else _step_serial)(
-            tensor_table.numpy(), tiles.numpy(), qmaps, starts,
-            f32(scalars.beta1), f32(scalars.beta2), f32(scalars.one_minus_beta1), f32(scalars.one_minus_beta2),
-            f32(scalars.decay), f32(scalars.step_size), f32(scalars.bias_correction2_sqrt), f32(scalars.eps),
-            np.int64(scalars.seed), np.int64(PARAM_KINDS[param_dtype]), bool(has_master), bool(stochastic_rounding),
-            bool(quantised), bool(compact_grad),
-        )
-    finally:
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
+def step_general(table: np.ndarray, tiles: np.ndarray, scalars: AdamWScalars, variant: KernelVariant,
+                 qmaps: tuple[torch.Tensor, torch.Tensor] | None, *, parallel: bool) -> None:
+    """Step the work ``tiles`` of the tensors in ``table`` (checked by :func:`sparse_rl.kernels.dispatch.launch`);
+    ``qmaps``: the 8-bit state's quantisation maps, or None for fp32 state."""
+    maps, starts = _NO_MAPS if qmaps is None else _prepared_maps(*(q.cpu().numpy().tobytes() for q in qmaps))
+    (_step_parallel if parallel else _step_serial)(
+        table, tiles, maps, starts, *adamw_arguments(scalars), np.int64(scalars.seed),
+        np.int64(PARAM_KINDS[variant.param_dtype]), variant.has_master, variant.stochastic_rounding,
+        variant.state_bits == 8, variant.compact_grad,
+    )
 
 
-_NO_QMAPS = np.zeros((2, 256), np.float32)
-_NO_STARTS = np.zeros((2, 2**16), np.uint8)
+_NO_MAPS = (np.zeros((2, 256), np.float32), np.zeros((2, 2**16), np.uint8))
 
 
-def masked_adamw_cpu(
-    tensor_table: torch.Tensor,
-    tiles: torch.Tensor,
-    scalars: AdamWScalars,
-    *,
-    param_dtype: torch.dtype,
-    has_master: bool,
-    stochastic_rounding: bool,
-    compact_grad: bool = False,
-) -> None:
-    """Same contract as :func:`masked_adamw_triton`, for CPU tensors."""
-    _launch(tensor_table, tiles, scalars, _NO_QMAPS, _NO_STARTS, param_dtype, has_master, stochastic_rounding, False,
-            compact_grad)
-
-
-def masked_adamw_8bit_cpu(
-    tensor_table: torch.Tensor,
-    tiles: torch.Tensor,
-    scalars: AdamWScalars,
-    qmap1: torch.Tensor,
-    qmap2: torch.Tensor,
-    *,
-    param_dtype: torch.dtype,
-    has_master: bool,
-    stochastic_rounding: bool,
-    compact_grad: bool = False,
-) -> None:
-    """Same contract as :func:`masked_adamw_8bit_triton`, for CPU tensors."""
-    if qmap1.numel() != 256 or qmap2.numel() != 256 or qmap1.dtype != torch.float32 or qmap2.dtype != torch.float32:
-        raise ValueError("quantisation maps must be fp32 tensors of 256 entries")
-    qmaps, starts = _cached_maps(qmap1, qmap2)
-    _launch(tensor_table, tiles, scalars, qmaps, starts, param_dtype, has_master, stochastic_rounding, True,
-            compact_grad)
-
-
-def _check_cpu_tables(tensor_table: torch.Tensor, tiles: torch.Tensor) -> None:
-    if tensor_table.device.type != "cpu" or tiles.device.type != "cpu":
-        raise ValueError("the numba path steps CPU tensors only; CUDA tensors go to the Triton kernel")
-    if tensor_table.dtype != torch.int64 or tensor_table.dim() != 2 or tensor_table.shape[1] != TABLE_COLUMNS:
-        raise ValueError(f"tensor_table must be int64 [n, {TABLE_COLUMNS}], got {tensor_table.dtype} "
-                         f"{tuple(tensor_table.shape)}")
-    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2 or not tiles.is_contiguous():
-        raise ValueError(f"tiles must be contiguous int32 [n, 2], got {tiles.dtype} {tuple(tiles.shape)}")
-
-
-_MAPS: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _cached_maps(qmap1: torch.Tensor, qmap2: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The two maps as one [2, 256] array and their search starts as [2, 65536], computed once per pair of maps."""
-    key = qmap1.cpu().numpy().tobytes() + qmap2.cpu().numpy().tobytes()
-    if key not in _MAPS:
-        maps = np.stack([qmap1.cpu().numpy(), qmap2.cpu().numpy()]).astype(np.float32)
-        _MAPS[key] = (maps, np.stack([search_starts(maps[0]), search_starts(maps[1])]))
-    return _MAPS[key]
+@functools.cache
+def _prepared_maps(qmap1: bytes, qmap2: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The two maps (raw fp32 bytes) as one [2, 256] array and their search starts as [2, 65536], once per pair."""
+    maps = np.stack([np.frombuffer(qmap1, np.float32), np.frombuffer(qmap2, np.float32)])
+    return maps, np.stack([search_starts(maps[0]), search_starts(maps[1])])

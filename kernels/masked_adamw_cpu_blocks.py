@@ -1,8 +1,8 @@
 """AVX-512 block path of the CPU masked AdamW step, for fp32 parameters with fp32 state (the CPU training case).
 
 Why a second CPU path: the general path (:mod:`.masked_adamw_cpu`) decodes every selected entry's flat index and
-gathers and scatters the parameter entry by entry, about 10 ns per entry; at 10% density that lost to the dense fused
-AdamW step (0.87x of its time from compact gradients). Here the step is cut in two, per batch of up to eight tiles:
+gathers and scatters the parameter entry by entry, so at moderate density it does more work per cache line than the
+dense fused AdamW step, which streams every line once. Here the step is cut in two, per batch of up to eight tiles:
 
 1. the moments, on contiguous compact vectors only (compact gradients, or the selected gradient entries packed with
    ``vcompressps`` from each 16-entry block of the dense gradient): ``m, v`` updated and the update
@@ -16,7 +16,7 @@ Every parameter line is read and written once, in the same iteration, and the ar
 order (``value * decay - step_size * (m / denom)``, IEEE, no FMA contraction), so the results are bit-identical to
 the general path and to the Triton kernel; unselected entries are stored back with the bits they were loaded with.
 The last, partial block of a tensor whose size is not a multiple of 16 is stepped entry by entry, never read past.
-Lines of the work tile two ahead are prefetched, which measurably helps at low density (latency-bound there).
+Lines of the work tile two ahead are prefetched: at low density the step waits on memory latency, not bandwidth.
 
 It needs AVX-512 (``vcompressps``/``vexpandps`` are its instructions; LLVM's x86 intrinsics are used directly) and
 numba compiling for the host CPU; elsewhere :func:`block_path_available` is false and the general path runs.
@@ -33,12 +33,11 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
-from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from . import layout
-from .layout import TILE, WORDS_PER_TILE
-from .masked_adamw_cpu import _as_pointer, _popcount, adamw_entry
+from .cpu_common import CHUNK_TILES, JIT, UNBOUNDED, adamw_arguments, adamw_entry, as_pointer, lowest_bit, popcount
+from .layout import TILE, WORDS_PER_TILE, AdamWScalars
 
 _COL_PARAM = layout.COL_PARAM
 _COL_GRAD = layout.COL_GRAD
@@ -47,15 +46,12 @@ _COL_EXP_AVG_SQ = layout.COL_EXP_AVG_SQ
 _COL_MASK_WORDS = layout.COL_MASK_WORDS
 _COL_TILE_OFFSETS = layout.COL_TILE_OFFSETS
 _COL_NUMEL = layout.COL_NUMEL
-_JIT = dict(cache=True, error_model="numpy")
 
 LANES = 16  # fp32 lanes of a 512-bit register: one 64-byte cache line
 BLOCKS_PER_TILE = TILE // LANES  # 64: a tile's block summary is one 64-bit word
 _BATCH_TILES = 8  # tiles of one tensor whose moments are updated together (buffers stay in L1)
 _PREFETCH_AHEAD = 2  # work tiles between the one prefetched and the one stepped
-_CHUNK_TILES = 64  # work tiles per parallel work item
 _BUFFER = _BATCH_TILES * TILE + LANES  # a block's 16-lane store or load may reach 15 entries past the batch
-_UNBOUNDED = 1 << 31
 
 _F32 = ir.FloatType()
 _V16 = ir.VectorType(_F32, LANES)
@@ -100,17 +96,6 @@ def _block_summary(typingctx, words_address):
         return builder.bitcast(nonzero, ir.IntType(64))
 
     return types.uint64(types.int64), codegen
-
-
-@njit(inline="always", **_JIT)
-def _lowest_bit(word):
-    """Index of the lowest set bit of a non-zero word (``tzcnt``)."""
-    return np.int64(trailing_zeros(word))
-
-
-@njit(inline="always", **_JIT)
-def _bit_count(word):
-    return np.int64(_popcount(word))
 
 
 @intrinsic
@@ -167,16 +152,16 @@ def _update_block(typingctx, updates, params, bits, decay):
 
 
 # ---------------------------------------------------------------------------------------------------- the step
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _moments(grad, update, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
              bias_correction2_sqrt, eps):
-    """Moments and ``step_size * m / denom`` on contiguous fp32 vectors (:func:`.masked_adamw_cpu.adamw_entry`)."""
+    """Moments and ``step_size * m / denom`` on contiguous fp32 vectors (:func:`.cpu_common.adamw_entry`)."""
     for j in range(count):
         m[j], v[j], update[j] = adamw_entry(grad[j], m[j], v[j], beta1, beta2, one_minus_beta1, one_minus_beta2,
                                             step_size, bias_correction2_sqrt, eps)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _full_blocks(numel, tile):
     """Summary bits of the tile's blocks that lie wholly inside the tensor."""
     inside = (numel - tile * TILE) // LANES
@@ -185,58 +170,62 @@ def _full_blocks(numel, tile):
     return (np.uint64(1) << np.uint64(inside)) - np.uint64(1)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _block_bits(words, block):
     return (np.uint64(words[block >> 1]) >> np.uint64(16 * (block & 1))) & np.uint64(0xFFFF)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _tile_selection(table, row, tile):
     """(the tile's mask words, summary bits of its selected blocks that lie wholly inside the tensor, and of the
     tensor's last, partial block if the tile holds it and it selects anything)."""
     address = table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4)
     summary = _block_summary(address)
     inside = _full_blocks(table[row, _COL_NUMEL], tile)
-    return carray(_as_pointer(address), WORDS_PER_TILE, np.uint32), summary & inside, summary & ~inside
+    return carray(as_pointer(address), WORDS_PER_TILE, np.uint32), summary & inside, summary & ~inside
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _pack_tile(table, row, tile, packed, count):
-    """Append the tile's selected dense-gradient entries to ``packed[count:]``; return the new count."""
+    """Append the tile's selected dense-gradient entries to ``packed[count:]``; return the new count.
+
+    It and :func:`_update_tile` walk a tile's selected blocks alike, twins by design: one compresses gradient blocks,
+    the other expands updates into parameter blocks. A shared walk would take the per-block action as a function
+    argument, which numba recompiles in every process (see the launcher pair of :mod:`.masked_adamw_cpu`)."""
     words, full, tail = _tile_selection(table, row, tile)
     first = tile * TILE
     grad_address = table[row, _COL_GRAD]
     packed_address = packed.ctypes.data
     while full != 0:
-        block = _lowest_bit(full)
+        block = lowest_bit(full)
         full &= full - np.uint64(1)
         bits = _block_bits(words, block)
         _compress_block(grad_address + (first + block * LANES) * 4, packed_address + count * 4, bits)
-        count += _bit_count(bits)
+        count += popcount(bits)
     if tail != 0:  # the tensor's last, partial block: entry by entry
-        grad = carray(_as_pointer(grad_address), _UNBOUNDED, np.float32)
-        block = _lowest_bit(tail)
+        grad = carray(as_pointer(grad_address), UNBOUNDED, np.float32)
+        block = lowest_bit(tail)
         bits = _block_bits(words, block)
         while bits != 0:
-            packed[count] = grad[first + block * LANES + _lowest_bit(bits)]
+            packed[count] = grad[first + block * LANES + lowest_bit(bits)]
             bits &= bits - np.uint64(1)
             count += 1
     return count
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _prefetch_tile(table, tiles, work, column):
     row = np.int64(tiles[work, 0])
     tile = np.int64(tiles[work, 1])
     summary = _block_summary(table[row, _COL_MASK_WORDS] + tile * (WORDS_PER_TILE * 4))
     base = table[row, column] + tile * (TILE * 4)
     while summary != 0:
-        block = _lowest_bit(summary)
+        block = lowest_bit(summary)
         summary &= summary - np.uint64(1)
         _prefetch(base + block * (LANES * 4))
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _update_tile(table, row, tile, updates, count, decay):
     """``p = p * decay - u`` on the tile's selected entries, their updates at ``updates[count:]``; return the count."""
     words, full, tail = _tile_selection(table, row, tile)
@@ -244,24 +233,24 @@ def _update_tile(table, row, tile, updates, count, decay):
     param_address = table[row, _COL_PARAM]
     updates_address = updates.ctypes.data
     while full != 0:
-        block = _lowest_bit(full)
+        block = lowest_bit(full)
         full &= full - np.uint64(1)
         bits = _block_bits(words, block)
         _update_block(updates_address + count * 4, param_address + (first + block * LANES) * 4, bits, decay)
-        count += _bit_count(bits)
+        count += popcount(bits)
     if tail != 0:
-        param = carray(_as_pointer(param_address), _UNBOUNDED, np.float32)
-        block = _lowest_bit(tail)
+        param = carray(as_pointer(param_address), UNBOUNDED, np.float32)
+        block = lowest_bit(tail)
         bits = _block_bits(words, block)
         while bits != 0:
-            index = first + block * LANES + _lowest_bit(bits)
+            index = first + block * LANES + lowest_bit(bits)
             param[index] = param[index] * decay - updates[count]
             bits &= bits - np.uint64(1)
             count += 1
     return count
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta1, one_minus_beta2, decay,
                step_size, bias_correction2_sqrt, eps, compact_grad):
     """Step work tiles ``first_work:last_work`` in batches of up to ``_BATCH_TILES`` consecutive tiles of a tensor
@@ -274,11 +263,11 @@ def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta
         end = work + 1
         while end < last_work and end - work < _BATCH_TILES and np.int64(tiles[end, 0]) == row:
             end += 1
-        tile_offsets = carray(_as_pointer(table[row, _COL_TILE_OFFSETS]), _UNBOUNDED, np.int32)
+        tile_offsets = carray(as_pointer(table[row, _COL_TILE_OFFSETS]), UNBOUNDED, np.int32)
         first_slot = np.int64(tile_offsets[np.int64(tiles[work, 1])])
         count = np.int64(tile_offsets[np.int64(tiles[end - 1, 1]) + 1]) - first_slot
         if compact_grad:
-            grad = carray(_as_pointer(table[row, _COL_GRAD] + first_slot * 4), count, np.float32)
+            grad = carray(as_pointer(table[row, _COL_GRAD] + first_slot * 4), count, np.float32)
         else:
             packed_count = 0
             for w in range(work, end):
@@ -286,8 +275,8 @@ def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta
                     _prefetch_tile(table, tiles, w + _PREFETCH_AHEAD, _COL_GRAD)
                 packed_count = _pack_tile(table, row, np.int64(tiles[w, 1]), packed, packed_count)
             grad = packed
-        m = carray(_as_pointer(table[row, _COL_EXP_AVG] + first_slot * 4), count, np.float32)
-        v = carray(_as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot * 4), count, np.float32)
+        m = carray(as_pointer(table[row, _COL_EXP_AVG] + first_slot * 4), count, np.float32)
+        v = carray(as_pointer(table[row, _COL_EXP_AVG_SQ] + first_slot * 4), count, np.float32)
         _moments(grad, updates, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
                  bias_correction2_sqrt, eps)
         done = 0
@@ -298,26 +287,24 @@ def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta
         work = end
 
 
-@njit(parallel=True, **_JIT)
+# Twin by design of the general path's launcher pair (see the comment there).
+@njit(parallel=True, **JIT)
 def _step_parallel(table, tiles, *args):
     # _run_tiles must stay a function of its own: inlined into the prange body, its stores through raw-address views
     # are dropped by numba's parfor pass (seen with numba 0.68; the parallel tests compare against the reference).
     num_work = tiles.shape[0]
-    for chunk in prange((num_work + _CHUNK_TILES - 1) // _CHUNK_TILES):
-        first = chunk * _CHUNK_TILES
-        _run_tiles(table, tiles, first, min(first + _CHUNK_TILES, num_work), *args)
+    for chunk in prange((num_work + CHUNK_TILES - 1) // CHUNK_TILES):
+        first = chunk * CHUNK_TILES
+        _run_tiles(table, tiles, first, min(first + CHUNK_TILES, num_work), *args)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _step_serial(table, tiles, *args):
     _run_tiles(table, tiles, 0, tiles.shape[0], *args)
 
 
-def step_blocks(table: np.ndarray, tiles: np.ndarray, scalars, *, compact_grad: bool, parallel: bool) -> None:
-    """Launch the block path over the tensor table and work tiles (see :func:`.masked_adamw_cpu.masked_adamw_cpu`)."""
-    f32 = np.float32
-    (_step_parallel if parallel else _step_serial)(
-        table, tiles, f32(scalars.beta1), f32(scalars.beta2), f32(scalars.one_minus_beta1),
-        f32(scalars.one_minus_beta2), f32(scalars.decay), f32(scalars.step_size), f32(scalars.bias_correction2_sqrt),
-        f32(scalars.eps), bool(compact_grad),
-    )
+def step_blocks(table: np.ndarray, tiles: np.ndarray, scalars: AdamWScalars, *, compact_grad: bool,
+                parallel: bool) -> None:
+    """Step the work ``tiles`` of the fp32 tensors (fp32 state, no master copy) in ``table`` (checked by
+    :func:`sparse_rl.kernels.dispatch.launch`)."""
+    (_step_parallel if parallel else _step_serial)(table, tiles, *adamw_arguments(scalars), bool(compact_grad))

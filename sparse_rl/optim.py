@@ -13,18 +13,17 @@ bit-identical results.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 
 from .compact_grad import compact_grad_of, zero_compact_grads
 from .fsdp import local_selection, local_tensor
+from .kernels import BACKENDS, launch
 from .mask import SubnetworkMask
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("auto", "triton", "cpu")
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -69,8 +68,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps: {eps}")
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if stochastic_rounding and master_weights:
             raise ValueError("stochastic_rounding replaces the fp32 master copy: pass master_weights=False with it")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -93,7 +92,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             for name, param in zip(group["param_names"], group["params"]):
                 self._register(name, param)
         if state_bits == 8:
-            from .kernels.masked_adamw_8bit import quantisation_maps
+            from .kernels.layout import quantisation_maps
 
             quantisation_maps()  # fail now, not at the first step, when bitsandbytes is missing
 
@@ -231,7 +230,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _launch(self, group: dict, device: torch.device, dtype: torch.dtype, step: int,
                 params: list[torch.Tensor], compact: bool = False) -> None:
-        from .kernels.layout import AdamWScalars, tile_table
+        from .kernels.layout import AdamWScalars, KernelVariant, tile_table
 
         beta1, beta2 = group["betas"]
         scalars = AdamWScalars.for_step(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
@@ -246,25 +245,15 @@ class MaskedAdamW(torch.optim.Optimizer):
         tiles = self._tile_tables.get(key)
         if tiles is None:
             tiles = self._tile_tables[key] = tile_table([self._layout(p) for p in params], device)
-        has_master = "master" in self.state[params[0]]
-        options = dict(param_dtype=dtype, has_master=has_master, compact_grad=compact,
-                       stochastic_rounding=self.stochastic_rounding and dtype in _LOW_PRECISION)
-        backend = self._backend_for(device)
+        qmaps = None
         if self.state_bits == 8:
-            from .kernels.masked_adamw_8bit import quantisation_maps
+            from .kernels.layout import quantisation_maps
 
-            qmap1, qmap2 = quantisation_maps(device)
-            if backend == "triton":
-                from .kernels.masked_adamw_8bit import masked_adamw_8bit_triton as run
-            else:
-                from .kernels.masked_adamw_cpu import masked_adamw_8bit_cpu as run
-            run(table, tiles, scalars, qmap1, qmap2, **options)
-        else:
-            if backend == "triton":
-                from .kernels.masked_adamw import masked_adamw_triton as run
-            else:
-                from .kernels.masked_adamw_cpu import masked_adamw_cpu as run
-            run(table, tiles, scalars, **options)
+            qmaps = quantisation_maps(device)
+        variant = KernelVariant(dtype, has_master="master" in self.state[params[0]], compact_grad=compact,
+                                stochastic_rounding=self.stochastic_rounding and dtype in _LOW_PRECISION,
+                                state_bits=self.state_bits)
+        launch(table, tiles, scalars, variant, qmaps=qmaps, backend=self.backend)
 
     def _tensor_table(self, key: tuple, params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         """The launch's table of addresses, rebuilt only when a parameter's or a state tensor's address changed; a
@@ -292,20 +281,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 cached["table"].copy_(cached["host"])
             cached["grads"] = grad_addresses
         return cached["table"]
-
-    def _backend_for(self, device: torch.device) -> str:
-        if self.backend == "triton":
-            if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("backend='triton' on CPU tensors runs the Triton interpreter: set "
-                                   "TRITON_INTERPRET=1 before triton is imported, or use backend='auto'")
-            return "triton"
-        if self.backend == "cpu" or device.type == "cpu":
-            if device.type != "cpu":
-                raise RuntimeError(f"backend='cpu' got tensors on {device}; use backend='auto' for GPU tensors")
-            return "cpu"
-        if device.type == "cuda":
-            return "triton"
-        raise RuntimeError(f"MaskedAdamW runs on CPU and CUDA tensors, got {device}")
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
