@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import torch
 
-from .compact_grad import compact_grad_of, zero_compact_grads
-from .fsdp import local_selection, local_tensor
 from .mask import SubnetworkMask
+from .restrict.compact import compact_grad_of, zero_compact_grads
+from .restrict.sharded import local_selection, local_tensor
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

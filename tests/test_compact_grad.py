@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, random_mask, restrict_gradients, sparsify
-from sparse_rl.compact_grad import clip_grad_norm_, compact_grad_of
+from sparse_rl.restrict.compact import clip_grad_norm_, compact_grad_of
 from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
 

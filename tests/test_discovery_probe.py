@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl.discovery import (
+    ProbeOptions,
     accumulate_gradient_scores,
     gradient_mask,
     gradient_mask_from_trainer,
@@ -36,7 +37,7 @@ def _planted_loss(model, weight=50.0):
 def test_probe_finds_planted_signal(score):
     model = make_tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = gradient_mask(model, _planted_loss(model), density=0.01, steps=5, score=score)
+    mask = gradient_mask(model, _planted_loss(model), density=0.01, options=ProbeOptions(steps=5, score=score))
     selected = mask[PLANTED_TENSOR].reshape(-1)
     assert bool(selected[PLANTED_ENTRIES].all())
     assert int(selected.sum()) == -(-selected.numel() // 100)
@@ -57,11 +58,12 @@ def test_scores_match_independent_computation():
     def loss_fn(step):
         return sum((p * directions[step][n]).sum() for n, p in params.items() if (step, n) != (0, skipped))
 
-    grad_sum = accumulate_gradient_scores(model, loss_fn, 4, score="gradient")
-    fisher = accumulate_gradient_scores(model, loss_fn, 4, score="fisher")
-    adam = accumulate_gradient_scores(model, loss_fn, 4, score="adam", betas=(0.8, 0.99), eps=1e-6)
+    grad_sum = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="gradient"))
+    fisher = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="fisher"))
+    adam = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="adam", betas=(0.8, 0.99), eps=1e-6))
     lr = 1e-3
-    precision = accumulate_gradient_scores(model, loss_fn, 4, score="precision", betas=(0.8, 0.99), eps=1e-6, lr=lr)
+    precision = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="precision", betas=(0.8, 0.99),
+                                                                        eps=1e-6, lr=lr))
 
     replica = {n: p.detach().clone().double().requires_grad_(True) for n, p in params.items()}
     optimizer = torch.optim.Adam(list(replica.values()), lr=1.0, betas=(0.8, 0.99), eps=1e-6)
@@ -96,9 +98,9 @@ def test_probe_bad_inputs():
     model = make_tiny_model()
     loss_fn = _planted_loss(model)
     with pytest.raises(ValueError, match="score must be one of"):
-        gradient_mask(model, loss_fn, 0.1, steps=1, score="hessian")
+        gradient_mask(model, loss_fn, 0.1, ProbeOptions(steps=1, score="hessian"))
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        gradient_mask(model, loss_fn, 0.1, steps=0)
+        gradient_mask(model, loss_fn, 0.1, ProbeOptions(steps=0))
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         gradient_mask(model, loss_fn, 1.01)
     with pytest.raises(ValueError, match="no weight for 'x'"):
@@ -112,7 +114,7 @@ def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
                           args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    mask = gradient_mask_from_trainer(trainer, 0.1, steps=2, score="precision", budget="global",
+    mask = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="precision", budget="global"),
                                       exclude=("embed_tokens",))
     assert "model.embed_tokens.weight" not in mask
     assert mask.num_selected == -(-mask.num_total // 10)
