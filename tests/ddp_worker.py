@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
-from sparse_rl import SparseConfig, discovery, sparsify  # noqa: E402
+from sparse_rl import SparseConfig, sparsify  # noqa: E402
 from sparse_rl.discovery import (  # noqa: E402
     BUDGETS,
     PROBE_SCORES,
@@ -42,6 +42,7 @@ from sparse_rl.discovery import (  # noqa: E402
     accumulate_gradient_scores,
     gradient_mask,
 )
+from sparse_rl.discovery import probe as probe_module  # noqa: E402
 from sparse_rl.distributed import MaskMismatchError, average_gradients, check_masks_agree  # noqa: E402
 from sparse_rl.entropy import select_high_entropy_tokens  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
@@ -112,11 +113,11 @@ def run_grpo_probe(checkpoint, output_dir) -> dict:
 
     trainer = build_trainer("grpo", checkpoint, output_dir, max_steps=1, per_device_train_batch_size=4)
     initial = snapshot(trainer.model)
-    discovery.average_gradients = recording_average
+    probe_module.average_gradients = recording_average
     try:
         sparse = sparsify(trainer, GRPO_PROBE)
     finally:
-        discovery.average_gradients = average_gradients
+        probe_module.average_gradients = average_gradients
     trainer.train()
     return {"initial": initial, "local_gradients": local_gradients, "probed_ddp": probed_models,
             "trained_ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "mask": sparse.mask,

@@ -107,12 +107,32 @@ def test_probe_bad_inputs():
         precision_scores({"x": torch.ones(2)}, model)
 
 
-def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
+def test_probe_options_fill_only_unset_adamw_hyperparameters():
+    options = ProbeOptions(betas=(0.5, 0.6))
+    filled = options.with_adamw_defaults(lr=1e-3, betas=(0.9, 0.99), eps=1e-7)
+    assert (filled.lr, filled.betas, filled.eps) == (1e-3, (0.5, 0.6), 1e-7)
+    assert options.lr is None and options.eps is None, "with_adamw_defaults changed the options it copies"
+
+
+def test_probe_refuses_options_of_another_type():
+    """The step count is no longer a positional argument: passing it there names the options class instead."""
+    model = make_tiny_model()
+    with pytest.raises(TypeError, match=r"ProbeOptions \(e\.g\. ProbeOptions\(steps=4"):
+        accumulate_gradient_scores(model, _planted_loss(model), 4)
+    with pytest.raises(TypeError, match="ProbeOptions"):
+        gradient_mask(model, _planted_loss(model), 0.1, {"steps": 2})
+
+
+def _grpo_trainer(tiny_checkpoint, tmp_path, **overrides):
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=1, learning_rate=1e-2, use_cpu=True, bf16=False,
-                      report_to="none", save_strategy="no", seed=0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
-                          args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+                      report_to="none", save_strategy="no", seed=0, **overrides)
+    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
+                       args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+
+
+def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
+    trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     mask = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="precision", budget="global"),
                                       exclude=("embed_tokens",))
@@ -120,3 +140,15 @@ def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_
     assert mask.num_selected == -(-mask.num_total // 10)
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     assert trainer.state.global_step == 0
+
+
+def test_trainer_probe_takes_unset_adamw_hyperparameters_from_the_trainer(tiny_checkpoint, tmp_path):
+    """Unset betas/eps are the trainer's (the same mask as passing them, not the one of the probe's own defaults),
+    and set ones override them."""
+    trainer = _grpo_trainer(tiny_checkpoint, tmp_path, adam_beta1=0.5, adam_beta2=0.6, adam_epsilon=1.0)
+    from_args = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam"))
+    explicit = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam", betas=(0.5, 0.6), eps=1.0))
+    overridden = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam", betas=(0.9, 0.999),
+                                                                        eps=1e-8))
+    assert from_args == explicit
+    assert overridden != from_args, "the probe's default betas/eps should rank entries differently from the trainer's"

@@ -29,6 +29,13 @@ def test_bad_options_are_named(kwargs, match):
         SparseConfig(**kwargs)
 
 
+def test_probe_options_as_dataclass_or_dict():
+    assert SparseConfig(probe={"steps": 2, "score": "adam"}).probe == ProbeOptions(steps=2, score="adam")
+    assert SparseConfig().probe == ProbeOptions()
+    with pytest.raises(TypeError, match="probe must be a ProbeOptions"):
+        SparseConfig(probe=2)
+
+
 def test_probe_score_and_budget_reach_discovery(tiny_checkpoint, tmp_path):
     """sparsify's probe equals a direct probe with the same score and budget on an identically built trainer."""
     probe = ProbeOptions(steps=2, score="fisher", budget="global")
