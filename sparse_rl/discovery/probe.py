@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from ..mask import SubnetworkMask
 from .strategies import Budget, check_budget, check_density, mask_from_scores, precision_scores, trainable_parameters
 
 ProbeScore = Literal["gradient", "fisher", "adam", "precision"]
-PROBE_SCORES = ("gradient", "fisher", "adam", "precision")
+PROBE_SCORES = get_args(ProbeScore)
 # AdamW hyperparameters of the "adam"/"precision" scores when neither the options nor a trainer give them
 DEFAULT_LR, DEFAULT_BETAS, DEFAULT_EPS = 1e-6, (0.9, 0.999), 1e-8
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..mask import SubnetworkMask
 
 Budget = Literal["per_tensor", "global"]
-BUDGETS = ("per_tensor", "global")
+BUDGETS = get_args(Budget)
 
 
 def check_density(density: float) -> None:
