@@ -237,7 +237,7 @@ def general_path(step: callable) -> callable:
 def restriction_steps(params: dict[str, torch.nn.Parameter], mask: SubnetworkMask, label: str) -> dict:
     """What each gradient restriction costs per backward, on the same gradients: the dense hook's ``torch.where`` (a
     new zero-filled gradient) against the compact hook's ``index_select`` of the selected entries."""
-    from sparse_rl.compact_grad import selected_indices
+    from sparse_rl.restrict.compact import selected_indices
 
     keep = {n: mask[n] for n in params}
     indices = {n: selected_indices(mask[n], "cpu") for n in params}

@@ -1,6 +1,6 @@
 """What does probe discovery cost? SmolLM2-135M-Instruct, the demo's GRPO task, CPU.
 
-Times ``gradient_mask_from_trainer(trainer, 0.1, steps=K)`` (K = the demo's 4 probe batches) against
+Times ``gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=K))`` (K = the demo's 4 probe batches) against
 ``trainer.train()`` for the demo's 20 steps of full finetuning on the same trainer. Each measurement runs in its
 own process, so the peak RSS (``resource.getrusage(...).ru_maxrss``) is that of one operation on top of the same
 loaded model. Run:
@@ -60,7 +60,7 @@ def rss_mb() -> float:
 def child(operation: str, steps: int, output_dir: str, threads: int) -> dict:
     import torch
 
-    from sparse_rl.discovery import gradient_mask_from_trainer
+    from sparse_rl.discovery import ProbeOptions, gradient_mask_from_trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -72,7 +72,7 @@ def child(operation: str, steps: int, output_dir: str, threads: int) -> dict:
         detail = {"rewards": [round(e["reward"], 3) for e in trainer.state.log_history if "reward" in e]}
     else:
         score = operation.removeprefix("probe-")
-        mask = gradient_mask_from_trainer(trainer, DENSITY, steps=steps, score=score)
+        mask = gradient_mask_from_trainer(trainer, DENSITY, ProbeOptions(steps=steps, score=score))
         detail = {"mask_density": mask.density}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"operation": operation, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
@@ -99,11 +99,11 @@ def write_markdown(results: list[dict], path: Path, steps: int, train_steps: int
         "",
         "The demo's GRPO task (`sparse_rl.demo.build_demo_trainer`: few-shot addition with operands up to 19, reward 1 "
         "if the first integer of the completion equals a + b, 2 prompts x 8 completions of up to 6 tokens per step, "
-        f"lr 3e-5), fp32, `use_cpu=True`. Probe: `gradient_mask_from_trainer(trainer, {DENSITY}, steps={steps}, "
-        f"score=...)` (what `make demo` runs before training); full finetuning: `trainer.train()` for the demo's "
-        f"max_steps={train_steps} with dense AdamW. Each row is its own "
-        "process; *ready RSS* is the resident memory after loading the model and building the trainer, *peak RSS* "
-        "the process's `ru_maxrss`, so peak - ready is what the operation itself added.",
+        f"lr 3e-5), fp32, `use_cpu=True`. Probe: `gradient_mask_from_trainer(trainer, {DENSITY}, "
+        f"ProbeOptions(steps={steps}, score=...))` (what `make demo` runs before training); full finetuning: "
+        f"`trainer.train()` for the demo's max_steps={train_steps} with dense AdamW. Each row is its own process; "
+        "*ready RSS* is the resident memory after loading the model and building the trainer, *peak RSS* the "
+        "process's `ru_maxrss`, so peak - ready is what the operation itself added.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {train['threads']}; load average "
         f"{load[0]:.1f} before / {load[1]:.1f} after (other jobs shared the cores, so absolute times are upper "

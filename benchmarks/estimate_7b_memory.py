@@ -25,8 +25,8 @@ import torch
 from _common import RESULTS_DIR, write_result
 
 from sparse_rl import MaskedAdamW, random_mask, restrict_gradients
-from sparse_rl.compact_grad import gradients as gradients_of
 from sparse_rl.models import load_smollm2
+from sparse_rl.restrict.compact import gradients as gradients_of
 
 RESULTS = RESULTS_DIR / "estimate_7b_memory.md"
 PARAMETERS_7B = 7.0e9

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparse_rl.demo import DemoConfig, build_demo_trainer, demo_rows
-    from sparse_rl.discovery import gradient_mask_from_trainer
+    from sparse_rl.discovery import ProbeOptions, gradient_mask_from_trainer
     from sparse_rl.models import smollm2_checkpoint
 
     config = DemoConfig(density=args.density, output_dir="outputs/probe_mask_trainer")
@@ -36,7 +36,7 @@ def main() -> None:
     train_rows, _ = demo_rows(config)
     trainer = build_demo_trainer(config, model, tokenizer, train_rows)
     start = time.time()
-    mask = gradient_mask_from_trainer(trainer, args.density, steps=config.probe_steps)
+    mask = gradient_mask_from_trainer(trainer, args.density, ProbeOptions(steps=config.probe_steps))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     mask.save(args.output)
     print(f"{mask.num_selected:,} of {mask.num_total:,} entries ({mask.num_selected / mask.num_total:.2%}) probed in "

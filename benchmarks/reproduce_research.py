@@ -221,7 +221,7 @@ def run_probe_worker(spec_path: Path) -> None:
     """Cheap probe mask (own process): accumulated |gradient| of the GRPO loss over a few batches, then the same
     number of entries per tensor as the reference mask."""
     from sparse_rl import SubnetworkMask
-    from sparse_rl.discovery import accumulate_gradient_scores, probe_trainer_state, trainer_loss_fn
+    from sparse_rl.discovery import ProbeOptions, accumulate_gradient_scores, probe_trainer_state, trainer_loss_fn
 
     torch.set_num_threads(1)
     spec = json.loads(spec_path.read_text())
@@ -230,7 +230,8 @@ def run_probe_worker(spec_path: Path) -> None:
     trainer, _ = build_trainer(plan, spec, Path(spec["base_dir"]), run_dir)
     start = time.perf_counter()
     with probe_trainer_state(trainer):
-        scores = accumulate_gradient_scores(trainer.model, trainer_loss_fn(trainer), plan.probe_steps)
+        probe = ProbeOptions(steps=plan.probe_steps)
+        scores = accumulate_gradient_scores(trainer.model, trainer_loss_fn(trainer), probe)
     seconds = time.perf_counter() - start
     matched_top_k(scores, SubnetworkMask.load(spec["reference_mask"])).save(spec["mask"])
     (run_dir / "run.json").write_text(json.dumps({"spec": spec, "probe_seconds": seconds}))

@@ -154,7 +154,7 @@ class KernelVariant:
     ``param_dtype``: the parameters' dtype (all tensors of a launch share it); ``has_master``: they have fp32 master
     copies of their selected entries; ``stochastic_rounding``: bf16/fp16 values are rounded stochastically instead of
     to nearest even; ``compact_grad``: the gradients hold the selected entries only, in slot order
-    (:mod:`sparse_rl.compact_grad`), instead of every entry; ``state_bits``: 32 for fp32 moments, 8 for uint8 codes
+    (:mod:`sparse_rl.restrict.compact`), instead of every entry; ``state_bits``: 32 for fp32 moments, 8 for uint8 codes
     into :func:`quantisation_maps` with an fp32 absmax per block.
     """
 

@@ -109,7 +109,7 @@ def load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND: tl.constexpr
                         COMPACT_GRAD: tl.constexpr):
     """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32.
 
-    ``COMPACT_GRAD``: the gradient holds only the selected entries, in slot order (see ``sparse_rl.compact_grad``),
+    ``COMPACT_GRAD``: the gradient holds only the selected entries, in slot order (see ``sparse_rl.restrict.compact``),
     so it is read at the lanes' slots instead of their flat offsets."""
     grad = load_as_fp32(tl.load(entry + COL_GRAD), slot if COMPACT_GRAD else offsets, selected, PARAM_KIND)
     if HAS_MASTER:

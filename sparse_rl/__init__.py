@@ -11,10 +11,10 @@ from .discovery import (
     mask_from_scores,
     random_mask,
 )
-from .hooks import restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW
 from .reference import SharedReference, use_shared_reference
+from .restrict import restrict_gradients
 from .trl import SparseTraining, UnsupportedTrainerSetup, sparsify
 
 __all__ = [

@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .discovery.probe import ProbeOptions
+from .discovery.strategies import check_density
 from .entropy import check_entropy_quantile
 from .mask import SubnetworkMask
-
-PROBE_SCORES = ("gradient", "fisher", "adam", "precision")
-PROBE_BUDGETS = ("per_tensor", "global")
 
 
 @dataclass
@@ -20,15 +19,14 @@ class SparseConfig:
     Args:
         density: share of the entries of each trained matrix that is selected, in (0, 1]. The research finds RL
             updates 5-30% of parameters; 0.1 is a middle value.
-        discovery: how to pick the entries when no ``mask`` is given. ``"gradient"`` runs ``probe_steps`` batches of
-            the trainer's own loss and keeps the entries with the largest accumulated |gradient| in every matrix;
-            ``"random"`` draws a uniform random subset (a strong baseline in the literature).
-        probe_steps: batches of the real loss used by ``"gradient"`` discovery.
-        probe_score: what the probe accumulates per entry (see :func:`sparse_rl.discovery.accumulate_gradient_scores`):
-            ``"gradient"`` |g| (default), ``"fisher"`` g², ``"adam"`` the size of the AdamW update the entry would
-            get, ``"precision"`` that update relative to half a bf16 ulp of the weight.
-        probe_budget: ``"per_tensor"`` keeps ``density`` of every matrix (the research finds updates spread over
-            nearly all matrices); ``"global"`` keeps the top ``density`` of all entries, wherever they are.
+        discovery: how to pick the entries when no ``mask`` is given. ``"gradient"`` runs a probe of the trainer's
+            own loss (``probe``; by default 4 batches, keeping the entries with the largest accumulated |gradient| in
+            every matrix); ``"random"`` draws a uniform random subset (a strong baseline in the literature).
+        probe: how ``"gradient"`` discovery probes: batches, score (``"gradient"`` |g|, ``"fisher"`` g², ``"adam"``
+            the size of the AdamW update the entry would get, ``"precision"`` that update relative to half a bf16
+            ulp of the weight), budget rule (``"per_tensor"`` or ``"global"``). A
+            :class:`~sparse_rl.discovery.ProbeOptions` (or a dict of its fields); its unset AdamW hyperparameters
+            come from the trainer's arguments.
         mask: a ready :class:`SubnetworkMask` or a path to one saved with ``SubnetworkMask.save``; overrides
             ``discovery``/``density``.
         exclude: substrings of parameter names that stay frozen (e.g. ``("embed_tokens",)``). Discovery skips them; a
@@ -42,8 +40,8 @@ class SparseConfig:
             policy itself with the original values of the selected entries swapped in for reference forwards
             (:func:`sparse_rl.reference.use_shared_reference`); saves a whole model copy.
         compact_grads: keep only the selected gradient entries and free each dense gradient during backward
-            (:mod:`sparse_rl.compact_grad`): gradient memory drops from a dense gradient plus the hooks' bool mask (5
-            bytes per fp32 parameter) to 8 bytes per selected entry (value and int32 index), and the optimizer step
+            (:mod:`sparse_rl.restrict.compact`): gradient memory drops from a dense gradient plus the hooks' bool mask
+            (5 bytes per fp32 parameter) to 8 bytes per selected entry (value and int32 index), and the optimizer step
             reads no dense gradient. Results equal the dense masked gradients'. Single process only (DDP/FSDP reduce
             the dense gradient) and not with fp16 loss scaling.
         seed: seed of random discovery.
@@ -56,9 +54,7 @@ class SparseConfig:
 
     density: float = 0.1
     discovery: Literal["gradient", "random"] = "gradient"
-    probe_steps: int = 4
-    probe_score: Literal["gradient", "fisher", "adam", "precision"] = "gradient"
-    probe_budget: Literal["per_tensor", "global"] = "per_tensor"
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
     mask: SubnetworkMask | str | os.PathLike | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
     master_weights: bool = True
@@ -73,12 +69,10 @@ class SparseConfig:
         check_density(self.density)
         if self.discovery not in ("gradient", "random"):
             raise ValueError(f"discovery must be 'gradient' or 'random', got {self.discovery!r}")
-        if self.probe_steps < 1:
-            raise ValueError(f"probe_steps must be >= 1, got {self.probe_steps}")
-        if self.probe_score not in PROBE_SCORES:
-            raise ValueError(f"probe_score must be one of {PROBE_SCORES}, got {self.probe_score!r}")
-        if self.probe_budget not in PROBE_BUDGETS:
-            raise ValueError(f"probe_budget must be one of {PROBE_BUDGETS}, got {self.probe_budget!r}")
+        if isinstance(self.probe, dict):
+            self.probe = ProbeOptions(**self.probe)
+        if not isinstance(self.probe, ProbeOptions):
+            raise TypeError(f"probe must be a ProbeOptions or a dict of its fields, got {type(self.probe).__name__}")
         if self.state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {self.state_bits!r}")
         if self.stochastic_rounding and self.master_weights:
@@ -86,8 +80,3 @@ class SparseConfig:
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         check_entropy_quantile(self.entropy_quantile)
-
-
-def check_density(density: float) -> None:
-    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")

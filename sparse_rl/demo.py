@@ -118,6 +118,7 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import SparseConfig, sparsify
+    from .discovery import ProbeOptions
     from .models import smollm2_checkpoint
     from .optim import MaskedAdamW, unwrap_optimizer
 
@@ -140,7 +141,7 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     trainer = build_demo_trainer(config, model, tokenizer, train_rows)
     probe_start = time.time()
     sparse = sparsify(trainer, SparseConfig(density=config.density, discovery="gradient",
-                                            probe_steps=config.probe_steps, compact_grads=True))
+                                            probe=ProbeOptions(steps=config.probe_steps), compact_grads=True))
     print(f"mask from a {config.probe_steps}-batch gradient probe of the GRPO loss: "
           f"{time.time() - probe_start:.0f}s", flush=True)
     trainer.train()

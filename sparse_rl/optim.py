@@ -17,10 +17,10 @@ from collections.abc import Iterable
 
 import torch
 
-from .compact_grad import compact_grad_of, zero_compact_grads
-from .fsdp import local_selection, local_tensor
 from .kernels import BACKENDS, launch
 from .mask import SubnetworkMask
+from .restrict.compact import compact_grad_of, zero_compact_grads
+from .restrict.sharded import local_selection, local_tensor
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,7 +42,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         seed: seed of the stochastic-rounding stream (a function of seed, step and parameter, so runs are repeatable).
 
     Gradients are read from ``param.grad`` (dense; only the selected entries are read) or, for parameters under
-    :mod:`sparse_rl.compact_grad`, from ``param.compact_grad`` (the selected entries only), which the step consumes.
+    :mod:`sparse_rl.restrict.compact`, from ``param.compact_grad`` (the selected entries only), which the step consumes.
     """
 
     def __init__(
@@ -223,7 +223,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Also drops the compact gradients (:mod:`sparse_rl.compact_grad`), which ``set_to_none=False`` cannot keep
+        """Also drops the compact gradients (:mod:`sparse_rl.restrict.compact`), which ``set_to_none=False`` cannot keep
         as zeros: the next backward starts them afresh either way."""
         super().zero_grad(set_to_none=set_to_none)
         zero_compact_grads(p for group in self.param_groups for p in group["params"])

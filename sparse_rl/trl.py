@@ -37,16 +37,16 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import compact_grad
 from .config import SparseConfig
 from .discovery import gradient_mask_from_trainer, random_mask
 from .distributed import agree_on_mask, is_distributed
 from .entropy import HighEntropyTokens, keep_gradient_of, token_entropy_from_logits
-from .fsdp import is_sharded, restrict_sharded_gradients
-from .hooks import GradientRestriction, restrict_gradients
 from .mask import SubnetworkMask
 from .optim import MaskedAdamW, unwrap_optimizer
 from .reference import SharedReference, check_shared_reference_possible, install_shared_reference
+from .restrict import compact as compact_grad
+from .restrict.gradients import GradientRestriction, restrict_gradients
+from .restrict.sharded import is_sharded, restrict_sharded_gradients
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
 
@@ -278,8 +278,7 @@ def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
             raise UnsupportedTrainerSetup("gradient discovery probes trainer.compute_loss, which OnlineDPOTrainer does "
                                           "not use (its loss lives in training_step); use discovery='random' or "
                                           "pass a mask")
-        mask = gradient_mask_from_trainer(trainer, config.density, steps=config.probe_steps, exclude=config.exclude,
-                                          score=config.probe_score, budget=config.probe_budget)
+        mask = gradient_mask_from_trainer(trainer, config.density, config.probe, exclude=config.exclude)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     if not any(bool(selection.any()) for name, selection in mask.items() if name in trainable):
         raise UnsupportedTrainerSetup("the mask selects no entry of any trainable parameter, so nothing would be "

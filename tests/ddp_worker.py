@@ -34,9 +34,15 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
-from sparse_rl import SparseConfig, discovery, sparsify  # noqa: E402
-from sparse_rl.config import PROBE_BUDGETS, PROBE_SCORES  # noqa: E402
-from sparse_rl.discovery import accumulate_gradient_scores, gradient_mask  # noqa: E402
+from sparse_rl import SparseConfig, sparsify  # noqa: E402
+from sparse_rl.discovery import (  # noqa: E402
+    BUDGETS,
+    PROBE_SCORES,
+    ProbeOptions,
+    accumulate_gradient_scores,
+    gradient_mask,
+)
+from sparse_rl.discovery import probe as probe_module  # noqa: E402
 from sparse_rl.distributed import MaskMismatchError, average_gradients, check_masks_agree  # noqa: E402
 from sparse_rl.entropy import select_high_entropy_tokens  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
@@ -53,7 +59,7 @@ ENTROPY_QUANTILE = 0.3
 PROBE_STEPS = 3
 PROBE_ROWS = 3
 PROBE_DENSITY = 0.2
-GRPO_PROBE = SparseConfig(density=0.2, probe_steps=2)
+GRPO_PROBE = SparseConfig(density=0.2, probe=ProbeOptions(steps=2))
 
 
 class RecordGradients(TrainerCallback):
@@ -107,11 +113,11 @@ def run_grpo_probe(checkpoint, output_dir) -> dict:
 
     trainer = build_trainer("grpo", checkpoint, output_dir, max_steps=1, per_device_train_batch_size=4)
     initial = snapshot(trainer.model)
-    discovery.average_gradients = recording_average
+    probe_module.average_gradients = recording_average
     try:
         sparse = sparsify(trainer, GRPO_PROBE)
     finally:
-        discovery.average_gradients = average_gradients
+        probe_module.average_gradients = average_gradients
     trainer.train()
     return {"initial": initial, "local_gradients": local_gradients, "probed_ddp": probed_models,
             "trained_ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "mask": sparse.mask,
@@ -139,9 +145,11 @@ def run_probe(checkpoint, rank: int) -> dict:
         dist.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     loss_fn = probe_loss(model, probe_shard(rank))
-    scores = {kind: accumulate_gradient_scores(model, loss_fn, PROBE_STEPS, score=kind) for kind in PROBE_SCORES}
-    masks = {(kind, budget): gradient_mask(model, loss_fn, PROBE_DENSITY, PROBE_STEPS, score=kind, budget=budget)
-             for kind in PROBE_SCORES for budget in PROBE_BUDGETS}
+    scores = {kind: accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=PROBE_STEPS, score=kind))
+              for kind in PROBE_SCORES}
+    masks = {(kind, budget): gradient_mask(model, loss_fn, PROBE_DENSITY,
+                                           ProbeOptions(steps=PROBE_STEPS, score=kind, budget=budget))
+             for kind in PROBE_SCORES for budget in BUDGETS}
     return {"scores": scores, "masks": masks}
 
 
@@ -176,12 +184,13 @@ def run_collectives(rank: int) -> dict:
     result = {"keep": selection.keep, "threshold": selection.threshold, "num_kept": selection.num_kept,
               "num_valid": selection.num_valid}
     model = partial_model()
-    result["partial_scores"] = accumulate_gradient_scores(model, lambda step: partial_loss(model, rank, step), 3,
-                                                          score="adam")
+    result["partial_scores"] = accumulate_gradient_scores(model, lambda step: partial_loss(model, rank, step),
+                                                          ProbeOptions(steps=3, score="adam"))
     base = {"a": torch.tensor([True, False, True]), "b": torch.zeros(2, 2, dtype=torch.bool)}
     model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 1), **({"c": torch.nn.Linear(1, 1)} if rank == 1 else {})})
     for name, call in {
-        "probe_structure": lambda: accumulate_gradient_scores(model, lambda step: model["a"].weight.sum(), 1),
+        "probe_structure": lambda: accumulate_gradient_scores(model, lambda step: model["a"].weight.sum(),
+                                                              ProbeOptions(steps=1)),
         "check_one_bit": lambda: check_masks_agree(SubnetworkMask({**base, "a": torch.tensor([True, rank == 1,
                                                                                               True])})),
     }.items():

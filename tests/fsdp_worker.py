@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch.distributed as dist  # noqa: E402
 
 from sparse_rl import MaskedAdamW, SubnetworkMask, random_mask, restrict_gradients  # noqa: E402
-from sparse_rl.fsdp import local_tensor, shard_mask  # noqa: E402
+from sparse_rl.restrict.sharded import local_tensor, shard_mask  # noqa: E402
 from tests.tiny import make_tiny_model  # noqa: E402
 
 STEPS = 3

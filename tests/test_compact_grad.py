@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, random_mask, restrict_gradients, sparsify
-from sparse_rl.compact_grad import clip_grad_norm_, compact_grad_of
+from sparse_rl.restrict.compact import clip_grad_norm_, compact_grad_of
 from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
 
@@ -75,6 +75,29 @@ def test_training_equals_dense_masked_gradients(tiny_model, state_bits):
     for (name, p_dense), (_, p_compact) in zip(dense.named_parameters(), compact.named_parameters()):
         assert torch.equal(p_dense, p_compact), name
         assert compact_grad_of(p_compact) is None  # zero_grad dropped them
+
+
+def test_step_consumes_what_model_zero_grad_leaves(tiny_model):
+    """transformers.Trainer clears gradients with ``model.zero_grad()`` only, which resets ``.grad`` and leaves compact
+    gradients: MaskedAdamW's step consumes them, so such a loop trains like one calling ``optimizer.zero_grad()``."""
+    mask = random_mask(tiny_model, 0.1)
+    models = [copy.deepcopy(tiny_model) for _ in range(2)]
+    for model in models:
+        restrict_gradients(model, mask, compact=True)
+    optimizers = [MaskedAdamW(model.named_parameters(), mask, lr=1e-2, backend="cpu") for model in models]
+    clear = [optimizers[0].zero_grad, models[1].zero_grad]
+    ids = torch.randint(0, 20, (3, 2, 6))
+    for step in range(3):
+        for model, optimizer, zero_grad in zip(models, optimizers, clear):
+            _backward(model, ids[step])
+            optimizer.step()
+            assert all(compact_grad_of(p) is None for p in model.parameters()), "the step left compact gradients"
+            zero_grad()
+    for (name, first), (_, second) in zip(*(model.named_parameters() for model in models)):
+        assert torch.equal(first, second), name
+    _backward(models[1], ids[0])
+    models[1].zero_grad()
+    assert any(compact_grad_of(p) is not None for p in models[1].parameters()), "model.zero_grad() cleared them"
 
 
 def test_remove_restores_dense_gradients(tiny_model):

@@ -29,8 +29,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparse_rl import SparseConfig, UnsupportedTrainerSetup, sparsify
-from sparse_rl.config import PROBE_BUDGETS, PROBE_SCORES
-from sparse_rl.discovery import accumulate_gradient_scores, gradient_mask, mask_from_scores
+from sparse_rl.discovery import (
+    BUDGETS,
+    PROBE_SCORES,
+    ProbeOptions,
+    accumulate_gradient_scores,
+    gradient_mask,
+    mask_from_scores,
+)
 from sparse_rl.distributed import agree_on_mask, check_masks_agree, mask_digests
 from sparse_rl.entropy import entropy_quantile_threshold
 from sparse_rl.mask import SubnetworkMask
@@ -141,7 +147,7 @@ def test_grpo_probe_selects_from_the_gradients_of_both_ranks(two_processes):
     first, second = two_processes["grpo_gradient"]
     # the probe ran before DDP wrapped the model (train() does), so DDP did not average its gradients: each rank's
     # backward left the gradient of its own prompts
-    assert first["probed_ddp"] == [False] * ddp_worker.GRPO_PROBE.probe_steps and first["trained_ddp"]
+    assert first["probed_ddp"] == [False] * ddp_worker.GRPO_PROBE.probe.steps and first["trained_ddp"]
     local = [rank["local_gradients"] for rank in (first, second)]
     assert any(not torch.equal(local[0][0][name], local[1][0][name]) for name in local[0][0])
 
@@ -150,9 +156,9 @@ def test_grpo_probe_selects_from_the_gradients_of_both_ranks(two_processes):
     names = list(first["mask"])
     averaged = [{name: (a[name] + b[name]) / 2 for name in names} for a, b in zip(*local)]
     config = ddp_worker.GRPO_PROBE
-    expected = mask_from_scores(_gradient_scores(averaged, names), config.density, config.probe_budget)
+    expected = mask_from_scores(_gradient_scores(averaged, names), config.density, config.probe.budget)
     assert first["mask"] == expected and second["mask"] == expected
-    rank_zero_alone = mask_from_scores(_gradient_scores(local[0], names), config.density, config.probe_budget)
+    rank_zero_alone = mask_from_scores(_gradient_scores(local[0], names), config.density, config.probe.budget)
     assert rank_zero_alone != expected
 
 
@@ -183,20 +189,21 @@ def test_probe_mask_is_the_global_batch_mask(two_processes, checkpoint):
     for kind in PROBE_SCORES:
         scores = first["scores"][kind]
         assert all(torch.equal(scores[name], second["scores"][kind][name]) for name in scores)
-        reference = accumulate_gradient_scores(model, everything, ddp_worker.PROBE_STEPS, score=kind)
+        probe = ProbeOptions(steps=ddp_worker.PROBE_STEPS, score=kind)
+        reference = accumulate_gradient_scores(model, everything, probe)
         assert scores.keys() == reference.keys()
         delta = {name: float((scores[name] - reference[name]).abs().max()) for name in scores}
         largest = max(float(score.abs().max()) for score in reference.values())
         # measured: 1.2e-7, 1.3e-7, 5e-5, 6.4e-8 of the largest score (Adam's m/sqrt(v) magnifies the rounding of
         # gradients near eps); rank 0's rows alone are 0.2-1.0x the largest score away
         assert max(delta.values()) <= 1e-3 * largest, f"{kind}: the scores are not the global batch's"
-        for budget in PROBE_BUDGETS:
+        for budget in BUDGETS:
             mask = first["masks"][kind, budget]
             assert mask == second["masks"][kind, budget]
             assert mask == mask_from_scores(scores, ddp_worker.PROBE_DENSITY, budget)
             assert _beyond_rounding(mask, reference, delta, budget) == 0, (kind, budget)
-            alone = gradient_mask(model, rank_zero_rows, ddp_worker.PROBE_DENSITY, ddp_worker.PROBE_STEPS,
-                                  score=kind, budget=budget)
+            alone = gradient_mask(model, rank_zero_rows, ddp_worker.PROBE_DENSITY,
+                                  ProbeOptions(steps=ddp_worker.PROBE_STEPS, score=kind, budget=budget))
             assert _beyond_rounding(alone, reference, delta, budget) > 0, (kind, budget)
 
 
@@ -206,7 +213,7 @@ def test_probe_averages_with_zeros_where_a_rank_has_no_gradient(two_processes):
     model = ddp_worker.partial_model()
     reference = accumulate_gradient_scores(
         model, lambda step: sum(ddp_worker.partial_loss(model, rank, step) for rank in range(WORLD_SIZE)) / WORLD_SIZE,
-        3, score="adam")
+        ProbeOptions(steps=3, score="adam"))
     for rank in two_processes["collectives"]:
         assert rank["partial_scores"].keys() == reference.keys()
         for name, score in reference.items():

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl.discovery import (
+    ProbeOptions,
     accumulate_gradient_scores,
     gradient_mask,
     gradient_mask_from_trainer,
@@ -36,7 +37,7 @@ def _planted_loss(model, weight=50.0):
 def test_probe_finds_planted_signal(score):
     model = make_tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = gradient_mask(model, _planted_loss(model), density=0.01, steps=5, score=score)
+    mask = gradient_mask(model, _planted_loss(model), density=0.01, options=ProbeOptions(steps=5, score=score))
     selected = mask[PLANTED_TENSOR].reshape(-1)
     assert bool(selected[PLANTED_ENTRIES].all())
     assert int(selected.sum()) == -(-selected.numel() // 100)
@@ -57,11 +58,12 @@ def test_scores_match_independent_computation():
     def loss_fn(step):
         return sum((p * directions[step][n]).sum() for n, p in params.items() if (step, n) != (0, skipped))
 
-    grad_sum = accumulate_gradient_scores(model, loss_fn, 4, score="gradient")
-    fisher = accumulate_gradient_scores(model, loss_fn, 4, score="fisher")
-    adam = accumulate_gradient_scores(model, loss_fn, 4, score="adam", betas=(0.8, 0.99), eps=1e-6)
+    grad_sum = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="gradient"))
+    fisher = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="fisher"))
+    adam = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="adam", betas=(0.8, 0.99), eps=1e-6))
     lr = 1e-3
-    precision = accumulate_gradient_scores(model, loss_fn, 4, score="precision", betas=(0.8, 0.99), eps=1e-6, lr=lr)
+    precision = accumulate_gradient_scores(model, loss_fn, ProbeOptions(steps=4, score="precision", betas=(0.8, 0.99),
+                                                                        eps=1e-6, lr=lr))
 
     replica = {n: p.detach().clone().double().requires_grad_(True) for n, p in params.items()}
     optimizer = torch.optim.Adam(list(replica.values()), lr=1.0, betas=(0.8, 0.99), eps=1e-6)
@@ -96,25 +98,57 @@ def test_probe_bad_inputs():
     model = make_tiny_model()
     loss_fn = _planted_loss(model)
     with pytest.raises(ValueError, match="score must be one of"):
-        gradient_mask(model, loss_fn, 0.1, steps=1, score="hessian")
+        gradient_mask(model, loss_fn, 0.1, ProbeOptions(steps=1, score="hessian"))
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        gradient_mask(model, loss_fn, 0.1, steps=0)
+        gradient_mask(model, loss_fn, 0.1, ProbeOptions(steps=0))
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         gradient_mask(model, loss_fn, 1.01)
     with pytest.raises(ValueError, match="no weight for 'x'"):
         precision_scores({"x": torch.ones(2)}, model)
 
 
-def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
+def test_probe_options_fill_only_unset_adamw_hyperparameters():
+    options = ProbeOptions(betas=(0.5, 0.6))
+    filled = options.with_adamw_defaults(lr=1e-3, betas=(0.9, 0.99), eps=1e-7)
+    assert (filled.lr, filled.betas, filled.eps) == (1e-3, (0.5, 0.6), 1e-7)
+    assert options.lr is None and options.eps is None, "with_adamw_defaults changed the options it copies"
+
+
+def test_probe_refuses_options_of_another_type():
+    """The step count is no longer a positional argument: passing it there names the options class instead."""
+    model = make_tiny_model()
+    with pytest.raises(TypeError, match=r"ProbeOptions \(e\.g\. ProbeOptions\(steps=4"):
+        accumulate_gradient_scores(model, _planted_loss(model), 4)
+    with pytest.raises(TypeError, match="ProbeOptions"):
+        gradient_mask(model, _planted_loss(model), 0.1, {"steps": 2})
+
+
+def _grpo_trainer(tiny_checkpoint, tmp_path, **overrides):
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=1, learning_rate=1e-2, use_cpu=True, bf16=False,
-                      report_to="none", save_strategy="no", seed=0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
-                          args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+                      report_to="none", save_strategy="no", seed=0, **overrides)
+    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
+                       args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+
+
+def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
+    trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    mask = gradient_mask_from_trainer(trainer, 0.1, steps=2, score="precision", budget="global",
+    mask = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="precision", budget="global"),
                                       exclude=("embed_tokens",))
     assert "model.embed_tokens.weight" not in mask
     assert mask.num_selected == -(-mask.num_total // 10)
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     assert trainer.state.global_step == 0
+
+
+def test_trainer_probe_takes_unset_adamw_hyperparameters_from_the_trainer(tiny_checkpoint, tmp_path):
+    """Unset betas/eps are the trainer's (the same mask as passing them, not the one of the probe's own defaults),
+    and set ones override them."""
+    trainer = _grpo_trainer(tiny_checkpoint, tmp_path, adam_beta1=0.5, adam_beta2=0.6, adam_epsilon=1.0)
+    from_args = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam"))
+    explicit = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam", betas=(0.5, 0.6), eps=1.0))
+    overridden = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="adam", betas=(0.9, 0.999),
+                                                                        eps=1e-8))
+    assert from_args == explicit
+    assert overridden != from_args, "the probe's default betas/eps should rank entries differently from the trainer's"

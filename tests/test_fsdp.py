@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from sparse_rl import MaskedAdamW, SubnetworkMask
-from sparse_rl.fsdp import local_selection, restrict_sharded_gradient
+from sparse_rl.restrict.sharded import local_selection, restrict_sharded_gradient
 from tests.fsdp_worker import (
     FROZEN,
     FULL,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_rl import SparseConfig, sparsify
-from sparse_rl.discovery import gradient_mask_from_trainer
+from sparse_rl.discovery import ProbeOptions, gradient_mask_from_trainer
 from sparse_rl.optim import MaskedAdamW, unwrap_optimizer
 from sparse_rl.reference import SharedReference, check_shared_reference_possible
 from sparse_rl.trl import UnsupportedTrainerSetup
@@ -19,8 +19,8 @@ def _inner_optimizer(trainer) -> MaskedAdamW:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"probe_score": "hessian"}, "probe_score"),
-    ({"probe_budget": "per_layer"}, "probe_budget"),
+    ({"probe": {"score": "hessian"}}, "score must be one of"),
+    ({"probe": {"budget": "per_layer"}}, "budget must be one of"),
     ({"state_bits": 16}, "state_bits"),
     ({"stochastic_rounding": True}, "master_weights=False"),
 ])
@@ -29,14 +29,20 @@ def test_bad_options_are_named(kwargs, match):
         SparseConfig(**kwargs)
 
 
+def test_probe_options_as_dataclass_or_dict():
+    assert SparseConfig(probe={"steps": 2, "score": "adam"}).probe == ProbeOptions(steps=2, score="adam")
+    assert SparseConfig().probe == ProbeOptions()
+    with pytest.raises(TypeError, match="probe must be a ProbeOptions"):
+        SparseConfig(probe=2)
+
+
 def test_probe_score_and_budget_reach_discovery(tiny_checkpoint, tmp_path):
     """sparsify's probe equals a direct probe with the same score and budget on an identically built trainer."""
-    options = dict(density=0.1, probe_steps=2, probe_score="fisher", probe_budget="global")
-    sparse = sparsify(build_trainer("dpo", tiny_checkpoint, tmp_path / "a"), SparseConfig(**options))
-    direct = gradient_mask_from_trainer(build_trainer("dpo", tiny_checkpoint, tmp_path / "b"), 0.1, steps=2,
-                                        score="fisher", budget="global")
-    per_tensor = gradient_mask_from_trainer(build_trainer("dpo", tiny_checkpoint, tmp_path / "c"), 0.1, steps=2,
-                                            score="fisher")
+    probe = ProbeOptions(steps=2, score="fisher", budget="global")
+    sparse = sparsify(build_trainer("dpo", tiny_checkpoint, tmp_path / "a"), SparseConfig(density=0.1, probe=probe))
+    direct = gradient_mask_from_trainer(build_trainer("dpo", tiny_checkpoint, tmp_path / "b"), 0.1, probe)
+    per_tensor = gradient_mask_from_trainer(build_trainer("dpo", tiny_checkpoint, tmp_path / "c"), 0.1,
+                                            ProbeOptions(steps=2, score="fisher"))
     assert sparse.mask == direct
     assert sparse.mask != per_tensor, "global and per-tensor budgets gave the same mask"
     densities = [float(s.float().mean()) for _, s in direct.items()]

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl import SparseConfig, UnsupportedTrainerSetup, random_mask, sparsify
+from sparse_rl.discovery import ProbeOptions
 from tests.tiny import length_reward, make_tiny_tokenizer, prompt_dataset
 
 
@@ -35,7 +36,7 @@ def test_gradient_discovery_then_only_selected_entries_change(tiny_checkpoint, t
     trainers are in test_trl_trainers.py."""
     trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
     before = _snapshot(trainer.model)
-    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery="gradient", probe_steps=2))
+    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery="gradient", probe=ProbeOptions(steps=2)))
     assert _snapshot(trainer.model).keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in _snapshot(trainer.model).items()), "probe changed weights"
     trainer.train()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .mask import SubnetworkMask
+from ..mask import SubnetworkMask
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -88,10 +88,10 @@ def restrict_sharded_gradients(named_params, mask: SubnetworkMask) -> list:
     """Masking hooks (see :func:`restrict_sharded_gradient`) on the DTensor parameters among ``named_params`` whose
     selection is partial; returns the handles.
 
-    For a model that was sharded *after* :func:`~sparse_rl.hooks.restrict_gradients` ran: ``fully_shard`` (e.g. in
-    accelerate's FSDP2 ``prepare``) replaces the parameters, and the hooks stay on the originals. Pass the optimizer's
-    ``(param_names, params)`` pairs: they carry the mask's names even when the module names changed (activation
-    checkpointing wrappers) and, after accelerate swapped them, the sharded parameters.
+    For a model that was sharded *after* :func:`~sparse_rl.restrict.gradients.restrict_gradients` ran:
+    ``fully_shard`` (e.g. in accelerate's FSDP2 ``prepare``) replaces the parameters, and the hooks stay on the
+    originals. Pass the optimizer's ``(param_names, params)`` pairs: they carry the mask's names even when the module
+    names changed (activation checkpointing wrappers) and, after accelerate swapped them, the sharded parameters.
     """
     handles = []
     for name, param in named_params:

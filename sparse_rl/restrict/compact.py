@@ -9,9 +9,13 @@ gradient contiguously. Gradient accumulation adds into ``compact_grad`` in the g
 into ``.grad``.
 
 Anything else that reads ``.grad`` must know: :func:`clip_grad_norm_` clips dense and compact gradients together
-(``sparsify`` routes the trainer's clipping to it), and :func:`zero_compact_grads` clears them (MaskedAdamW's
-``zero_grad`` and the trainer's ``model.zero_grad()`` call it). Single process only: DDP and FSDP all-reduce the dense
-``.grad``, which this frees.
+(``sparsify`` routes the trainer's clipping to it). ``model.zero_grad()`` resets ``.grad`` only and leaves
+``compact_grad`` alone; compact gradients are cleared by :class:`~sparse_rl.optim.MaskedAdamW`, whose ``step``
+consumes them (so a loop that calls only ``model.zero_grad()``, as ``transformers.Trainer`` does, starts every
+accumulation window from zero) and whose ``zero_grad`` drops them, both through :func:`zero_compact_grads`; and by
+removing the restriction (the hook's handle deletes the attribute). A loop that runs backward without stepping
+MaskedAdamW calls :func:`zero_compact_grads` itself. Single process only: DDP and FSDP all-reduce the dense ``.grad``,
+which this frees.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def compact_grad_of(param: torch.Tensor) -> torch.Tensor | None:
 
 def selected_indices(selection: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Flat indices of the selected entries as int32: 4 bytes per *selected* entry, under the 1 byte per entry of a
-    dense bool mask below 25% density, and ``index_select`` with them is ~15x faster than ``masked_select``."""
+    dense bool mask below 25% density, and ``index_select`` gathers them directly where ``masked_select`` would
+    scan the whole mask at every backward."""
     if selection.numel() >= 2**31:
         raise ValueError(f"compact gradients need tensors of fewer than 2**31 entries, got {selection.numel()}")
     return selection.reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)

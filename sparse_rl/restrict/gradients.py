@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compact_grad import register_compact_gradient
-from .fsdp import is_sharded, restrict_sharded_gradient
-from .mask import SubnetworkMask
+from ..mask import SubnetworkMask
+from .compact import register_compact_gradient
+from .sharded import is_sharded, restrict_sharded_gradient
 
 
 @dataclass
@@ -40,7 +40,7 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
     Parameters that are not in the mask, or whose selection is empty, get ``requires_grad=False``: no gradient is
     computed or stored for them at all. Fully selected parameters need no hook. With ``compact``, a partly selected
     parameter keeps only its selected gradient entries, in ``param.compact_grad``, and its dense ``.grad`` is freed
-    during backward (see :mod:`sparse_rl.compact_grad`; only :class:`~sparse_rl.optim.MaskedAdamW` reads them).
+    during backward (see :mod:`sparse_rl.restrict.compact`; only :class:`~sparse_rl.optim.MaskedAdamW` reads them).
     """
     named = list(model.named_parameters())
     mask.check_matches(named)

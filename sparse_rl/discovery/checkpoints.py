@@ -1,0 +1,187 @@
+"""Checkpoint I/O for discovery and analysis: named weights of in-memory models or safetensors checkpoints, read one
+tensor at a time, matched by name across checkpoints, and their differences; :func:`diff_mask` selects the entries
+that changed (the paper's definition of the subnetwork).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..mask import SubnetworkMask
+from .strategies import Budget, check_budget, check_density, filter_names, mask_from_scores, parameter_aliases
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+class WeightSource:
+    """Named floating-point weights of an in-memory model or a safetensors checkpoint, read one tensor at a time.
+
+    ``source`` is an ``nn.Module``, a ``.safetensors`` file, or a folder with ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``. Checkpoint tensors are memory-mapped with ``safe_open``, so two 135M-parameter
+    checkpoints are compared without holding either in memory. A checkpoint whose ``config.json`` says
+    ``tie_word_embeddings`` and that still stores ``lm_head.weight`` lists it once, under the embedding.
+    """
+
+    def __init__(self, source: torch.nn.Module | str | os.PathLike):
+        self._handles: dict[str, object] = {}
+        if isinstance(source, torch.nn.Module):
+            self.description = type(source).__name__
+            self._params = {n: p for n, p in source.named_parameters() if p.is_floating_point()}
+            self.names = list(self._params)
+            self.aliases = parameter_aliases(source)
+            return
+        self._params = None
+        path = Path(source)
+        self.description = str(path)
+        if path.is_dir():
+            index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {name: path / file for name, file in weight_map.items()}
+            elif single.exists():
+                self._files = self._single_file(single)
+            else:
+                found = sorted(p.name for p in path.iterdir())[:8]
+                raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
+                                        f"(found {found}); re-save the model with save_pretrained()")
+            config_file = path / "config.json"
+        elif path.is_file() and path.suffix == ".safetensors":
+            self._files = self._single_file(path)
+            config_file = path.parent / "config.json"
+        else:
+            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .safetensors file")
+        for file in dict.fromkeys(self._files.values()):
+            if not file.exists():
+                raise FileNotFoundError(f"shard {file} listed in {path} is missing")
+        self.names = [n for n in self._files if self._dtype_name(n) in _SAFETENSORS_DTYPES]
+        self.aliases = {}
+        if config_file.exists() and json.loads(config_file.read_text()).get("tie_word_embeddings") is True:
+            embeddings = [n for n in self.names if "embed_tokens" in n or n.endswith("wte.weight")]
+            if embeddings and "lm_head.weight" in self.names:
+                self.names.remove("lm_head.weight")
+                self.aliases["lm_head.weight"] = embeddings[0]
+
+    @staticmethod
+    def _single_file(file: Path) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            return {name: file for name in f.keys()}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def _dtype_name(self, name: str) -> str:
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._params is not None:
+            return tuple(self._params[name].shape)
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._params is not None:
+            return self._params[name].dtype
+        return _SAFETENSORS_DTYPES[self._dtype_name(name)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor on CPU, in its stored dtype (a detached view for in-memory models: do not modify it)."""
+        if self._params is not None:
+            return self._params[name].detach().cpu()
+        return self._handle(name).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def as_weight_source(source) -> WeightSource:
+    return source if isinstance(source, WeightSource) else WeightSource(source)
+
+
+def matched_names(
+    sources: Iterable[WeightSource], include: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Names shared by all ``sources`` after ``include``/``exclude``, or a ``ValueError`` naming the first tensor
+    missing from one of them or shaped differently (i.e. mismatched architectures)."""
+    sources = list(sources)
+    first = sources[0]
+    for other in sources[1:]:
+        for a, b in ((first, other), (other, first)):
+            missing = [n for n in a.names if n not in b.names]
+            if missing:
+                raise ValueError(f"mismatched checkpoints: tensor {missing[0]!r} of {a.description} is missing from "
+                                 f"{b.description} ({len(missing)} missing in all)")
+        for name in first.names:
+            if first.shape(name) != other.shape(name):
+                raise ValueError(f"mismatched architectures: {name!r} has shape {first.shape(name)} in "
+                                 f"{first.description} but {other.shape(name)} in {other.description}")
+    aliases = {}
+    for source in sources:
+        aliases.update(source.aliases)
+    return filter_names(first.names, include, exclude, aliases)
+
+
+def iter_deltas(
+    base, finetuned, include: Iterable[str] | None = None, exclude: Iterable[str] = (), desc: str = "diff",
+    compare_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(name, base_weight, finetuned - base)`` tensor by tensor; the difference is taken in fp32 (fp64 if
+    either side is fp64) after optionally rounding both sides to ``compare_dtype``."""
+    base, finetuned = as_weight_source(base), as_weight_source(finetuned)
+    for name in tqdm(matched_names([base, finetuned], include, exclude), desc=desc):
+        before, after = base.get(name), finetuned.get(name)
+        if compare_dtype is not None:
+            before, after = before.to(compare_dtype), after.to(compare_dtype)
+        wide = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+        yield name, before, after.to(wide) - before.to(wide)
+
+
+def diff_mask(
+    base: torch.nn.Module | str | os.PathLike,
+    finetuned: torch.nn.Module | str | os.PathLike,
+    density: float | None = None,
+    tolerance: float = 1e-5,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    budget: Budget = "per_tensor",
+    compare_dtype: torch.dtype | None = None,
+) -> SubnetworkMask:
+    """Entries that changed between ``base`` and ``finetuned`` (|Δ| > ``tolerance``; the paper's definition and
+    default, loose enough for bf16 noise), streamed tensor by tensor.
+
+    With ``density`` the mask instead keeps the top ``density`` share of |Δ| under ``budget`` (if fewer entries
+    changed, unchanged ones fill the budget). ``compare_dtype=torch.bfloat16`` rounds both sides first, as the
+    paper's code does by loading both models in bf16.
+    """
+    if density is not None:
+        check_density(density)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    check_budget(budget)
+    scores = {}
+    for name, _, delta in iter_deltas(base, finetuned, include, exclude, "diff mask", compare_dtype):
+        scores[name] = delta.abs() > tolerance if density is None else delta.abs().float()
+    if density is None:
+        return SubnetworkMask(scores)
+    return mask_from_scores(scores, density, budget)

@@ -1,0 +1,205 @@
+"""Selection rules shared by every way of choosing the subnetwork, and the baselines built on them alone.
+
+- :func:`mask_from_scores`: the top ``density`` share of any per-entry scores, under a budget rule. Every strategy
+  (probe, checkpoint diff, baselines) ends here.
+- Baselines: :func:`random_mask`, :func:`magnitude_mask` (largest or smallest |w| first).
+- :func:`precision_scores` / :func:`half_ulp`: an update measured against the resolution of the stored dtype.
+- Name filtering: ``include``/``exclude`` are substrings of parameter names (e.g.
+  ``exclude=("embed_tokens", "lm_head", "norm")``). Tied parameters (``lm_head`` sharing the input embedding) appear
+  once, under the name ``named_parameters()`` gives; a pattern matching the alias applies to the parameter.
+
+Budget rules (``budget=``): ``"per_tensor"`` (default) keeps the same density in every selected tensor, because the
+research finds RL updates spread over nearly every matrix and a global top-k would let a few large-score tensors
+take the whole budget; ``"global"`` keeps the top ``density`` share of all scores pooled together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Literal, get_args
+
+import torch
+from tqdm.auto import tqdm
+
+from ..mask import SubnetworkMask
+
+Budget = Literal["per_tensor", "global"]
+BUDGETS = get_args(Budget)
+
+
+def check_density(density: float) -> None:
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+
+
+def check_budget(budget: str) -> None:
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+
+
+# ---------------------------------------------------------------------------------------------- name selection
+def parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``alias -> name`` for tied parameters that ``named_parameters()`` lists once (e.g. a tied ``lm_head``)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+
+
+def filter_names(
+    names: Iterable[str],
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Names that contain one of ``include`` (all if None) and none of ``exclude``; a pattern matching the alias of
+    a tied parameter applies to the parameter itself."""
+    names = list(names)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    include = (include,) if isinstance(include, str) else (None if include is None else tuple(include))
+    spellings = {n: [n] for n in names}
+    for alias, name in (aliases or {}).items():
+        if name in spellings:
+            spellings[name].append(alias)
+
+    def matches(name: str, patterns: tuple[str, ...]) -> bool:
+        return any(pattern in spelling for spelling in spellings[name] for pattern in patterns)
+
+    if include is not None:
+        unmatched = [p for p in include if not any(p in s for n in names for s in spellings[n])]
+        if unmatched:
+            raise ValueError(f"include pattern {unmatched[0]!r} matches no parameter; names look like {names[:4]}")
+    kept = [n for n in names if (include is None or matches(n, include)) and not matches(n, exclude)]
+    if not kept:
+        raise ValueError(f"no parameter left after include={include} exclude={exclude}; names look like {names[:4]}")
+    return kept
+
+
+def trainable_parameters(
+    model: torch.nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the parameters with ``requires_grad`` that pass :func:`filter_names`."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True to select from")
+    return [(n, params[n]) for n in filter_names(params, include, exclude, parameter_aliases(model))]
+
+
+# ---------------------------------------------------------------------------------------------- budget rules
+def _top_k_selection(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean tensor selecting the ``ceil(density * n)`` highest scores (ties broken by position)."""
+    flat = scores.reshape(-1)
+    k = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+    selection = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k == flat.numel():
+        selection[:] = True
+    else:
+        selection[torch.topk(flat.float().cpu(), k, sorted=False).indices] = True
+    return selection.reshape(scores.shape)
+
+
+def _global_top_k_selection(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Exactly ``ceil(density * N)`` entries with the highest scores over all tensors pooled; ties at the threshold
+    go to the earliest tensors and positions."""
+    total = sum(s.numel() for s in scores.values())
+    k = min(total, max(1, math.ceil(density * total)))
+    if k == total:
+        return {n: torch.ones(s.shape, dtype=torch.bool) for n, s in scores.items()}
+    pooled = torch.cat([s.reshape(-1).float().cpu() for s in scores.values()])
+    threshold = torch.kthvalue(pooled, total - k + 1).values  # the k-th largest score
+    del pooled
+    selections, remaining_ties = {}, k - sum(int((s.float() > threshold).sum()) for s in scores.values())
+    for name, score in scores.items():
+        score = score.float().cpu()
+        selection = score > threshold
+        if remaining_ties > 0:
+            ties = (score == threshold).reshape(-1).nonzero().squeeze(1)[:remaining_ties]
+            selection.reshape(-1)[ties] = True
+            remaining_ties -= ties.numel()
+        selections[name] = selection
+    return selections
+
+
+def mask_from_scores(
+    scores: Mapping[str, torch.Tensor], density: float, budget: Budget = "per_tensor"
+) -> SubnetworkMask:
+    """Top-``density`` of arbitrary scores (higher is kept), per tensor or pooled (``budget="global"``)."""
+    check_density(density)
+    check_budget(budget)
+    if not scores:
+        raise ValueError("no scores given: the mask would select nothing")
+    for name, score in scores.items():
+        if not bool(torch.isfinite(score).all()):
+            raise ValueError(f"scores for {name!r} contain NaN or inf; check the loss of the probe")
+    if budget == "global":
+        return SubnetworkMask(_global_top_k_selection(scores, density))
+    return SubnetworkMask({name: _top_k_selection(score, density) for name, score in scores.items()})
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def random_mask(
+    model: torch.nn.Module,
+    density: float,
+    seed: int = 0,
+    exclude: Iterable[str] = (),
+    include: Iterable[str] | None = None,
+    budget: Budget = "per_tensor",
+) -> SubnetworkMask:
+    """Exactly ``ceil(density * n)`` uniformly random entries of every trainable tensor (or of all of them pooled)."""
+    check_density(density)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name, param in tqdm(trainable_parameters(model, exclude, include), desc="random mask", leave=False):
+        scores[name] = torch.rand(param.shape, generator=generator)
+    return mask_from_scores(scores, density, budget)
+
+
+def magnitude_mask(
+    model: torch.nn.Module,
+    density: float,
+    largest: bool = True,
+    exclude: Iterable[str] = (),
+    include: Iterable[str] | None = None,
+    budget: Budget = "per_tensor",
+) -> SubnetworkMask:
+    """Entries with the largest (or, ``largest=False``, smallest) |w|.
+
+    Small weights are the ones a bf16 checkpoint can show moving (their resolution is finest), so the smallest-first
+    mask is the baseline a bf16 diff is most likely to resemble.
+    """
+    check_density(density)
+    scores = {}
+    for name, param in tqdm(trainable_parameters(model, exclude, include), desc="magnitude mask", leave=False):
+        magnitude = param.detach().float().abs().cpu()
+        scores[name] = magnitude if largest else -magnitude
+    return mask_from_scores(scores, density, budget)
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def half_ulp(weights: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Half the spacing of ``dtype`` numbers just above each |w| (fp32 result): the smallest update that
+    round-to-nearest can see. In bf16 that is between |w|·2^-9 and |w|·2^-8.
+
+    Moving toward zero from an exact power of two the threshold is half as large; zeros get half the smallest
+    subnormal spacing.
+    """
+    info = torch.finfo(dtype)
+    stored = weights.detach().to(dtype).float()
+    _, exponent = torch.frexp(stored)  # |w| = m * 2**e with m in [0.5, 1)
+    spacing_floor = info.tiny * info.eps / 2
+    result = torch.ldexp(torch.full_like(stored, info.eps), exponent - 2).clamp_min(spacing_floor)
+    return torch.where(stored == 0, torch.full_like(stored, spacing_floor), result)
+
+
+def precision_scores(
+    updates: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | torch.nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, torch.Tensor]:
+    """|expected update| / :func:`half_ulp` of the weight in ``dtype``: above 1 the update survives rounding to
+    ``dtype``, below 0.5 it cannot. A bf16 checkpoint diff can only show entries with a score above ~1."""
+    if isinstance(weights, torch.nn.Module):
+        weights = dict(weights.named_parameters())
+    missing = [n for n in updates if n not in weights]
+    if missing:
+        raise ValueError(f"no weight for {missing[0]!r} ({len(missing)} updates without a weight)")
+    return {n: u.detach().float().abs().cpu() / half_ulp(weights[n].detach().cpu(), dtype) for n, u in updates.items()}

@@ -1,0 +1,92 @@
+"""The gradient probe on a TRL/transformers trainer: its own data pipeline and ``compute_loss`` as the probe's loss,
+with the trainer left as it was.
+
+It relies on private trainer internals: ``_prepare_inputs`` (turns a batch into model inputs, generating completions
+for online trainers), and the attributes a probe batch mutates, which :class:`probe_trainer_state` lists and restores
+(``_step``, ``_buffered_inputs``, ``_metrics``, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..mask import SubnetworkMask
+from .probe import ProbeOptions, as_probe_options, gradient_mask
+
+
+def trainer_loss_fn(trainer) -> Callable[[int], torch.Tensor]:
+    """A ``loss_fn(step)`` running the trainer's own data pipeline and ``compute_loss`` on successive batches.
+
+    For online trainers (GRPO, RLOO) each probe batch generates fresh completions. Internal counters and logged
+    metrics touched by the probe are restored by :func:`probe_trainer_state`.
+    """
+    dataloader = trainer.get_train_dataloader()
+    batches = iter(dataloader)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(dataloader)
+            batch = next(batches)
+        if hasattr(trainer, "_buffered_inputs"):
+            trainer._buffered_inputs = None  # force generation for every probe batch
+        trainer.model.train()
+        inputs = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            return trainer.compute_loss(trainer.model, inputs)
+
+    return loss_fn
+
+
+class probe_trainer_state:
+    """Context manager restoring the trainer attributes that a loss probe mutates (step counters, buffered
+    generations, logged metrics, RNG), so a probed run trains like an unprobed one."""
+
+    _ATTRS = ("_step", "_buffered_inputs", "_metrics", "_textual_logs", "_total_train_tokens")
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __enter__(self):
+        self.saved = {a: copy.deepcopy(getattr(self.trainer, a)) for a in self._ATTRS if hasattr(self.trainer, a)}
+        self.rng = torch.random.get_rng_state()
+        # set by Trainer's training loop; GRPO/RLOO's loss normalisation reads it
+        self.added_accumulation = not hasattr(self.trainer, "current_gradient_accumulation_steps")
+        if self.added_accumulation:
+            self.trainer.current_gradient_accumulation_steps = self.trainer.args.gradient_accumulation_steps
+        return self
+
+    def __exit__(self, *exc):
+        for attr, value in self.saved.items():
+            setattr(self.trainer, attr, value)
+        torch.random.set_rng_state(self.rng)
+        if self.added_accumulation:
+            del self.trainer.current_gradient_accumulation_steps
+        return False
+
+
+def gradient_mask_from_trainer(
+    trainer,
+    density: float,
+    options: ProbeOptions | None = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> SubnetworkMask:
+    """Probe discovery (:func:`~sparse_rl.discovery.probe.gradient_mask`) on a TRL/transformers trainer's own loss,
+    leaving the trainer as it was.
+
+    The AdamW hyperparameters of the ``"adam"``/``"precision"`` scores (lr, betas, eps) that ``options`` leaves unset
+    come from ``trainer.args``.
+    """
+    args = trainer.args
+    options = as_probe_options(options).with_adamw_defaults(
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    with probe_trainer_state(trainer):
+        return gradient_mask(trainer.model, trainer_loss_fn(trainer), density, options, include=include,
+                             exclude=exclude)
