@@ -138,6 +138,42 @@ def _flat_view(param: torch.Tensor, name: str) -> torch.Tensor:
     return param.detach().view(-1)
 
 
+def changes_outside_mask(
+    model: torch.nn.Module, mask: SubnetworkMask, base: torch.nn.Module | str | os.PathLike
+) -> dict[str, int]:
+    """Per parameter, the unselected entries whose bits differ between ``model`` and ``base`` (the base cast to the
+    model's dtype, as ``from_pretrained(..., dtype=...)`` would load it); parameters without any are left out."""
+    from .discovery import as_weight_source
+
+    source = as_weight_source(base)
+    stored = {**source.aliases, **{n: n for n in source.names}}
+    changed, compared = {}, 0
+    for name, param in model.named_parameters():
+        if name not in stored:
+            continue
+        before = source.get(stored[name])
+        if tuple(before.shape) != tuple(param.shape):
+            raise ValueError(f"{name!r} has shape {tuple(param.shape)} in the model but {tuple(before.shape)} in "
+                             f"the base {source.description}: not the model's base")
+        bits = _INT_OF_SIZE[param.element_size()]
+        differs = param.detach().cpu().reshape(-1).view(bits) != before.to(param.dtype).reshape(-1).view(bits)
+        selection = mask.selections.get(name)
+        if selection is not None:
+            differs &= ~selection.reshape(-1)
+        compared += 1
+        if int(differs.sum()):
+            changed[name] = int(differs.sum())
+    if not compared:
+        raise ValueError(f"the base {source.description} holds none of the model's parameter names")
+    return changed
+
+
+def _is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).exists() for name in
+                                   ("model.safetensors", "model.safetensors.index.json"))
+
+
 class SparseDelta:
     """The trained values of a subnetwork on top of a named base model.
 
@@ -170,14 +206,32 @@ class SparseDelta:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_trained(
-        cls, model: torch.nn.Module, mask: SubnetworkMask, base_model_name_or_path: str | None = None
+        cls, model: torch.nn.Module, mask: SubnetworkMask, base_model_name_or_path: str | None = None, *,
+        base: torch.nn.Module | str | os.PathLike | None = None,
     ) -> SparseDelta:
         """Capture the selected entries of ``model``, which must have changed only inside ``mask`` since the base
-        (what ``sparsify`` guarantees). ``base_model_name_or_path`` defaults to ``model.config._name_or_path``."""
+        (what ``sparsify`` guarantees). ``base_model_name_or_path`` defaults to ``model.config._name_or_path``.
+
+        A delta cannot carry changes outside the mask, so they are refused, with counts, rather than dropped: the
+        model is compared with ``base`` (a model, a checkpoint folder or a .safetensors file), or, when ``base`` is
+        not given and ``base_model_name_or_path`` is a local checkpoint folder, with that folder (memory-mapped, one
+        tensor at a time). With neither, nothing is compared.
+        """
         named = list(model.named_parameters())
         mask.check_matches(named)
         if base_model_name_or_path is None:
             base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if base is None and base_model_name_or_path is not None and _is_checkpoint_folder(base_model_name_or_path):
+            base = base_model_name_or_path
+        if base is not None:
+            changed = changes_outside_mask(model, mask, base)
+            if changed:
+                first = next(iter(changed))
+                raise ValueError(
+                    f"the model differs from its base outside the mask in {sum(changed.values()):,} entries of "
+                    f"{len(changed)} tensor(s) (first {first!r}: {changed[first]:,}); a delta keeps only the selected "
+                    "entries and would drop those changes. Train with sparsify (which keeps unselected entries fixed), "
+                    "or build the mask to cover them")
         config = SparseDeltaConfig(
             base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
             base_checksum=base_checksum(model, mask),
@@ -272,6 +326,8 @@ class SparseDelta:
                 f"this model is not the base the delta was trained on ({self.config.base_model_name_or_path!r}): its "
                 f"entries outside the subnetwork hash to {found[:16]}..., the delta expects "
                 f"{self.config.base_checksum[:16]}...; load {self.config.base_model_name_or_path!r} in the same dtype"
+                ", or the trained model had changed outside its mask before the delta was saved (from_trained "
+                "refuses that when it is given base=)"
             )
 
     @property

@@ -206,3 +206,24 @@ def test_corrupted_indices_are_refused(tmp_path):
 def test_not_a_delta_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=DELTA_CONFIG_NAME):
         SparseDelta.load(tmp_path)
+
+
+@pytest.mark.parametrize("base_kind", ["module", "folder", "name_or_path"])
+def test_from_trained_refuses_changes_outside_the_mask(base_kind, tmp_path):
+    from transformers import AutoModelForCausalLM as Auto
+
+    base = make_tiny_model()
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    trained = Auto.from_pretrained(folder)
+    mask = random_mask(trained, 0.2, seed=1)
+    name, param = next((n, p) for n, p in trained.named_parameters() if n.endswith("q_proj.weight"))
+    with torch.no_grad():
+        param.view(-1)[mask[name].view(-1)] += 1.0  # inside the mask: fine
+    kwargs = {"module": dict(base=base), "folder": dict(base=str(folder)), "name_or_path": {}}[base_kind]
+    SparseDelta.from_trained(trained, mask, **kwargs)
+    outside = (~mask[name]).view(-1).nonzero()[:3, 0]
+    with torch.no_grad():
+        param.view(-1)[outside] += 1.0
+    with pytest.raises(ValueError, match=f"outside the mask in 3 entries of 1 tensor.*{name}"):
+        SparseDelta.from_trained(trained, mask, **kwargs)
