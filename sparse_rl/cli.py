@@ -64,6 +64,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_update, mask_overlap, precision_control
     from .discovery import diff_mask
 
+    problem = _unwritable_outputs(Path(args.output_dir), args.save_mask)
+    if problem:  # before minutes of analysis, not after
+        print(f"sparse-rl analyze: error: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     compare_dtype = getattr(torch, args.compare_dtype) if args.compare_dtype else None
     try:
@@ -97,6 +101,23 @@ def run_analyze(args: argparse.Namespace) -> int:
         print(f"mask of the changed entries: {args.save_mask} (density {report.mask.density:.4%})")
     print(f"analyzed in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _unwritable_outputs(output_dir: Path, save_mask: str | None) -> str | None:
+    """Why the analysis could not write its outputs, or None."""
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"--output-dir {output_dir} is a file, not a folder"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create --output-dir {output_dir}: {error.strerror}"
+    if save_mask is not None:
+        target = Path(save_mask)
+        if target.is_dir():
+            return f"--save-mask {target} is a folder; give a file path such as {target / 'mask.safetensors'}"
+        if not target.parent.is_dir():
+            return f"--save-mask {target}: its folder {target.parent} does not exist"
+    return None
 
 
 if __name__ == "__main__":

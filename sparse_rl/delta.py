@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -34,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .mask import SubnetworkMask
+from .checked_files import CorruptFileError, load_checked, metadata_json, save_checked
+from .mask import SubnetworkMask, packed_bits_fit
 
-DELTA_FORMAT = "sparse_rl.delta.v1"
+DELTA_FORMAT = "sparse_rl.delta.v2"
+LEGACY_DELTA_FORMAT = "sparse_rl.delta.v1"  # weights without checksums; still read
 DELTA_CONFIG_NAME = "delta_config.json"
 DELTA_WEIGHTS_NAME = "delta_model.safetensors"
 CHECKSUM_METHOD = ("sha256 over named_parameters() sorted by name: name, dtype, shape, raw bytes with the selected "
@@ -82,11 +85,17 @@ class SparseDeltaConfig:
         path = Path(folder) / DELTA_CONFIG_NAME
         if not path.exists():
             raise FileNotFoundError(f"no {DELTA_CONFIG_NAME} in {folder}: not a sparse_rl delta folder")
-        payload = json.loads(path.read_text())
-        if payload.get("format") != DELTA_FORMAT:
+        try:
+            payload = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CorruptFileError(f"{path} is damaged: {error}") from None
+        if payload.get("format") not in (DELTA_FORMAT, LEGACY_DELTA_FORMAT):
             raise ValueError(f"{path} has format {payload.get('format')!r}, expected {DELTA_FORMAT!r}")
         payload.pop("density", None)
-        return cls(**payload)
+        try:
+            return cls(**payload)
+        except TypeError as error:
+            raise CorruptFileError(f"{path} does not describe a delta: {error}") from None
 
 
 def base_checksum(model: torch.nn.Module, mask: SubnetworkMask) -> str:
@@ -129,6 +138,42 @@ def _flat_view(param: torch.Tensor, name: str) -> torch.Tensor:
     return param.detach().view(-1)
 
 
+def changes_outside_mask(
+    model: torch.nn.Module, mask: SubnetworkMask, base: torch.nn.Module | str | os.PathLike
+) -> dict[str, int]:
+    """Per parameter, the unselected entries whose bits differ between ``model`` and ``base`` (the base cast to the
+    model's dtype, as ``from_pretrained(..., dtype=...)`` would load it); parameters without any are left out."""
+    from .discovery import as_weight_source
+
+    source = as_weight_source(base)
+    stored = {**source.aliases, **{n: n for n in source.names}}
+    changed, compared = {}, 0
+    for name, param in model.named_parameters():
+        if name not in stored:
+            continue
+        before = source.get(stored[name])
+        if tuple(before.shape) != tuple(param.shape):
+            raise ValueError(f"{name!r} has shape {tuple(param.shape)} in the model but {tuple(before.shape)} in "
+                             f"the base {source.description}: not the model's base")
+        bits = _INT_OF_SIZE[param.element_size()]
+        differs = param.detach().cpu().reshape(-1).view(bits) != before.to(param.dtype).reshape(-1).view(bits)
+        selection = mask.selections.get(name)
+        if selection is not None:
+            differs &= ~selection.reshape(-1)
+        compared += 1
+        if int(differs.sum()):
+            changed[name] = int(differs.sum())
+    if not compared:
+        raise ValueError(f"the base {source.description} holds none of the model's parameter names")
+    return changed
+
+
+def _is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).exists() for name in
+                                   ("model.safetensors", "model.safetensors.index.json"))
+
+
 class SparseDelta:
     """The trained values of a subnetwork on top of a named base model.
 
@@ -161,14 +206,32 @@ class SparseDelta:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_trained(
-        cls, model: torch.nn.Module, mask: SubnetworkMask, base_model_name_or_path: str | None = None
+        cls, model: torch.nn.Module, mask: SubnetworkMask, base_model_name_or_path: str | None = None, *,
+        base: torch.nn.Module | str | os.PathLike | None = None,
     ) -> SparseDelta:
         """Capture the selected entries of ``model``, which must have changed only inside ``mask`` since the base
-        (what ``sparsify`` guarantees). ``base_model_name_or_path`` defaults to ``model.config._name_or_path``."""
+        (what ``sparsify`` guarantees). ``base_model_name_or_path`` defaults to ``model.config._name_or_path``.
+
+        A delta cannot carry changes outside the mask, so they are refused, with counts, rather than dropped: the
+        model is compared with ``base`` (a model, a checkpoint folder or a .safetensors file), or, when ``base`` is
+        not given and ``base_model_name_or_path`` is a local checkpoint folder, with that folder (memory-mapped, one
+        tensor at a time). With neither, nothing is compared.
+        """
         named = list(model.named_parameters())
         mask.check_matches(named)
         if base_model_name_or_path is None:
             base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if base is None and base_model_name_or_path is not None and _is_checkpoint_folder(base_model_name_or_path):
+            base = base_model_name_or_path
+        if base is not None:
+            changed = changes_outside_mask(model, mask, base)
+            if changed:
+                first = next(iter(changed))
+                raise ValueError(
+                    f"the model differs from its base outside the mask in {sum(changed.values()):,} entries of "
+                    f"{len(changed)} tensor(s) (first {first!r}: {changed[first]:,}); a delta keeps only the selected "
+                    "entries and would drop those changes. Train with sparsify (which keeps unselected entries fixed), "
+                    "or build the mask to cover them")
         config = SparseDeltaConfig(
             base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
             base_checksum=base_checksum(model, mask),
@@ -181,8 +244,6 @@ class SparseDelta:
     # ------------------------------------------------------------------ disk
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``delta_model.safetensors`` (values + mask) and ``delta_config.json`` into ``folder``."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors, shapes = {}, {}
@@ -195,39 +256,49 @@ class SparseDelta:
                 tensors[name + _INDICES] = self.mask.flat_indices(name).to(torch.int32)
             else:
                 tensors[name + _BITS] = torch.from_numpy(np.packbits(selection.numpy()))
-        save_file(tensors, str(folder / DELTA_WEIGHTS_NAME), metadata={"format": DELTA_FORMAT,
-                                                                        "shapes": json.dumps(shapes)})
         self.config.save_pretrained(folder)
+        config_bytes = (folder / DELTA_CONFIG_NAME).read_bytes()
+        save_checked(tensors, folder / DELTA_WEIGHTS_NAME, metadata={
+            "format": DELTA_FORMAT, "shapes": json.dumps(shapes),
+            "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> SparseDelta:
-        """Read a delta folder without applying it."""
-        from safetensors import safe_open
-
+        """Read a delta folder without applying it; a damaged file raises an error naming it."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a delta folder (save_pretrained writes a folder)")
+        path, config_path = folder / DELTA_WEIGHTS_NAME, folder / DELTA_CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"no {DELTA_CONFIG_NAME} in {folder}: not a sparse_rl delta folder")
+        meta, stored = load_checked(path, DELTA_FORMAT, "delta weights", legacy_format=LEGACY_DELTA_FORMAT)
+        if meta.get("format") == DELTA_FORMAT:  # the weights vouch for their config
+            if meta.get("config_sha256") != hashlib.sha256(config_path.read_bytes()).hexdigest():
+                raise CorruptFileError(f"{config_path} does not match the checksum that {path} holds for it: one of "
+                                       "the two files is damaged or was replaced")
         config = SparseDeltaConfig.from_pretrained(folder)
-        path = folder / DELTA_WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"no {DELTA_WEIGHTS_NAME} in {folder}")
         selections, values = {}, {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != DELTA_FORMAT:
-                raise ValueError(f"{path} is not a sparse_rl delta (format={meta.get('format')!r})")
-            keys = set(f.keys())
-            for name, shape in json.loads(meta["shapes"]).items():
-                count = int(np.prod(shape)) if shape else 1
-                if name + _BITS in keys:
-                    bits = np.unpackbits(f.get_tensor(name + _BITS).numpy(), count=count).astype(bool)
-                    selection = torch.from_numpy(bits)
-                else:
-                    index = f.get_tensor(name + _INDICES).long()
-                    if index.numel() and (bool((index[1:] <= index[:-1]).any()) or index[0] < 0 or index[-1] >= count):
-                        raise ValueError(f"{path}: indices of {name!r} are not sorted, unique and in range")
-                    selection = torch.zeros(count, dtype=torch.bool)
-                    selection[index] = True
-                selections[name] = selection.reshape(shape)
-                values[name] = f.get_tensor(name + _VALUES)
+        for name, shape in metadata_json(meta, "shapes", path, "delta weights").items():
+            count = math.prod(shape)
+            if name + _VALUES not in stored or (name + _BITS not in stored and name + _INDICES not in stored):
+                raise CorruptFileError(f"{path}: {name!r} is listed in the header but its tensors are missing")
+            if name + _BITS in stored:
+                packed = stored[name + _BITS].numpy()
+                if not packed_bits_fit(packed, count):
+                    raise CorruptFileError(f"{path}: {name!r} has shape {shape} in the header but {packed.size} "
+                                           "packed mask bytes")
+                selection = torch.from_numpy(np.unpackbits(packed, count=count).astype(bool))
+            else:
+                index = stored[name + _INDICES].long()
+                if index.numel() and (bool((index[1:] <= index[:-1]).any()) or index[0] < 0 or index[-1] >= count):
+                    raise CorruptFileError(f"{path}: indices of {name!r} are not sorted, unique and in range")
+                selection = torch.zeros(count, dtype=torch.bool)
+                selection[index] = True
+            selections[name] = selection.reshape(shape)
+            values[name] = stored[name + _VALUES]
+        if sum(v.numel() for v in values.values()) != config.num_selected:
+            raise CorruptFileError(f"{folder}: {DELTA_CONFIG_NAME} says {config.num_selected} selected entries but "
+                                   f"{path} holds {sum(v.numel() for v in values.values())}")
         return cls(SubnetworkMask(selections), values, config)
 
     @classmethod
@@ -255,6 +326,8 @@ class SparseDelta:
                 f"this model is not the base the delta was trained on ({self.config.base_model_name_or_path!r}): its "
                 f"entries outside the subnetwork hash to {found[:16]}..., the delta expects "
                 f"{self.config.base_checksum[:16]}...; load {self.config.base_model_name_or_path!r} in the same dtype"
+                ", or the trained model had changed outside its mask before the delta was saved (from_trained "
+                "refuses that when it is given base=)"
             )
 
     @property

@@ -22,10 +22,8 @@ yields the gradients as they are).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -119,16 +117,7 @@ def check_masks_agree(mask: SubnetworkMask, *, discovered: bool = False) -> None
 
 def mask_digests(mask: SubnetworkMask) -> dict[str, str]:
     """SHA-256 hex digest of each tensor's name, shape and packed selection bits."""
-    digests = {}
-    for name, selection in mask.items():
-        digest = hashlib.sha256(f"{name}:{tuple(selection.shape)}:".encode())
-        digest.update(_packed_bits(selection).tobytes())
-        digests[name] = digest.hexdigest()
-    return digests
-
-
-def _packed_bits(selection: torch.Tensor) -> np.ndarray:
-    return np.packbits(selection.reshape(-1).numpy())
+    return mask.digests()
 
 
 def _all_gather(value) -> list:

@@ -7,15 +7,19 @@ SmolLM2-135M is ~17 MB whatever its density.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
-MASK_FORMAT = "sparse_rl.mask.v1"
+from .checked_files import CorruptFileError, load_checked, metadata_json, save_checked
+
+MASK_FORMAT = "sparse_rl.mask.v2"
+LEGACY_MASK_FORMAT = "sparse_rl.mask.v1"  # no checksums; still read
 
 MODULE_TYPES = ("attention", "mlp", "embeddings", "norms", "other")
 
@@ -173,30 +177,53 @@ class SubnetworkMask:
     def full(cls, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> SubnetworkMask:
         return cls({name: torch.ones(p.shape, dtype=torch.bool) for name, p in named_parameters})
 
+    # ------------------------------------------------------------------ fingerprints
+    def digests(self) -> dict[str, str]:
+        """SHA-256 hex digest of each tensor's name, shape and packed selection bits: what ranks compare under DDP,
+        what optimizer state and weight-sync patches carry to prove which mask they belong to."""
+        digests = {}
+        for name, selection in self.selections.items():
+            digest = hashlib.sha256(f"{name}:{tuple(selection.shape)}:".encode())
+            digest.update(_packed_bits(selection).tobytes())
+            digests[name] = digest.hexdigest()
+        return digests
+
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file with one uint8 tensor of packed bits per parameter."""
-        from safetensors.torch import save_file
-
-        packed = {name: torch.from_numpy(np.packbits(v.reshape(-1).numpy())) for name, v in self.selections.items()}
+        """Write a safetensors file with one uint8 tensor of packed bits per parameter (checksummed, atomically)."""
+        packed = {name: torch.from_numpy(_packed_bits(v)) for name, v in self.selections.items()}
         shapes = {name: list(v.shape) for name, v in self.selections.items()}
-        save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
+        save_checked(packed, path, metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SubnetworkMask:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no mask file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != MASK_FORMAT:
-                raise ValueError(f"{path} is not a sparse_rl mask file (format={meta.get('format')!r})")
-            shapes = json.loads(meta["shapes"])
-            selections = {}
-            for name, shape in shapes.items():
-                count = int(np.prod(shape)) if shape else 1
-                bits = np.unpackbits(f.get_tensor(name).numpy(), count=count).astype(bool)
-                selections[name] = torch.from_numpy(bits).reshape(shape)
+        """Read a mask file; a damaged file (flipped bit, truncation, header shapes that disagree with the packed
+        bits) raises :class:`~sparse_rl.checked_files.CorruptFileError` naming it."""
+        metadata, packed = load_checked(path, MASK_FORMAT, "mask file", legacy_format=LEGACY_MASK_FORMAT)
+        shapes = metadata_json(metadata, "shapes", path, "mask file")
+        if set(shapes) != set(packed):
+            raise CorruptFileError(f"mask file {path}: its header lists {len(shapes)} tensors but it holds "
+                                   f"{len(packed)}")
+        selections = {}
+        for name, shape in shapes.items():
+            count = math.prod(shape)
+            bits = packed[name].numpy()
+            if not packed_bits_fit(bits, count):
+                raise CorruptFileError(f"mask file {path}: {name!r} has shape {shape} in the header ({count} bits) "
+                                       f"but {bits.size} packed bytes of {bits.dtype} in the payload (or padding bits "
+                                       "set)")
+            selections[name] = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).reshape(shape)
         return cls(selections)
+
+
+def _packed_bits(selection: torch.Tensor) -> np.ndarray:
+    return np.packbits(selection.reshape(-1).numpy())
+
+
+def packed_bits_fit(packed: np.ndarray, count: int) -> bool:
+    """Whether ``packed`` is exactly ``count`` bits as ``np.packbits`` writes them: ceil(count/8) bytes with zero
+    padding bits, so a header shape that disagrees with the payload is caught rather than zero-padded or trimmed."""
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != (count + 7) // 8:
+        return False
+    spare = -count % 8
+    return spare == 0 or not packed[-1] & ((1 << spare) - 1)

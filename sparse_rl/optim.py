@@ -24,6 +24,7 @@ from .restrict.sharded import local_selection, local_tensor
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_DICT_KEY = "sparse_rl"
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -40,6 +41,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         backend: ``"auto"`` (Triton for CUDA tensors, the numba CPU path for CPU tensors), ``"triton"`` (also on CPU
             tensors under ``TRITON_INTERPRET=1``, for testing the kernel), or ``"cpu"``.
         seed: seed of the stochastic-rounding stream (a function of seed, step and parameter, so runs are repeatable).
+        skip_nonfinite: skip a step whose gradients hold a NaN or an infinity (as ``torch.amp.GradScaler`` does):
+            weights, moments and step counts stay as they were, the gradients are consumed, and ``skipped_steps``
+            counts it. Without it such a step writes NaN into every selected entry the gradient reaches (gradient
+            clipping multiplies all gradients by a NaN norm); unselected entries are never written either way.
 
     Gradients are read from ``param.grad`` (dense; only the selected entries are read) or, for parameters under
     :mod:`sparse_rl.restrict.compact`, from ``param.compact_grad`` (the selected entries only), which the step consumes.
@@ -59,6 +64,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         stochastic_rounding: bool = False,
         backend: str = "auto",
         seed: int = 0,
+        skip_nonfinite: bool = False,
     ):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -80,6 +86,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.backend = backend
         self.seed = int(seed)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self._mask_digests: dict[str, str] | None = None
         self._layouts: dict[torch.Tensor, object] = {}
         self._tensor_ids: dict[torch.Tensor, int] = {}
         self._ids_by_name: dict[str, int] = {}
@@ -200,6 +209,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                                        "it was given a gradient outside the compact-gradient hook")
                 if grad is not None and grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                if not param.is_contiguous():
+                    raise RuntimeError(f"parameter {self._names[param]!r} is no longer contiguous (its .data was "
+                                       "replaced after MaskedAdamW was built); MaskedAdamW steps its flat storage, "
+                                       "so call .contiguous() on it before stepping")
                 if not self.state.get(param):
                     if self._layout(param).num_selected == 0:
                         continue
@@ -209,6 +222,12 @@ class MaskedAdamW(torch.optim.Optimizer):
                                        f"the mask selects {self._layout(param).num_selected}")
                 key = (group_index, param.device, param.dtype, compact is not None)
                 buckets.setdefault(key, []).append(param)
+        if self.skip_nonfinite and not _all_finite(buckets):
+            self.skipped_steps += 1
+            for (_, _, _, compact), params in buckets.items():
+                if compact:
+                    zero_compact_grads(params)
+            return loss
         for (group_index, device, dtype, compact), params in buckets.items():
             steps = [self.state[p]["step"] for p in params]
             torch._foreach_add_(steps, 1)
@@ -283,11 +302,27 @@ class MaskedAdamW(torch.optim.Optimizer):
         return cached["table"]
 
     # ------------------------------------------------------------------ checkpoints
+    def mask_digests(self) -> dict[str, str]:
+        """Per-parameter SHA-256 of the selections this optimizer steps (computed once; the mask never changes)."""
+        if self._mask_digests is None:
+            names = set(self._ids_by_name)
+            self._mask_digests = {n: d for n, d in self.mask.digests().items() if n in names}
+        return self._mask_digests
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` plus the mask's per-tensor digests, so the compact state can only
+        be loaded back into an optimizer of the same mask (equal counts are not enough: the slots would belong to
+        other entries)."""
+        state_dict = super().state_dict()
+        state_dict[_STATE_DICT_KEY] = {"mask_digests": dict(self.mask_digests())}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load exactly: ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
         which would turn fp32 moments of a bf16 parameter (or uint8 codes) into bf16. We restore the saved dtypes
         afterwards, and refuse a checkpoint whose state does not fit this optimizer's mask or state_bits."""
         saved_state = state_dict["state"]
+        self._check_saved_mask(state_dict.get(_STATE_DICT_KEY, {}).get("mask_digests"))
         self._rebind_swapped_params()
         super().load_state_dict(state_dict)
         self._tensor_tables.clear()
@@ -301,6 +336,15 @@ class MaskedAdamW(torch.optim.Optimizer):
                     device = value.device if key == "step" else param.device
                     self.state[param][key] = value.detach().clone().to(device)
             self._check_loaded_state(param)
+
+    def _check_saved_mask(self, saved: dict[str, str] | None) -> None:
+        if saved is None:  # written before state carried digests: counts are checked per tensor below
+            return
+        for name, digest in self.mask_digests().items():
+            if saved.get(name) != digest:
+                raise ValueError(f"optimizer state of {name!r} was saved with a different mask: its selection "
+                                 "differs (equal counts are not enough, each moment belongs to one entry); resume with "
+                                 "the mask the checkpoint was trained with, or start a new optimizer")
 
     def _check_loaded_state(self, param: torch.Tensor) -> None:
         state, layout = self.state[param], self._layout(param)
@@ -319,6 +363,19 @@ class MaskedAdamW(torch.optim.Optimizer):
         if wants_master != ("master" in state):
             raise ValueError(f"optimizer state for {name!r} {'lacks' if wants_master else 'has'} an fp32 master "
                              f"copy but this optimizer has master_weights={self.master_weights}")
+
+
+def _all_finite(buckets: dict[tuple, list[torch.Tensor]]) -> bool:
+    """Whether every gradient the step would read is finite: one max-abs reduction per tensor, one host sync."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for (_, device, _, compact), params in buckets.items():
+        grads = [compact_grad_of(p) if compact else local_tensor(p.grad) for p in params]
+        by_device.setdefault(device, []).extend(g for g in grads if g.numel())
+    for grads in by_device.values():
+        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        if norms and not bool(torch.stack(norms).isfinite().all()):
+            return False
+    return True
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:

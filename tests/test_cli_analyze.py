@@ -3,6 +3,7 @@
 import csv
 import re
 
+import pytest
 import torch
 
 from sparse_rl.cli import main
@@ -73,3 +74,20 @@ def test_analyze_bad_inputs(tmp_path, capsys):
     assert "mismatched architectures" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "nowhere"), "--output-dir", str(tmp_path)]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err
+
+
+def test_analyze_checks_its_outputs_before_the_analysis(tmp_path, capsys, monkeypatch):
+    import sparse_rl.analysis
+
+    _save_pair(tmp_path)
+    monkeypatch.setattr(sparse_rl.analysis, "analyze_update", lambda *a, **k: pytest.fail("analysis ran"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    pair = [str(tmp_path / "base"), str(tmp_path / "ft")]
+    assert main(["analyze", *pair, "--output-dir", str(a_file)]) == 2
+    assert f"--output-dir {a_file} is a file" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "mask.safetensors"
+    assert main(["analyze", *pair, "--output-dir", str(tmp_path / "out"), "--save-mask", str(missing)]) == 2
+    assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err
+    assert main(["analyze", *pair, "--output-dir", str(tmp_path / "out"), "--save-mask", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

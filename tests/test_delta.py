@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl import SparseConfig, random_mask, sparsify
+from sparse_rl.checked_files import save_checked
 from sparse_rl.delta import DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME, SparseDelta, base_checksum
 from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
 
@@ -185,7 +186,7 @@ def test_folder_size_is_values_plus_mask(tmp_path):
 
 
 def test_corrupted_indices_are_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     base = make_tiny_model()
     mask = random_mask(base, 0.01)
@@ -196,7 +197,8 @@ def test_corrupted_indices_are_refused(tmp_path):
     tensors = load_file(str(path))
     key = next(k for k in tensors if k.endswith(".mask_indices") and tensors[k].numel() > 1)
     tensors[key] = tensors[key].flip(0).contiguous()
-    save_file(tensors, str(path), metadata=metadata)
+    metadata.pop("sha256")  # a file with a valid checksum over bad indices: the index check itself must refuse it
+    save_checked(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match="not sorted"):
         SparseDelta.load(tmp_path / "delta")
 
@@ -204,3 +206,24 @@ def test_corrupted_indices_are_refused(tmp_path):
 def test_not_a_delta_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=DELTA_CONFIG_NAME):
         SparseDelta.load(tmp_path)
+
+
+@pytest.mark.parametrize("base_kind", ["module", "folder", "name_or_path"])
+def test_from_trained_refuses_changes_outside_the_mask(base_kind, tmp_path):
+    from transformers import AutoModelForCausalLM as Auto
+
+    base = make_tiny_model()
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    trained = Auto.from_pretrained(folder)
+    mask = random_mask(trained, 0.2, seed=1)
+    name, param = next((n, p) for n, p in trained.named_parameters() if n.endswith("q_proj.weight"))
+    with torch.no_grad():
+        param.view(-1)[mask[name].view(-1)] += 1.0  # inside the mask: fine
+    kwargs = {"module": dict(base=base), "folder": dict(base=str(folder)), "name_or_path": {}}[base_kind]
+    SparseDelta.from_trained(trained, mask, **kwargs)
+    outside = (~mask[name]).view(-1).nonzero()[:3, 0]
+    with torch.no_grad():
+        param.view(-1)[outside] += 1.0
+    with pytest.raises(ValueError, match=f"outside the mask in 3 entries of 1 tensor.*{name}"):
+        SparseDelta.from_trained(trained, mask, **kwargs)
