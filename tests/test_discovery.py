@@ -118,6 +118,19 @@ def test_include_exclude_patterns(tiny_model):
         random_mask(tiny_model, 0.1, exclude=("model", "lm_head"))
 
 
+def test_an_exclude_pattern_that_matches_nothing_is_a_typo(tiny_model, tiny_checkpoint, tmp_path):
+    from sparse_rl import SparseConfig, sparsify
+    from tests.trl_cases import build_trainer
+
+    with pytest.raises(ValueError, match="exclude pattern 'embed_token_s' matches no parameter"):
+        random_mask(tiny_model, 0.1, exclude=("embed_token_s",))
+    tiny_model.model.embed_tokens.weight.requires_grad_(False)  # excluding a frozen tensor is no typo
+    assert "model.embed_tokens.weight" not in random_mask(tiny_model, 0.1, exclude=("embed_tokens",))
+    trainer = build_trainer("sft", tiny_checkpoint, tmp_path / "out")
+    with pytest.raises(ValueError, match="exclude pattern 'embed_token_s'"):
+        sparsify(trainer, SparseConfig(discovery="random", exclude=("embed_token_s",)))
+
+
 @pytest.mark.parametrize("largest", [True, False])
 def test_magnitude_mask(tiny_model, largest):
     mask = magnitude_mask(tiny_model, 0.25, largest=largest)

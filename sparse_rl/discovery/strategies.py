@@ -50,10 +50,14 @@ def filter_names(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
+    known: Iterable[str] | None = None,
 ) -> list[str]:
     """Names that contain one of ``include`` (all if None) and none of ``exclude``; a pattern matching the alias of
-    a tied parameter applies to the parameter itself."""
+    a tied parameter applies to the parameter itself. A pattern of either kind that matches none of ``known`` (all
+    the model's names, frozen ones included; default ``names``) is a typo, and an error: a mistyped ``exclude``
+    would silently train what the user meant to freeze."""
     names = list(names)
+    known = names if known is None else list(known)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     include = (include,) if isinstance(include, str) else (None if include is None else tuple(include))
     spellings = {n: [n] for n in names}
@@ -64,10 +68,11 @@ def filter_names(
     def matches(name: str, patterns: tuple[str, ...]) -> bool:
         return any(pattern in spelling for spelling in spellings[name] for pattern in patterns)
 
-    if include is not None:
-        unmatched = [p for p in include if not any(p in s for n in names for s in spellings[n])]
+    everything = known + list(aliases or {})
+    for kind, patterns in (("include", include or ()), ("exclude", exclude)):
+        unmatched = [p for p in patterns if not any(p in name for name in everything)]
         if unmatched:
-            raise ValueError(f"include pattern {unmatched[0]!r} matches no parameter; names look like {names[:4]}")
+            raise ValueError(f"{kind} pattern {unmatched[0]!r} matches no parameter; names look like {known[:4]}")
     kept = [n for n in names if (include is None or matches(n, include)) and not matches(n, exclude)]
     if not kept:
         raise ValueError(f"no parameter left after include={include} exclude={exclude}; names look like {names[:4]}")
@@ -78,10 +83,11 @@ def trainable_parameters(
     model: torch.nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of the parameters with ``requires_grad`` that pass :func:`filter_names`."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    named = dict(model.named_parameters())
+    params = {n: p for n, p in named.items() if p.requires_grad}
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True to select from")
-    return [(n, params[n]) for n in filter_names(params, include, exclude, parameter_aliases(model))]
+    return [(n, params[n]) for n in filter_names(params, include, exclude, parameter_aliases(model), known=named)]
 
 
 # ---------------------------------------------------------------------------------------------- budget rules
