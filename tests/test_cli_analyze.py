@@ -91,3 +91,11 @@ def test_analyze_checks_its_outputs_before_the_analysis(tmp_path, capsys, monkey
     assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err
     assert main(["analyze", *pair, "--output-dir", str(tmp_path / "out"), "--save-mask", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_analyze_names_a_truncated_checkpoint(tmp_path, capsys):
+    _save_pair(tmp_path)
+    weights = tmp_path / "ft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "ft"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"cannot read checkpoint file {weights}" in capsys.readouterr().err

@@ -5,6 +5,7 @@ that changed (the paper's definition of the subnetwork).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -73,15 +74,17 @@ class WeightSource:
     def _single_file(file: Path) -> dict[str, Path]:
         from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as f:
-            return {name: file for name in f.keys()}
+        with _reading(file):
+            with safe_open(str(file), framework="pt") as f:
+                return {name: file for name in f.keys()}
 
     def _handle(self, name: str):
         from safetensors import safe_open
 
         file = self._files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            with _reading(file):
+                self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
     def _dtype_name(self, name: str) -> str:
@@ -101,7 +104,9 @@ class WeightSource:
         """The tensor on CPU, in its stored dtype (a detached view for in-memory models: do not modify it)."""
         if self._params is not None:
             return self._params[name].detach().cpu()
-        return self._handle(name).get_tensor(name)
+        handle = self._handle(name)
+        with _reading(self._files[name]):
+            return handle.get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()
@@ -185,3 +190,14 @@ def diff_mask(
     if density is None:
         return SubnetworkMask(scores)
     return mask_from_scores(scores, density, budget)
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Turn safetensors' errors (which do not name the file) into a ``ValueError`` that does."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read checkpoint file {file}: {error} (is it truncated or damaged?)") from error
