@@ -1,0 +1,105 @@
+"""``benchmarks/gpu_check.py`` (``make gpu-check``): its dry run writes every row of the report, so the GPU script
+cannot rot on machines without a GPU, and without CUDA the real run refuses with its own exit code."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+DENSITIES = ("1%", "5%", "10%", "30%")
+MASKED_PROVIDERS = ("MaskedAdamW fp32, compact gradients", "MaskedAdamW fp32, dense masked gradients",
+                    "MaskedAdamW fp32, 8-bit state, compact gradients",
+                    "MaskedAdamW bf16 + fp32 master, compact gradients")
+
+
+def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it (dry run) or clears it (GPU run) itself
+    # run from another folder: the script must not depend on the working directory
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+def _table(report: str, heading: str) -> list[dict[str, str]]:
+    """Rows of the first markdown table after ``heading``, as dicts keyed by the header cells."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    header = cells(lines[first])
+    rows = []
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, cells(line))))
+    return rows
+
+
+def _number(text: str) -> float:
+    return float(text.rstrip("x").replace(",", "").split()[0])
+
+
+def test_dry_run_writes_every_row(tmp_path):
+    output = tmp_path / "report.md"
+    done = _run(["--dry-run", "--output", str(output)], tmp_path, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    assert "- Device: CPU dry run" in report and "triton " in report and "torch " in report
+    assert "## Errors" not in report
+
+    checks = _table(report, "## 1.")
+    names = [row["check"] for row in checks]
+    assert len(checks) >= 27 and all(row["result"] == "pass" for row in checks), checks
+    for expected in ("bit-exact vs reference: float32, dense gradients",
+                     "bit-exact vs reference: bfloat16, master copy, compact gradients",
+                     "bit-exact vs reference: float16, compact gradients",
+                     "bit-exact vs reference: random sizes and densities",
+                     "stochastic rounding vs CPU path: bfloat16, dense gradients",
+                     "8-bit state vs CPU path: bfloat16, master copy, compact gradients",
+                     "MaskedAdamW vs torch.optim.AdamW on the selected entries",
+                     "state_dict round trip on the device: bf16, 8-bit state"):
+        assert expected in names
+    for row in checks:  # the comparisons are not vacuous: selected entries moved
+        if row["check"].startswith(("bit-exact vs reference: float", "bit-exact vs reference: bfloat")):
+            assert _number(row["detail"].split(", ")[-1].split(" moved")[0].split()[-1]) > 0, row
+
+    steps = _table(report, "## 2.")
+    by_key = {(row["optimizer"], row["density"]): row for row in steps}
+    for provider in ("torch AdamW fused, fp32", "torch AdamW fused, bf16 (bf16 moments)"):
+        assert (provider, "dense") in by_key
+    if "bitsandbytes not installed" not in report:
+        assert ("bitsandbytes AdamW8bit, fp32 weights", "dense") in by_key
+    assert _number(by_key["torch AdamW fused, fp32", "dense"]["B moved / param"]) == 28.0
+    for provider in MASKED_PROVIDERS:
+        moved = []
+        for density in DENSITIES:
+            row = by_key[provider, density]
+            assert math.isfinite(_number(row["step (ms)"])) and _number(row["step (ms)"]) > 0
+            assert _number(row["GB/s"]) >= 0 and _number(row["of copy"]) >= 0
+            moved.append(_number(row["B moved / param"]))
+        assert moved == sorted(moved) and moved[-1] < 28.0, (provider, moved)  # more density, more traffic
+
+    grpo = {row["setup"]: row for row in _table(report, "## 3.")}
+    assert set(grpo) == {"full", "sparse 10%", "LoRA"}
+    share = {setup: float(row["trained entries"].split("(")[1].rstrip("%)")) for setup, row in grpo.items()}
+    assert share["full"] == 100.0 and 9.5 < share["sparse 10%"] < 10.5 and 5 < share["LoRA"] < 15
+    for row in grpo.values():
+        assert _number(row["peak in train() (MiB)"]) > 0 and _number(row["step (s)"]) > 0
+        assert 0.0 <= _number(row["mean reward"]) <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run")
+def test_without_cuda_it_says_so_and_exits_nonzero(tmp_path):
+    output = tmp_path / "report.md"
+    done = _run(["--output", str(output)], tmp_path, timeout=600)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+    assert "no CUDA device is available" in done.stderr and "--dry-run" in done.stderr
+    assert not output.exists()
