@@ -8,9 +8,11 @@ Three sections, one report (``benchmarks/results/gpu_check.md``):
    without one), moments and master copies, dense and compact gradients, a learning-rate schedule, awkward and random
    sizes, empty and full masks, NaN payloads in unselected entries (which must keep their bits). Where the CPU tests
    compare the two backends instead of the reference (stochastic rounding, 8-bit state), the device kernel is compared
-   bit for bit with the numba CPU path on the same inputs. Plus ``MaskedAdamW`` against ``torch.optim.AdamW`` with
-   param groups and an LR scheduler (within 1e-6), and a state_dict save / load / continue equal to an uninterrupted
-   run.
+   bit for bit with the numba CPU path on the same inputs, so what the CPU tests show of that path (unbiased
+   rounding, 8-bit moments within bitsandbytes' tolerances) holds for the device. Plus ``MaskedAdamW`` against
+   ``torch.optim.AdamW`` with param groups and an LR scheduler (within 1e-6), and a state_dict save / load / continue
+   equal to an uninterrupted run. A failed check is a row marked FAIL with the first mismatching entries, and the
+   script exits 1.
 2. **Optimizer step** on the parameter shapes of a 1-2B Llama-style model (random weights, shapes from a config
    written out below, built on the meta device): ``MaskedAdamW`` at 1/5/10/30% density (fp32 weights with compact or
    dense gradients, bf16 weights with an fp32 master copy, 8-bit state) against ``torch.optim.AdamW(fused=True)`` and
