@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,40 @@ def test_without_cuda_it_says_so_and_exits_nonzero(tmp_path):
     assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
     assert "no CUDA device is available" in done.stderr and "--dry-run" in done.stderr
     assert not output.exists()
+
+
+def test_device_check_fails_when_the_kernel_disagrees_with_the_reference(tmp_path):
+    """The bit-exact comparison is not vacuous: against a reference off by one fp32 rounding of eps it fails, naming
+    the tensor, and against the real reference it passes (run in a child: the script sets TRITON_INTERPRET itself)."""
+    code = f"""
+import sys
+sys.argv = ["gpu_check.py", "--dry-run"]
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import torch
+import gpu_check
+
+ref = gpu_check._load_tests_module("test_optim_reference")
+device = gpu_check.Device(dry_run=True)
+params, mask = ref.random_problem({{"w": (37, 50), "v": (1500,)}}, 0.3, torch.bfloat16)
+grads = ref.random_grads(params, 2)
+print("moved", gpu_check._against_reference(ref, device, params, mask, grads, compact=True))
+
+class OffByEps(ref.ReferenceMaskedAdamW):
+    def __init__(self, *args, eps, **kwargs):
+        super().__init__(*args, eps=eps * 1.5, **kwargs)
+
+ref.ReferenceMaskedAdamW = OffByEps
+try:
+    gpu_check._against_reference(ref, device, params, mask, grads, compact=True)
+except AssertionError as error:
+    print("caught", error)
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert int(next(line for line in lines if line.startswith("moved")).split()[1]) > 0
+    caught = next((line for line in lines if line.startswith("caught")), "")
+    # bf16 rounding hides some of it in the weights; the fp32 master copy shows it
+    assert "entries differ" in caught and re.search(r"(param|of) [wv]:", caught), done.stdout[-2000:]
