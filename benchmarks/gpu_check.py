@@ -27,15 +27,19 @@ Three sections, one report (``benchmarks/results/gpu_check.md``):
 Bytes a step must move (DRAM moves 32-byte sectors): a dense AdamW step reads and writes every parameter and moment
 and reads every gradient (28 B per fp32 parameter; 14 in bf16 with bf16 moments; bitsandbytes' 8-bit AdamW 16 B plus
 its absmax). ``MaskedAdamW`` reads and writes every 32-byte sector of the weights that holds a selected entry (counted
-from the mask), reads the compact gradient (one value per selected entry) or, with dense gradients, every gradient
-sector holding a selected entry, reads and writes the selected entries' moments (4+4 B fp32, 1+1 B 8-bit plus one
-fp32 absmax per 256 entries) and master copy, and reads the mask bits and tile offsets (1/8 B + 4 B per 1024 entries).
+from the mask; with a master copy the kernel only writes those sectors, in part, and they are still counted), reads
+the compact gradient (one value per selected entry) or, with dense gradients, every gradient sector holding a
+selected entry, reads and writes the selected entries' moments (4+4 B fp32, 1+1 B 8-bit plus one fp32 absmax per 256
+entries) and master copy, and reads the mask bits and tile offsets (1/8 B + 4 B per 1024 entries).
+
+The GRPO section also checks the whole pipeline on the device: in the sparse run no base-model entry outside the mask
+may change (hooks, compact gradients, the shared reference's swaps); one that does fails the run like a failed check.
 
 ``--dry-run`` runs the same code on CPU at tiny sizes: the Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors,
 a tiny Llama from a config (the tests' word-level tokenizer) instead of SmolLM2, 2 GRPO steps, CPU timers and peak RSS
 instead of CUDA events and ``max_memory_allocated``. It writes to a temporary file unless ``--output`` is given; the
 test suite runs it (``tests/test_gpu_check.py``). Without CUDA and without ``--dry-run`` the script says so and exits
-with code 3.
+with code 3. It uses one GPU: the first one, unless ``CUDA_VISIBLE_DEVICES`` says otherwise.
 
     make gpu-check                          # on a CUDA machine: writes benchmarks/results/gpu_check.md
     make gpu-check ARGS=--dry-run           # on any machine, CPU, tiny sizes, ~1 minute
@@ -54,6 +58,8 @@ if DRY_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 else:
     os.environ.pop("TRITON_INTERPRET", None)
+    # One GPU: TRL's GRPOTrainer refuses to run in one process that sees several (it would use nn.DataParallel).
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -628,7 +634,7 @@ def optimizer_benchmark(device: Device, sizes: Sizes, bench_model: str) -> dict:
         note = f"{selected / total:.2%} selected; {sectors[4] / fp32_sectors:.0%} of fp32 sectors touched"
         run("MaskedAdamW fp32, compact gradients", density, masked(params), compact_grads(params, compact32),
             masked_step_bytes(**common, param_bytes=4, compact=True, state_bits=32, master=False), note)
-        run("MaskedAdamW fp32, dense masked gradients", density, masked(params), dense_grads(params, grads),
+        run("MaskedAdamW fp32, dense gradients", density, masked(params), dense_grads(params, grads),
             masked_step_bytes(**common, param_bytes=4, compact=False, state_bits=32, master=False), note)
         run("MaskedAdamW fp32, 8-bit state, compact gradients", density, masked(params, state_bits=8),
             compact_grads(params, compact32),
@@ -656,6 +662,8 @@ class GrpoRow:
     step_seconds: float
     rewards: list[float] = field(default_factory=list)
     note: str = ""
+    changed: int = 0  # base-model entries whose bf16 bits changed in training
+    unselected_changed: int | None = None  # sparse run: changed entries outside the mask (must be 0)
 
 
 GRPO_SETUPS = ("full", f"sparse {GRPO_DENSITY:.0%}", "LoRA")
@@ -710,6 +718,7 @@ def grpo_run(device: Device, sizes: Sizes, setup: str, workdir: Path) -> GrpoRow
     torch.manual_seed(0)
     model, tokenizer = _grpo_model(device, sizes, workdir)
     total = sum(p.numel() for p in model.parameters())
+    start = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     demo = DemoConfig()
     peft_config = None
     if setup == "LoRA":
@@ -729,6 +738,7 @@ def grpo_run(device: Device, sizes: Sizes, setup: str, workdir: Path) -> GrpoRow
     trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config)
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    sparse = None
     if setup.startswith("sparse"):
         sparse = sparsify(trainer, SparseConfig(density=GRPO_DENSITY, discovery="random", compact_grads=True,
                                                 shared_reference=True))
@@ -743,19 +753,30 @@ def grpo_run(device: Device, sizes: Sizes, setup: str, workdir: Path) -> GrpoRow
     trainer.train()
     device.sync()
     peak = device.peak_mib()
-    from sparse_rl.optim import unwrap_optimizer
-
-    optimizer = unwrap_optimizer(trainer.optimizer)
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the trainer's own
+        optimizer = optimizer.optimizer
     if setup.startswith("sparse") != isinstance(optimizer, MaskedAdamW):
         raise RuntimeError(f"{setup}: the trainer stepped with {type(optimizer).__name__}")
     if any(p.dtype != torch.bfloat16 for n, p in trainer.model.named_parameters() if "lora_" not in n):
         raise RuntimeError(f"{setup}: the base weights are not all bf16")
+    changed, unselected_changed = 0, 0
+    for name, param in model.named_parameters():  # PEFT injected its layers into this same model object
+        key = name.replace(".base_layer", "")
+        if key not in start:  # a LoRA adapter
+            continue
+        moved = param.detach().cpu() != start[key]
+        changed += int(moved.sum())
+        if sparse is not None:
+            outside = ~sparse.mask[key] if key in sparse.mask else torch.ones_like(moved)
+            unselected_changed += int((moved & outside).sum())
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     steps = timer.seconds[1:] or timer.seconds  # the first step warms up (compilation, allocator)
     row = GrpoRow(setup, trained, total, allocated, peak, statistics.median(steps), rewards,
                   f"lr {learning_rate:g}" + (f", r={peft_config.r}" if peft_config is not None else "")
-                  + f"; {leftover:,.0f} MiB allocated before loading")
-    del trainer, model, optimizer
+                  + f"; {leftover:,.0f} MiB allocated before loading", changed,
+                  unselected_changed if sparse is not None else None)
+    del trainer, model, optimizer, sparse, start
     device.release()
     return row
 
@@ -791,6 +812,13 @@ def _versions() -> str:
 
 def _fmt(value: float, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _changed(row: GrpoRow) -> str:
+    text = f"{row.changed:,} ({row.changed / row.parameters:.2%})"
+    if row.unselected_changed is not None:
+        text += f"; outside the mask: {row.unselected_changed}" + (" **FAIL**" if row.unselected_changed else "")
+    return text
 
 
 def render_report(*, device: Device, sizes: Sizes, command: str, started: str, sections: dict, errors: dict,
@@ -850,10 +878,12 @@ def render_report(*, device: Device, sizes: Sizes, command: str, started: str, s
                       "shared reference, fp32 master copy of the selected entries. LoRA: all linear layers, rank "
                       f"matched to the sparse count, lr x{LORA_LEARNING_RATE_FACTOR}. Memory: {device.memory_label}; "
                       "\"before\" is what is allocated once the trainer is built (weights, reference), \"peak\" the "
-                      "peak during `train()`. Step time: median over steps 2.., device synchronised.", "",
+                      "peak during `train()`. Step time: median over steps 2.., device synchronised. \"bf16 entries "
+                      "changed\": base-model entries whose bits differ after training (LoRA adapters left out); in the "
+                      "sparse run none outside the mask may change.", "",
                       "| setup | trained entries | memory before (MiB) | peak in train() (MiB) | peak vs full "
-                      "| step (s) | mean reward | reward first -> last steps | notes |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+                      "| step (s) | mean reward | reward first -> last steps | bf16 entries changed | notes |",
+                      "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
             full = next((r for r in grpo if r.setup == "full"), None)
             for r in grpo:
                 window = max(1, min(5, len(r.rewards) // 4))
@@ -863,7 +893,7 @@ def render_report(*, device: Device, sizes: Sizes, command: str, started: str, s
                 lines.append(
                     f"| {r.setup} | {r.trained:,} ({r.trained / r.parameters:.1%}) | {r.allocated_before_mib:.0f} | "
                     f"{r.peak_mib:.0f} | {_fmt(r.peak_mib / full.peak_mib if full else float('nan'), '.2f')}x | "
-                    f"{r.step_seconds:.3f} | {_fmt(mean_reward, '.3f')} | {first_last} | {r.note} |")
+                    f"{r.step_seconds:.3f} | {_fmt(mean_reward, '.3f')} | {first_last} | {_changed(r)} | {r.note} |")
             lines.append("")
     if errors:
         lines += ["## Errors", ""]
@@ -935,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(report)
     print(f"report written to {output} ({sum(wall for wall, _ in seconds.values()):.0f} s)")
     failed = [c.name for c in sections.get("checks", []) if not c.passed]
+    failed += [f"GRPO {r.setup}: entries outside the mask changed" for r in sections.get("grpo", [])
+               if r.unselected_changed]
     if failed or errors:
         print(f"gpu_check: {len(failed)} check(s) failed, {len(errors)} section(s) raised: see {output}",
               file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 DENSITIES = ("1%", "5%", "10%", "30%")
-MASKED_PROVIDERS = ("MaskedAdamW fp32, compact gradients", "MaskedAdamW fp32, dense masked gradients",
+MASKED_PROVIDERS = ("MaskedAdamW fp32, compact gradients", "MaskedAdamW fp32, dense gradients",
                     "MaskedAdamW fp32, 8-bit state, compact gradients",
                     "MaskedAdamW bf16 + fp32 master, compact gradients")
 
@@ -95,6 +95,9 @@ def test_dry_run_writes_every_row(tmp_path):
     for row in grpo.values():
         assert _number(row["peak in train() (MiB)"]) > 0 and _number(row["step (s)"]) > 0
         assert 0.0 <= _number(row["mean reward"]) <= 1.0
+    changed = {setup: _number(row["bf16 entries changed"]) for setup, row in grpo.items()}
+    assert changed["full"] > 0 and changed["sparse 10%"] > 0 and changed["LoRA"] == 0  # training moved the weights
+    assert grpo["sparse 10%"]["bf16 entries changed"].endswith("outside the mask: 0")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run")
