@@ -39,7 +39,8 @@ may change (hooks, compact gradients, the shared reference's swaps); one that do
 a tiny Llama from a config (the tests' word-level tokenizer) instead of SmolLM2, 2 GRPO steps, CPU timers and peak RSS
 instead of CUDA events and ``max_memory_allocated``. It writes to a temporary file unless ``--output`` is given; the
 test suite runs it (``tests/test_gpu_check.py``). Without CUDA and without ``--dry-run`` the script says so and exits
-with code 3. It uses one GPU: the first one, unless ``CUDA_VISIBLE_DEVICES`` says otherwise.
+with code 3. It uses one GPU: the first one, unless ``CUDA_VISIBLE_DEVICES`` says otherwise. It runs from a checkout
+of the repository: the device checks load the tests' reference (``tests/test_optim_reference.py``).
 
     make gpu-check                          # on a CUDA machine: writes benchmarks/results/gpu_check.md
     make gpu-check ARGS=--dry-run           # on any machine, CPU, tiny sizes, ~1 minute
