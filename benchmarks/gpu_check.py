@@ -562,7 +562,7 @@ def _masked_adamw(mask, hyper: dict, params: dict, **options) -> Callable[[], to
     return lambda: MaskedAdamW(params.items(), mask, **hyper, **options)
 
 
-def optimizer_benchmark(device: Device, sizes: Sizes, bench_model: str) -> dict:
+def optimizer_benchmark(device: Device, sizes: Sizes, bench_model: str, errors: dict[str, str]) -> dict:
     from sparse_rl import MaskedAdamW, SubnetworkMask
 
     dev = device.torch
@@ -588,12 +588,17 @@ def optimizer_benchmark(device: Device, sizes: Sizes, bench_model: str) -> dict:
                    if isinstance(v, torch.Tensor))
 
     def run(label, density, build, give, bytes_moved, note=""):
-        optimizer = build()
+        optimizer = None
         try:
+            optimizer = build()
             step_ms = _time_steps(device, optimizer, give, sizes)
             held = optimizer.state_bytes() if isinstance(optimizer, MaskedAdamW) else state_bytes(optimizer)
             rows.append(StepRow(label, density, step_ms, bytes_moved, held, note))
             print(f"  {label:<48} {'' if density is None else f'{density:>4.0%}'} {step_ms:9.3f} ms", flush=True)
+        except Exception as error:  # e.g. out of memory on a small card: the row says so, the other rows still run
+            errors[f"bench: {label}" + ("" if density is None else f" at {density:.0%}")] = traceback.format_exc()
+            rows.append(StepRow(label, density, float("nan"), float("nan"), 0,
+                                f"failed: {type(error).__name__} (see Errors)"))
         finally:
             del optimizer
             for p in (*params.values(), *params16.values()):
@@ -782,12 +787,19 @@ def grpo_run(device: Device, sizes: Sizes, setup: str, workdir: Path) -> GrpoRow
     return row
 
 
-def grpo_comparison(device: Device, sizes: Sizes) -> list[GrpoRow]:
+def grpo_comparison(device: Device, sizes: Sizes, errors: dict[str, str]) -> list[GrpoRow]:
+    """One row per setup; a setup that raises is recorded in ``errors`` and the others still run."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_grpo_") as workdir:
         for setup in GRPO_SETUPS:
             started = time.perf_counter()
-            rows.append(grpo_run(device, sizes, setup, Path(workdir)))
+            try:
+                rows.append(grpo_run(device, sizes, setup, Path(workdir)))
+            except Exception:
+                errors[f"grpo: {setup}"] = traceback.format_exc()
+                print(errors[f"grpo: {setup}"], file=sys.stderr, flush=True)
+                device.release()
+                continue
             r = rows[-1]
             print(f"  {setup:<12} trained {r.trained:>12,}  peak {r.peak_mib:8.0f} MiB  step {r.step_seconds:.3f} s  "
                   f"reward {statistics.mean(r.rewards) if r.rewards else float('nan'):.3f}  "
@@ -899,7 +911,7 @@ def render_report(*, device: Device, sizes: Sizes, command: str, started: str, s
     if errors:
         lines += ["## Errors", ""]
         for name, text in errors.items():
-            lines += [f"Section `{name}` raised:", "", "```", text.rstrip(), "```", ""]
+            lines += [f"`{name}` raised:", "", "```", text.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -946,8 +958,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sections, errors, seconds = {}, {}, {}
     runners = {"checks": lambda: device_checks(device, sizes),
-               "bench": lambda: optimizer_benchmark(device, sizes, args.bench_model or sizes.bench_model),
-               "grpo": lambda: grpo_comparison(device, sizes)}
+               "bench": lambda: optimizer_benchmark(device, sizes, args.bench_model or sizes.bench_model, errors),
+               "grpo": lambda: grpo_comparison(device, sizes, errors)}
     for name in SECTIONS:
         if name not in args.sections:
             continue

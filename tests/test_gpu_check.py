@@ -144,3 +144,27 @@ except AssertionError as error:
     caught = next((line for line in lines if line.startswith("caught")), "")
     # bf16 rounding hides some of it in the weights; the fp32 master copy shows it
     assert "entries differ" in caught and re.search(r"(param|of) [wv]:", caught), done.stdout[-2000:]
+
+
+def test_a_failing_setup_is_reported_and_exits_1(tmp_path):
+    """A section part that raises is named in the report's Errors with its traceback, and the run exits 1."""
+    output = tmp_path / "report.md"
+    code = f"""
+import sys
+sys.argv = ["gpu_check.py", "--dry-run", "--sections", "grpo", "--output", {str(output)!r}]
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import gpu_check
+
+def grpo_run(device, sizes, setup, workdir):
+    raise RuntimeError(f"no GPU memory left for {{setup}}")
+
+gpu_check.grpo_run = grpo_run
+sys.exit(gpu_check.main())
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = output.read_text()
+    for setup in ("full", "sparse 10%", "LoRA"):
+        assert f"`grpo: {setup}` raised" in report and f"no GPU memory left for {setup}" in report
