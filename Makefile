@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check gpu-check-dry clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ lint: setup
 
 bench: setup
 	TRITON_INTERPRET=1 $(PY) benchmarks/bench_optimizer_step.py
+
+# On a CUDA machine: kernel/optimizer checks on the device, optimizer step on 1B shapes, GRPO on SmolLM2-135M;
+# writes benchmarks/results/gpu_check.md. `make gpu-check ARGS=--dry-run` (or gpu-check-dry) runs it on CPU, tiny.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
+gpu-check-dry: setup
+	$(PY) benchmarks/gpu_check.py --dry-run $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
