@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-latest lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ demo: setup
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# TRL-facing tests against the newest trl/transformers/accelerate on PyPI, in their own venv (not part of CI)
+test-latest:
+	OMP_NUM_THREADS=1 VENV=.venv-latest bash scripts/test_latest.sh
+
 lint: setup
 	$(VENV)/bin/ruff check sparse_rl kernels benchmarks tests
 
@@ -24,4 +28,4 @@ bench: setup
 	TRITON_INTERPRET=1 $(PY) benchmarks/bench_optimizer_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest build *.egg-info

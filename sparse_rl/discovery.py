@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ._compat import PROBED_TRAINER_ATTRIBUTES
 from .config import PROBE_BUDGETS as BUDGETS
 from .config import PROBE_SCORES, check_density
 from .distributed import average_gradients, check_same_parameters, is_distributed
@@ -377,7 +378,7 @@ class probe_trainer_state:
     """Context manager restoring the trainer attributes that a loss probe mutates (step counters, buffered
     generations, logged metrics, RNG), so a probed run trains like an unprobed one."""
 
-    _ATTRS = ("_step", "_buffered_inputs", "_metrics", "_textual_logs", "_total_train_tokens")
+    _ATTRS = PROBED_TRAINER_ATTRIBUTES
 
     def __init__(self, trainer):
         self.trainer = trainer

@@ -38,8 +38,8 @@ from sparse_rl import SparseConfig, discovery, sparsify  # noqa: E402
 from sparse_rl.config import PROBE_BUDGETS, PROBE_SCORES  # noqa: E402
 from sparse_rl.discovery import accumulate_gradient_scores, gradient_mask  # noqa: E402
 from sparse_rl.distributed import MaskMismatchError, average_gradients, check_masks_agree  # noqa: E402
-from sparse_rl.entropy import select_high_entropy_tokens  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
+from sparse_rl.restrict.tokens import select_high_entropy_tokens  # noqa: E402
 from tests.trl_cases import build_trainer, snapshot  # noqa: E402
 
 DPO_STEPS = 3

@@ -20,8 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch.distributed as dist  # noqa: E402
 
-from sparse_rl import MaskedAdamW, SubnetworkMask, random_mask, restrict_gradients  # noqa: E402
+from sparse_rl import MaskedAdamW, SubnetworkMask  # noqa: E402
+from sparse_rl.discovery import random_mask  # noqa: E402
 from sparse_rl.fsdp import local_tensor, shard_mask  # noqa: E402
+from sparse_rl.hooks import restrict_gradients  # noqa: E402
+from sparse_rl.optim import unwrap_optimizer  # noqa: E402
 from tests.tiny import make_tiny_model  # noqa: E402
 
 STEPS = 3
@@ -173,7 +176,7 @@ def trainer_scenario(out: Path, checkpoint: Path) -> None:
     initial = snapshot(trainer.model)
     sparse = sparsify_sft(trainer)
     trainer.train()
-    optimizer = trainer.optimizer.optimizer
+    optimizer = unwrap_optimizer(trainer.optimizer)
     params = dict(trainer.model.named_parameters())
     torch.save({
         "mask": sparse.mask,

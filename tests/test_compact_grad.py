@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, random_mask, restrict_gradients, sparsify
+from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, sparsify
 from sparse_rl.compact_grad import clip_grad_norm_, compact_grad_of
+from sparse_rl.discovery import random_mask
+from sparse_rl.hooks import restrict_gradients
 from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
 

@@ -32,8 +32,8 @@ from sparse_rl import SparseConfig, UnsupportedTrainerSetup, sparsify
 from sparse_rl.config import PROBE_BUDGETS, PROBE_SCORES
 from sparse_rl.discovery import accumulate_gradient_scores, gradient_mask, mask_from_scores
 from sparse_rl.distributed import agree_on_mask, check_masks_agree, mask_digests
-from sparse_rl.entropy import entropy_quantile_threshold
 from sparse_rl.mask import SubnetworkMask
+from sparse_rl.restrict.tokens import entropy_quantile_threshold
 from tests import ddp_worker
 from tests.test_trl_refusals import _assert_same, _fingerprint
 from tests.tiny import save_tiny_checkpoint

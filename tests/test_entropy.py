@@ -10,13 +10,13 @@ from trl.trainer.utils import add_fused_lm_head
 
 from sparse_rl import SparseConfig, sparsify
 from sparse_rl.discovery import probe_trainer_state
-from sparse_rl.entropy import (
+from sparse_rl.restrict.tokens import (
     HighEntropyTokens,
     entropy_quantile_threshold,
     keep_gradient_of,
     select_high_entropy_tokens,
 )
-from sparse_rl.trl import restrict_fused_forward
+from sparse_rl.trl.patches import restrict_fused_forward
 from tests.tiny import make_tiny_model
 from tests.trl_cases import TOKEN_TRAINERS, build_trainer
 
