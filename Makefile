@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/venv_with_torch.sh
 	VENV=$(VENV) bash scripts/setup.sh
 
 demo: setup

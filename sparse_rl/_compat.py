@@ -54,7 +54,6 @@ class Use:
     probe: bool = False  # gradient discovery runs the trainer's loss
     entropy: bool = False  # entropy_quantile < 1
     shared_reference: bool = False
-    compact_grads: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,21 +148,36 @@ def _missing_probed_attributes(trainer) -> list[str]:
     return sorted(a for a in expected if not hasattr(trainer, a))
 
 
+def _reference_options_present(trainer) -> bool:
+    fields = getattr(type(trainer.args), "__dataclass_fields__", {})
+    expected = {"sync_ref_model"} if _is("GRPOTrainer", "RLOOTrainer")(trainer, Use()) else set()
+    if _is("DPOTrainer", "KTOTrainer")(trainer, Use()):
+        expected = {"sync_ref_model", "precompute_ref_log_probs"}
+    return expected <= set(fields)
+
+
+def _source_of(function) -> str:
+    try:
+        return inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
 def _is(*class_names: str) -> Callable[[object, Use], bool]:
     return lambda trainer, use: bool(_class_names(trainer) & set(class_names))
 
 
 RELIANCES: tuple[Reliance, ...] = (
     Reliance("transformers", "Trainer._load_from_checkpoint(resume_from_checkpoint, ...)",
-             "sparse_rl.trl.callbacks: checks the checkpoint's mask before the weights are loaded",
+             "sparse_rl.trl.patches: checks the checkpoint's mask before the weights are loaded",
              lambda t: _has_method("_load_from_checkpoint")(t)
              and _first_parameters(type(t)._load_from_checkpoint, ("resume_from_checkpoint",))),
     Reliance("transformers", "Trainer._load_optimizer_and_scheduler(checkpoint)",
-             "sparse_rl.trl.callbacks: checks the checkpoint's mask before the compact optimizer state is loaded",
+             "sparse_rl.trl.patches: checks the checkpoint's mask before the compact optimizer state is loaded",
              lambda t: _has_method("_load_optimizer_and_scheduler")(t)
              and _first_parameters(type(t)._load_optimizer_and_scheduler, ("checkpoint",))),
     Reliance("transformers", "Trainer.log(logs, ...)",
-             "sparse_rl.trl.callbacks: adds sparse/* entries before log_history copies the logs",
+             "sparse_rl.trl.patches: adds sparse/* entries before log_history copies the logs",
              lambda t: _has_method("log")(t) and _first_parameters(type(t).log, ("logs",))),
     Reliance("transformers", "Trainer.optimizer_cls_and_kwargs called as a factory with the model "
              "(transformers.trainer_optimizer.is_optimizer_factory)",
@@ -206,6 +220,20 @@ RELIANCES: tuple[Reliance, ...] = (
              "sparse_rl.discovery.probe_trainer_state: restores it after the gradient probe",
              _probed_attributes_present,
              lambda t, use: use.probe),
+    Reliance("trl", "args.sync_ref_model (DPO/KTO/GRPO/RLOO) and args.precompute_ref_log_probs (DPO/KTO)",
+             "sparse_rl.reference.check_shared_reference_possible: refuses a reference that drifts or was "
+             "precomputed (read with getattr, so a rename would pass silently)",
+             _reference_options_present,
+             lambda t, use: use.shared_reference),
+    Reliance("trl", "GRPOTrainer reading self.current_gradient_accumulation_steps in its loss",
+             "sparse_rl.discovery.probe_trainer_state: sets it for the probe, which runs before train() does",
+             lambda t: "current_gradient_accumulation_steps" in _source_of(type(t).compute_loss)
+             or "current_gradient_accumulation_steps" in _source_of(getattr(type(t), "_compute_loss", None)),
+             lambda t, use: use.probe and _is("GRPOTrainer")(t, use)),
+    Reliance("transformers", "PretrainedConfig._name_or_path",
+             "sparse_rl.delta.SparseDelta.from_trained: the default base_model_name_or_path (not used by sparsify)",
+             lambda t: True,
+             lambda t, use: False),
     Reliance("torch", "DTensor._local_tensor",
              "sparse_rl.fsdp: masks the local shard of FSDP2 parameters and gradients",
              lambda t: "_local_tensor" in _dtensor_attributes(),

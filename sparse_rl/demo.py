@@ -121,11 +121,14 @@ def quiet_third_party_notices() -> None:
 
     - bitsandbytes (imported by PEFT, which TRL imports) logs on CPUs with AVX512-BF16 that it found no ``kernels``
       package for its 4-bit CPU matmul; sparse_rl uses bitsandbytes' quantisation maps only, never 4-bit layers;
-    - TRL 1.16 reads ``model.is_gradient_checkpointing`` around generation, which transformers 5.24 deprecated.
+    - TRL 1.16 calls ``model.is_gradient_checkpointing`` and ``gradient_checkpointing_enable`` (its selective
+      checkpointing wraps the latter), which transformers 5.24 deprecated in favour of ``activation_checkpointing*``;
+      the demo's own config already uses the new name.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    for message in (r"`(is_)?gradient_checkpointing\w*` is deprecated", r"`\w+` only defines `gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo",

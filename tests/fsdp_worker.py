@@ -164,7 +164,7 @@ def sft_trainer(checkpoint: Path, output_dir: Path, world_size: int, fsdp: bool)
 def sparsify_sft(trainer):
     from sparse_rl import SparseConfig, sparsify
 
-    return sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=3))
+    return sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=3, compact_grads=False))
 
 
 def trainer_scenario(out: Path, checkpoint: Path) -> None:

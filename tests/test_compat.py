@@ -15,7 +15,7 @@ from sparse_rl.trl import IncompatibleLibraryVersion
 from tests.test_trl_refusals import _assert_same, _fingerprint
 from tests.trl_cases import TRAINERS, build_trainer
 
-EVERY_USE = Use(probe=True, entropy=True, shared_reference=True, compact_grads=True)
+EVERY_USE = Use(probe=True, entropy=True, shared_reference=True)
 
 
 @pytest.mark.parametrize("name", TRAINERS)
