@@ -1,41 +1,38 @@
 #!/usr/bin/env bash
 # Run the TRL-facing tests against the newest trl, transformers and accelerate on PyPI, ignoring the upper bounds
 # pyproject.toml declares (the tested range). A separate virtual environment (.venv-latest) keeps the main one
-# untouched. Usage: `make test-latest` (or VENV=... bash scripts/test_latest.sh [pytest arguments]).
+# untouched. Usage: `make test-latest`, or `VENV=... bash scripts/test_latest.sh [pytest arguments]`;
+# SETUP_ONLY=1 stops after the installation.
 set -euo pipefail
 VENV="${VENV:-.venv-latest}"
-PYTHON="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
+VENV="$VENV" bash "$(dirname "$0")/venv_with_torch.sh"
 PIP="$VENV/bin/python -m pip"
-$PIP install --quiet --upgrade pip
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  # CPU torch first (as scripts/setup.sh does), so resolving trl/transformers never pulls a CUDA build
-  $PIP install --quiet "torch==2.13.0" 2>/dev/null \
-    || $PIP install --quiet "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
-fi
-# pyproject's dependencies and dev extras, with trl/transformers/accelerate unbounded, upgraded to the newest release
-# (torch stays the CPU build installed above)
+$PIP install --quiet --no-deps -e .
+# sparse-rl's own requirements (dev extra included) with trl/transformers/accelerate unbounded and torch kept as
+# installed above, then the newest releases of the three
 "$VENV/bin/python" - "$VENV/requirements-latest.txt" <<'PY'
 import re
 import sys
-import tomllib
+from importlib.metadata import requires
 
 import torch
 
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 unbounded = {"trl", "transformers", "accelerate"}
 with open(sys.argv[1], "w") as out:
-    for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
-        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
+    for requirement in requires("sparse-rl"):
+        spec, _, marker = requirement.partition(";")
+        if "extra" in marker and '"dev"' not in marker:
+            continue
+        marker = re.sub(r'(and )?extra == "dev"( and)?', "", marker).strip()
+        name = re.match(r"[A-Za-z0-9_.-]+", spec).group()
         if name == "torch":
-            requirement = f"torch=={torch.__version__}"
-        out.write((name if name.lower() in unbounded else requirement) + "\n")
+            spec = f"torch=={torch.__version__}"
+        elif name.lower() in unbounded:
+            spec = name
+        out.write(spec.strip() + (f"; {marker}" if marker else "") + "\n")
 PY
 $PIP install --quiet --upgrade --upgrade-strategy only-if-needed -r "$VENV/requirements-latest.txt" \
   trl transformers accelerate
-$PIP install --quiet --no-deps -e .
 "$VENV/bin/python" -c "import trl, transformers, accelerate, torch; print(f'testing trl {trl.__version__}, \
 transformers {transformers.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}')"
 [ "${SETUP_ONLY:-0}" = 1 ] && exit 0

@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # What the test suite ran against (README, "Tested versions"); pyproject.toml declares the same trl and transformers
 # range (tests/test_compat.py checks they agree).
-TESTED_VERSIONS = {"trl": ">=1.16,<1.17", "transformers": ">=5.24,<5.26", "accelerate": "==1.16.*"}
+TESTED_VERSIONS = {"trl": ">=1.16,<1.17", "transformers": ">=5.24,<5.25", "accelerate": "==1.16.*"}
 
 # Trainer attributes a loss probe mutates and ``sparse_rl.discovery.probe_trainer_state`` restores afterwards, so a
 # probed run trains like an unprobed one: GRPO/RLOO's generation step counter and buffer, the logged metrics and

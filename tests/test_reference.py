@@ -283,8 +283,8 @@ def test_refuses_mask_that_misses_trained_entries(shared_reference, tiny_checkpo
 
 
 def _assert_untouched(trainer, reference):
-    """A refused sparsify changed nothing: no hooks' frozen parameters, no optimizer factory, same reference."""
+    """A refused sparsify changed nothing: no parameter frozen, no optimizer factory, the same reference."""
     assert getattr(trainer, "sparse_training", None) is None
     assert trainer.optimizer_cls_and_kwargs is None
-    assert trainer.ref_model is reference or (reference is None and trainer.ref_model is None)
+    assert trainer.ref_model is reference
     assert all(p.requires_grad for p in trainer.model.parameters())
