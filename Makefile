@@ -4,11 +4,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench gpu-check gpu-check-dry clean
+.PHONY: setup demo test test-latest lint bench gpu-check gpu-check-dry clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/venv_with_torch.sh
 	VENV=$(VENV) bash scripts/setup.sh
 
 demo: setup
@@ -16,6 +16,10 @@ demo: setup
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# TRL-facing tests against the newest trl/transformers/accelerate on PyPI, in their own venv (not part of CI)
+test-latest:
+	OMP_NUM_THREADS=1 VENV=.venv-latest bash scripts/test_latest.sh
 
 lint: setup
 	$(VENV)/bin/ruff check sparse_rl kernels benchmarks tests
@@ -32,4 +36,4 @@ gpu-check-dry: setup
 	$(PY) benchmarks/gpu_check.py --dry-run $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest build *.egg-info

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from _common import RESULTS_DIR, write_result
 
-from sparse_rl import SparseDelta, random_mask
+from sparse_rl import SparseDelta
 from sparse_rl.delta import DELTA_WEIGHTS_NAME, base_checksum
+from sparse_rl.discovery import random_mask
 from sparse_rl.models import load_smollm2
 
 RESULTS = RESULTS_DIR / "delta_size.md"

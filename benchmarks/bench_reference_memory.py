@@ -2,8 +2,8 @@
 
 Each mode runs in its own process (peak RSS is per process):
 - ``copy``: TRL's default, a second full model built from the policy's checkpoint.
-- ``shared``: the same trainer, then ``use_shared_reference`` replaces the copy (it was loaded at construction, so the
-  process-wide peak still saw it; the training-phase peak does not).
+- ``shared``: the same trainer, ``SparseConfig(shared_reference=True)`` replaces the copy (it was loaded at
+  construction, so the process-wide peak still saw it; the training-phase peak does not).
 - ``shared-at-construction``: ``DPOTrainer(ref_model=SharedReference(model, mask))``, the copy is never loaded.
 
 All modes train the same random 10% subnetwork with sparse_rl's MaskedAdamW, so only the reference differs; the
@@ -43,8 +43,10 @@ def measure(mode: str, steps: int, density: float, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from sparse_rl import SharedReference, SparseConfig, random_mask, sparsify, use_shared_reference
+    from sparse_rl import SparseConfig, sparsify
+    from sparse_rl.discovery import random_mask
     from sparse_rl.models import smollm2_checkpoint
+    from sparse_rl.reference import SharedReference
 
     torch.set_num_threads(2)
     folder = smollm2_checkpoint()
@@ -59,15 +61,14 @@ def measure(mode: str, steps: int, density: float, batch_size: int) -> dict:
         extra["ref_model"] = SharedReference(model, mask)
     trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(4 * batch_size * steps),
                          processing_class=tokenizer, **extra)
-    config = SparseConfig(mask=mask) if mode == "shared-at-construction" else SparseConfig(discovery="random",
-                                                                                       density=density, seed=0)
+    shared = mode != "copy"
+    config = (SparseConfig(mask=mask, shared_reference=True) if mode == "shared-at-construction"
+              else SparseConfig(discovery="random", density=density, seed=0, shared_reference=shared))
     sparse = sparsify(trainer, config)
-    shared = None
-    if mode == "copy":
-        reference_bytes = sum(p.numel() * p.element_size() for p in trainer.ref_model.parameters())
+    if shared:
+        reference_bytes = trainer.ref_model.extra_bytes()
     else:
-        shared = use_shared_reference(trainer)
-        reference_bytes = shared.extra_bytes()
+        reference_bytes = sum(p.numel() * p.element_size() for p in trainer.ref_model.parameters())
     release_memory()
     reset = reset_peak()
     start = time.perf_counter()
@@ -98,8 +99,9 @@ def run_speed(density: float, batch_size: int, repeats: int = 7) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparse_rl import SharedReference, random_mask
+    from sparse_rl.discovery import random_mask
     from sparse_rl.models import smollm2_checkpoint
+    from sparse_rl.reference import SharedReference
 
     torch.set_num_threads(1)
     policy = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)

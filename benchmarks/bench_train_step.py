@@ -130,7 +130,7 @@ def lora_config_matching(model, density: float):
     import torch
     from peft import LoraConfig
 
-    from sparse_rl import random_mask
+    from sparse_rl.discovery import random_mask
 
     target = random_mask(model, density, seed=0).num_selected
     output_head = model.get_output_embeddings()
@@ -190,7 +190,7 @@ def _optimizer_state_bytes(optimizer) -> int:
 
 
 def _reference_bytes(trainer) -> int:
-    from sparse_rl import SharedReference
+    from sparse_rl.reference import SharedReference
 
     reference = getattr(trainer, "ref_model", None)
     if reference is None:
@@ -205,8 +205,9 @@ def _check_setup_applied(trainer, setup: Setup) -> None:
     import bitsandbytes
     import torch
 
-    from sparse_rl import MaskedAdamW, SharedReference
+    from sparse_rl import MaskedAdamW
     from sparse_rl.optim import unwrap_optimizer
+    from sparse_rl.reference import SharedReference
 
     inner = unwrap_optimizer(trainer.optimizer)
     bnb_8bit = setup.optim == "adamw_bnb_8bit"

@@ -24,8 +24,10 @@ import argparse
 import torch
 from _common import RESULTS_DIR, write_result
 
-from sparse_rl import MaskedAdamW, random_mask, restrict_gradients
+from sparse_rl import MaskedAdamW
+from sparse_rl.discovery import random_mask
 from sparse_rl.models import load_smollm2
+from sparse_rl.restrict import restrict_gradients
 from sparse_rl.restrict.compact import gradients as gradients_of
 
 RESULTS = RESULTS_DIR / "estimate_7b_memory.md"

@@ -8,8 +8,8 @@ from typing import Literal
 
 from .discovery.probe import ProbeOptions
 from .discovery.strategies import check_density
-from .entropy import check_entropy_quantile
 from .mask import SubnetworkMask
+from .restrict.tokens import check_entropy_quantile
 
 
 @dataclass
@@ -38,18 +38,20 @@ class SparseConfig:
             ``master_weights=False``).
         shared_reference: replace the trainer's reference model (DPO, KTO, GRPO/RLOO with ``beta != 0``) by the
             policy itself with the original values of the selected entries swapped in for reference forwards
-            (:func:`sparse_rl.reference.use_shared_reference`); saves a whole model copy.
+            (:class:`sparse_rl.reference.SharedReference`); saves a whole model copy.
         compact_grads: keep only the selected gradient entries and free each dense gradient during backward
             (:mod:`sparse_rl.restrict.compact`): gradient memory drops from a dense gradient plus the hooks' bool mask
             (5 bytes per fp32 parameter) to 8 bytes per selected entry (value and int32 index), and the optimizer step
-            reads no dense gradient. Results equal the dense masked gradients'. Single process only (DDP/FSDP reduce
-            the dense gradient) and not with fp16 loss scaling.
+            reads no dense gradient. Results equal the dense masked gradients'. Supported in a single process without
+            fp16 loss scaling (DDP/FSDP reduce the dense gradient, the loss scaler unscales it). ``None`` (default)
+            turns them on wherever supported and off elsewhere; ``True`` where unsupported is refused; ``False``
+            keeps dense masked ``.grad`` tensors (e.g. to read them after backward).
         seed: seed of random discovery.
         entropy_quantile: share q of completion tokens, the highest-entropy ones, whose loss gradient is kept (the
             paper uses 0.2); ``1.0`` keeps every token. Forward values (ratios, margins, reference log-probs, the
             logged loss) are unchanged and the loss keeps the trainer's own normalisation (by all completion tokens).
             The threshold is the batch-wide ``1 - q`` quantile over all processes, identical to TRL GRPO's
-            ``top_entropy_quantile``. See :mod:`sparse_rl.entropy`.
+            ``top_entropy_quantile``. See :mod:`sparse_rl.restrict.tokens`.
     """
 
     density: float = 0.1
@@ -61,7 +63,7 @@ class SparseConfig:
     state_bits: Literal[32, 8] = 32
     stochastic_rounding: bool = False
     shared_reference: bool = False
-    compact_grads: bool = False
+    compact_grads: bool | None = None
     seed: int = 0
     entropy_quantile: float = 1.0
 

@@ -7,10 +7,12 @@ The held-out prompts use addition pairs that never appear in training.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,14 +109,32 @@ def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[di
         learning_rate=config.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, temperature=1.0,
         use_cpu=True, bf16=False, report_to="none", logging_steps=5, save_strategy="no", seed=config.seed,
         disable_tqdm=False,
+        # GRPOConfig's default, under transformers' new name (the old one, gradient_checkpointing, is deprecated)
+        activation_checkpointing=True,
     )
     return GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
                        train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
 
 
+def quiet_third_party_notices() -> None:
+    """Hide two notices the demo's libraries print that are not the user's business:
+
+    - bitsandbytes (imported by PEFT, which TRL imports) logs on CPUs with AVX512-BF16 that it found no ``kernels``
+      package for its 4-bit CPU matmul; sparse_rl uses bitsandbytes' quantisation maps only, never 4-bit layers;
+    - TRL 1.16 calls ``model.is_gradient_checkpointing`` and ``gradient_checkpointing_enable`` (its selective
+      checkpointing wraps the latter), which transformers 5.24 deprecated in favour of ``activation_checkpointing*``;
+      the demo's own config already uses the new name.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
+    for message in (r"`(is_)?gradient_checkpointing\w*` is deprecated", r"`\w+` only defines `gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo",
              config: DemoConfig | None = None) -> dict:
     """Run the demo; ``config`` (if given) replaces the defaults, and ``density``/``steps``/``output_dir``."""
+    quiet_third_party_notices()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import SparseConfig, sparsify
@@ -140,8 +160,9 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
 
     trainer = build_demo_trainer(config, model, tokenizer, train_rows)
     probe_start = time.time()
+    # compact gradients are on by default in one process (SparseConfig.compact_grads=None)
     sparse = sparsify(trainer, SparseConfig(density=config.density, discovery="gradient",
-                                            probe=ProbeOptions(steps=config.probe_steps), compact_grads=True))
+                                            probe=ProbeOptions(steps=config.probe_steps)))
     print(f"mask from a {config.probe_steps}-batch gradient probe of the GRPO loss: "
           f"{time.time() - probe_start:.0f}s", flush=True)
     trainer.train()

@@ -49,11 +49,11 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         return folder
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = torch.float32
+    config.dtype = torch.float32
     plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     # lm_head is tied to the embeddings in SmolLM2; anything else missing would be a silent random init.

@@ -5,8 +5,7 @@ entries of a :class:`SubnetworkMask` are trained, the policy still *is* that sta
 reference can be the policy itself with the original values of the selected entries swapped in for the forward pass::
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    sparse = sparsify(trainer, SparseConfig(density=0.1))
-    use_shared_reference(trainer, sparse.mask)       # frees TRL's copy of the model
+    sparsify(trainer, SparseConfig(density=0.1, shared_reference=True))  # frees TRL's copy of the model
     trainer.train()
 
 or, to never load the copy (DPO and KTO take ``ref_model=``), with a mask known before the trainer::
@@ -214,38 +213,29 @@ def check_shared_reference_possible(trainer) -> None:
         _check_same_weights(unwrap(trainer.model), unwrap(trainer.ref_model))
 
 
-def use_shared_reference(trainer, mask: SubnetworkMask | None = None) -> SharedReference:
-    """Replace the reference model of a constructed TRL trainer (DPO, KTO, GRPO/RLOO with ``beta != 0``) by a
-    :class:`SharedReference` of its policy, and free the reference copy. Call before ``trainer.train()``;
-    ``sparsify(trainer, SparseConfig(shared_reference=True))`` does it for you.
-
-    ``mask`` defaults to the mask ``sparsify`` attached. The existing reference must equal the policy entry for entry
-    (it does when TRL built it from the policy's checkpoint); a reference loaded from other weights is refused.
-    """
-    check_shared_reference_possible(trainer)
-    sparse = getattr(trainer, "sparse_training", None)
-    if mask is None:
-        if sparse is None:
-            raise ValueError("no mask given and the trainer is not sparsified; call sparsify(trainer, ...) first or "
-                             "pass the mask")
-        mask = sparse.mask
-    if sparse is not None and sparse.mask is not mask:
-        outside = sum(int((s & ~mask[n]).sum()) if n in mask else int(s.sum()) for n, s in sparse.mask.items())
-        if outside:
-            raise ValueError(f"the trainer trains {outside} entries outside the reference's mask; the shared reference "
-                             "must cover every trained entry (pass sparse_training.mask)")
-    return install_shared_reference(trainer, mask)
+def check_reference_covers(trainer, mask: SubnetworkMask) -> None:
+    """Refuse a :class:`SharedReference` already on the trainer (passed as ``ref_model=``) that does not store the
+    starting value of every entry ``mask`` trains, or that stands for another model."""
+    existing = getattr(trainer, "ref_model", None)
+    if not isinstance(existing, SharedReference):
+        return
+    if existing.policy is not trainer.accelerator.unwrap_model(trainer.model):
+        raise ValueError("the trainer's SharedReference was built for another policy model")
+    outside = sum(int((s & ~existing.mask[n]).sum()) if n in existing.mask else int(s.sum()) for n, s in mask.items())
+    if outside:
+        raise ValueError(f"the trainer trains {outside} entries outside its SharedReference's mask; the shared "
+                         "reference must cover every trained entry (build it with the mask passed to sparsify)")
 
 
 def install_shared_reference(trainer, mask: SubnetworkMask) -> SharedReference:
-    """The replacement itself, for callers that already ran :func:`check_shared_reference_possible` (``sparsify``
-    runs it before changing anything; running it again would compare the two models entry by entry a second time)."""
+    """Replace the trainer's reference model by a :class:`SharedReference` of its policy and free the copy; what
+    ``SparseConfig(shared_reference=True)`` does. ``sparsify`` runs :func:`check_shared_reference_possible` and
+    :func:`check_reference_covers` before changing anything; the existing reference must equal the policy entry for
+    entry (it does when TRL built it from the policy's checkpoint)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     existing = trainer.ref_model
-    if isinstance(existing, SharedReference):
-        if existing.policy is policy and existing.mask == mask:
-            return existing
-        raise ValueError("the trainer already has a SharedReference for another policy or mask")
+    if isinstance(existing, SharedReference):  # passed as ref_model= and checked by check_reference_covers
+        return existing
 
     shared = SharedReference(policy, mask)
     trainer.ref_model = shared

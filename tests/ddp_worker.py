@@ -44,8 +44,8 @@ from sparse_rl.discovery import (  # noqa: E402
 )
 from sparse_rl.discovery import probe as probe_module  # noqa: E402
 from sparse_rl.distributed import MaskMismatchError, average_gradients, check_masks_agree  # noqa: E402
-from sparse_rl.entropy import select_high_entropy_tokens  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
+from sparse_rl.restrict.tokens import select_high_entropy_tokens  # noqa: E402
 from tests.trl_cases import build_trainer, snapshot  # noqa: E402
 
 DPO_STEPS = 3
@@ -53,7 +53,8 @@ GLOBAL_BATCH = 4  # preference pairs per optimizer step, summed over processes
 # A random mask and the global entropy threshold: the result depends on the all-reduce, the batch split and the gather.
 # At q = 0.2 the ranks' shares of the globally kept tokens differ from 20% each, so a rank-local threshold would keep
 # other tokens (at q = 0.5 this batch happens to split evenly and could not tell).
-DPO_CONFIG = SparseConfig(discovery="random", density=0.3, entropy_quantile=0.2)
+# dense masked gradients in both runs (the one-process run would default to compact ones): the comparison reads .grad
+DPO_CONFIG = SparseConfig(discovery="random", density=0.3, entropy_quantile=0.2, compact_grads=False)
 ENTROPY_QUANTILE = 0.3
 # The probe on fixed token batches: every rank takes PROBE_ROWS rows of each step's global batch.
 PROBE_STEPS = 3

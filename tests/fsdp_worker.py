@@ -20,7 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch.distributed as dist  # noqa: E402
 
-from sparse_rl import MaskedAdamW, SubnetworkMask, random_mask, restrict_gradients  # noqa: E402
+from sparse_rl import MaskedAdamW, SubnetworkMask  # noqa: E402
+from sparse_rl.discovery import random_mask  # noqa: E402
+from sparse_rl.optim import unwrap_optimizer  # noqa: E402
+from sparse_rl.restrict import restrict_gradients  # noqa: E402
 from sparse_rl.restrict.sharded import local_tensor, shard_mask  # noqa: E402
 from tests.tiny import make_tiny_model  # noqa: E402
 
@@ -161,7 +164,7 @@ def sft_trainer(checkpoint: Path, output_dir: Path, world_size: int, fsdp: bool)
 def sparsify_sft(trainer):
     from sparse_rl import SparseConfig, sparsify
 
-    return sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=3))
+    return sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=3, compact_grads=False))
 
 
 def trainer_scenario(out: Path, checkpoint: Path) -> None:
@@ -173,7 +176,7 @@ def trainer_scenario(out: Path, checkpoint: Path) -> None:
     initial = snapshot(trainer.model)
     sparse = sparsify_sft(trainer)
     trainer.train()
-    optimizer = trainer.optimizer.optimizer
+    optimizer = unwrap_optimizer(trainer.optimizer)
     params = dict(trainer.model.named_parameters())
     torch.save({
         "mask": sparse.mask,

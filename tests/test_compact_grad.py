@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, random_mask, restrict_gradients, sparsify
+from sparse_rl import MaskedAdamW, SparseConfig, UnsupportedTrainerSetup, sparsify
+from sparse_rl.discovery import random_mask
+from sparse_rl.restrict import restrict_gradients
 from sparse_rl.restrict.compact import clip_grad_norm_, compact_grad_of
 from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
@@ -174,3 +176,25 @@ def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model):
 
 def dense_bytes(mask, names):
     return sum(mask[n].numel() for n in names)
+
+
+def test_on_by_default_where_supported_and_off_where_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    """compact_grads=None (the default) turns compact gradients on in one process and off, without a refusal, where
+    an explicit compact_grads=True is refused."""
+    trainer = build_trainer("sft", tiny_checkpoint, tmp_path)
+    mask = random_mask(trainer.model, 0.1, seed=3)
+
+    def sparsified_with_default() -> bool:
+        sparse = sparsify(trainer, SparseConfig(mask=mask))
+        holds_compact = [hasattr(p, "compact_grad") for p in trainer.model.parameters()]
+        clip_patched = "clip_grad_norm_" in trainer.accelerator.__dict__
+        assert any(holds_compact) == sparse.compact_grads == clip_patched
+        sparse.remove()
+        return sparse.compact_grads
+
+    assert sparsified_with_default()
+    trainer.args.fp16 = True
+    assert not sparsified_with_default()
+    trainer.args.fp16 = False
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    assert not sparsified_with_default()

@@ -38,8 +38,8 @@ from sparse_rl.discovery import (
     mask_from_scores,
 )
 from sparse_rl.distributed import agree_on_mask, check_masks_agree, mask_digests
-from sparse_rl.entropy import entropy_quantile_threshold
 from sparse_rl.mask import SubnetworkMask
+from sparse_rl.restrict.tokens import entropy_quantile_threshold
 from tests import ddp_worker
 from tests.test_trl_refusals import _assert_same, _fingerprint
 from tests.tiny import save_tiny_checkpoint

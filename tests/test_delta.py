@@ -9,9 +9,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from sparse_rl import SparseConfig, random_mask, sparsify
+from sparse_rl import SparseConfig, sparsify
 from sparse_rl.checked_files import save_checked
 from sparse_rl.delta import DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME, SparseDelta, base_checksum
+from sparse_rl.discovery import random_mask
 from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
 
 

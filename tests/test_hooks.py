@@ -1,6 +1,8 @@
 import torch
 
-from sparse_rl import SubnetworkMask, random_mask, restrict_gradients
+from sparse_rl import SubnetworkMask
+from sparse_rl.discovery import random_mask
+from sparse_rl.restrict import restrict_gradients
 
 
 def test_gradients_zero_outside_mask_and_untouched_inside(tiny_model):

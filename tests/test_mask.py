@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from sparse_rl import SparseConfig, SubnetworkMask, random_mask
+from sparse_rl import SparseConfig, SubnetworkMask
+from sparse_rl.discovery import random_mask
 
 
 def test_save_load_round_trip_exact(tmp_path, tiny_model):

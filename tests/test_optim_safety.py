@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sparse_rl import MaskedAdamW, SparseConfig, SubnetworkMask, random_mask, sparsify
+from sparse_rl import MaskedAdamW, SparseConfig, SubnetworkMask, sparsify
+from sparse_rl.discovery import random_mask
 from sparse_rl.restrict.compact import register_compact_gradient
 from sparse_rl.trl import MASK_FILE_NAME
 from tests.trl_cases import build_trainer

@@ -9,8 +9,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
-from sparse_rl import MaskedAdamW, SparseConfig, random_mask, restrict_gradients, sparsify
-from sparse_rl.reference import SharedReference, use_shared_reference
+from sparse_rl import MaskedAdamW, SparseConfig, sparsify
+from sparse_rl.discovery import random_mask
+from sparse_rl.reference import SharedReference
+from sparse_rl.restrict import restrict_gradients
 from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset, save_tiny_checkpoint
 
 VOCAB = len(make_tiny_tokenizer().get_vocab())
@@ -197,11 +199,11 @@ def _make_trainer(kind, checkpoint, tmp_path, ref_model=None, **overrides):
 
 
 def _run(trainer, shared):
-    sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.2))
     copy_ref = trainer.ref_model
+    sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.2, shared_reference=shared))
     if shared:
-        reference = use_shared_reference(trainer)
-        assert trainer.ref_model is reference and reference.mask is sparse.mask
+        reference = trainer.ref_model
+        assert isinstance(reference, SharedReference) and reference.mask is sparse.mask
         assert all(m is not copy_ref for m in trainer.accelerator._models), "the reference copy was not released"
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -230,10 +232,11 @@ def test_shared_reference_passed_at_construction(kind, tiny_checkpoint, tmp_path
     args = dict(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON)
     trainer_cls, config_cls, dataset = ((DPOTrainer, DPOConfig, _preference_dataset()) if kind == "dpo"
                                         else (KTOTrainer, KTOConfig, _unpaired_dataset()))
-    trainer = trainer_cls(model=model, ref_model=SharedReference(model, mask), args=config_cls(**args),
+    reference = SharedReference(model, mask)
+    trainer = trainer_cls(model=model, ref_model=reference, args=config_cls(**args),
                           train_dataset=dataset, processing_class=make_tiny_tokenizer())
-    sparsify(trainer, SparseConfig(mask=mask))
-    assert use_shared_reference(trainer) is trainer.ref_model
+    sparsify(trainer, SparseConfig(mask=mask, shared_reference=True))
+    assert trainer.ref_model is reference
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses == pytest.approx([e["loss"] for e in expected], rel=1e-6, abs=1e-7)
@@ -242,9 +245,9 @@ def test_shared_reference_passed_at_construction(kind, tiny_checkpoint, tmp_path
 def test_refuses_reference_that_is_not_the_policy(tiny_checkpoint, tmp_path):
     other = AutoModelForCausalLM.from_pretrained(save_tiny_checkpoint(tmp_path / "other", seed=1))
     trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path, ref_model=other)
-    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
     with pytest.raises(ValueError, match="differs from the policy"):
-        use_shared_reference(trainer)
+        sparsify(trainer, SparseConfig(discovery="random", density=0.2, shared_reference=True))
+    _assert_untouched(trainer, other)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -253,20 +256,35 @@ def test_refuses_reference_that_is_not_the_policy(tiny_checkpoint, tmp_path):
 ])
 def test_refuses_unsupported_dpo_setups(overrides, match, tiny_checkpoint, tmp_path):
     trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path, **overrides)
-    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    reference = trainer.ref_model
     with pytest.raises(ValueError, match=match):
-        use_shared_reference(trainer)
+        sparsify(trainer, SparseConfig(discovery="random", density=0.2, shared_reference=True))
+    _assert_untouched(trainer, reference)
 
 
 def test_refuses_trainer_without_reference(tiny_checkpoint, tmp_path):
     trainer = _make_trainer("grpo", tiny_checkpoint, tmp_path, beta=0.0)
-    sparsify(trainer, SparseConfig(discovery="random", density=0.2))
     with pytest.raises(ValueError, match="keeps no reference model"):
-        use_shared_reference(trainer)
+        sparsify(trainer, SparseConfig(discovery="random", density=0.2, shared_reference=True))
+    _assert_untouched(trainer, None)
 
 
-def test_refuses_mask_that_misses_trained_entries(tiny_checkpoint, tmp_path):
-    trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path)
-    sparsify(trainer, SparseConfig(discovery="random", density=0.2, seed=0))
-    with pytest.raises(ValueError, match="outside the reference's mask"):
-        use_shared_reference(trainer, random_mask(trainer.model, 0.2, seed=1))
+@pytest.mark.parametrize("shared_reference", [False, True])
+def test_refuses_mask_that_misses_trained_entries(shared_reference, tiny_checkpoint, tmp_path):
+    """A SharedReference passed as ref_model= must store the starting value of every entry sparsify trains."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    reference = SharedReference(model, random_mask(model, 0.2, seed=1))
+    trainer = DPOTrainer(model=model, ref_model=reference,
+                         args=DPOConfig(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON),
+                         train_dataset=_preference_dataset(), processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match="outside its SharedReference's mask"):
+        sparsify(trainer, SparseConfig(mask=random_mask(model, 0.2, seed=0), shared_reference=shared_reference))
+    _assert_untouched(trainer, reference)
+
+
+def _assert_untouched(trainer, reference):
+    """A refused sparsify changed nothing: no parameter frozen, no optimizer factory, the same reference."""
+    assert getattr(trainer, "sparse_training", None) is None
+    assert trainer.optimizer_cls_and_kwargs is None
+    assert trainer.ref_model is reference
+    assert all(p.requires_grad for p in trainer.model.parameters())

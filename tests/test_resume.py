@@ -4,7 +4,8 @@ a checkpoint saved with another mask (or without one) is refused before anything
 import pytest
 import torch
 
-from sparse_rl import SparseConfig, SubnetworkMask, UnsupportedTrainerSetup, random_mask, sparsify
+from sparse_rl import SparseConfig, SubnetworkMask, UnsupportedTrainerSetup, sparsify
+from sparse_rl.discovery import random_mask
 from sparse_rl.trl import MASK_FILE_NAME
 from tests.trl_cases import build_trainer, snapshot
 

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from sparse_rl import SparseConfig, UnsupportedTrainerSetup, random_mask, sparsify
-from sparse_rl.discovery import ProbeOptions
+from sparse_rl import SparseConfig, UnsupportedTrainerSetup, sparsify
+from sparse_rl.discovery import ProbeOptions, random_mask
 from tests.tiny import length_reward, make_tiny_tokenizer, prompt_dataset
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from sparse_rl import SparseConfig, SubnetworkMask, UnsupportedTrainerSetup, random_mask, sparsify
+from sparse_rl import SparseConfig, SubnetworkMask, UnsupportedTrainerSetup, sparsify
+from sparse_rl.discovery import random_mask
 from tests.trl_cases import build_trainer, snapshot
 
 PATCHED = ("log", "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_forward", "sparse_training")
@@ -15,7 +16,11 @@ def _fingerprint(trainer) -> dict:
     model = trainer.model
     return {
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "hooks": {n: len(p._backward_hooks or {}) for n, p in model.named_parameters()},
+        # dense masking hooks, or compact-gradient hooks (compact_grads is on by default in one process)
+        "hooks": {n: len(p._backward_hooks or {}) + len(p._post_accumulate_grad_hooks or {})
+                  for n, p in model.named_parameters()},
+        "compact_grad": {n: hasattr(p, "compact_grad") for n, p in model.named_parameters()},
+        "accelerator_clip_grad_norm_": trainer.accelerator.__dict__.get("clip_grad_norm_"),
         "trainer_attributes": {k: trainer.__dict__.get(k) for k in PATCHED},
         "model_forward": model.__dict__.get("forward"),
         "callbacks": list(trainer.callback_handler.callbacks),

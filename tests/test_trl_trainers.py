@@ -5,7 +5,8 @@ checkpointing and bf16 weights."""
 import pytest
 import torch
 
-from sparse_rl import SparseConfig, random_mask, sparsify
+from sparse_rl import SparseConfig, sparsify
+from sparse_rl.discovery import random_mask
 from tests.trl_cases import TRAINERS, build_trainer, changed_entries, snapshot
 
 

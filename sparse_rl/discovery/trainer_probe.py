@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .._compat import PROBED_TRAINER_ATTRIBUTES
 from ..mask import SubnetworkMask
 from .probe import ProbeOptions, as_probe_options, gradient_mask
 
@@ -47,7 +48,7 @@ class probe_trainer_state:
     """Context manager restoring the trainer attributes that a loss probe mutates (step counters, buffered
     generations, logged metrics, RNG), so a probed run trains like an unprobed one."""
 
-    _ATTRS = ("_step", "_buffered_inputs", "_metrics", "_textual_logs", "_total_train_tokens")
+    _ATTRS = PROBED_TRAINER_ATTRIBUTES
 
     def __init__(self, trainer):
         self.trainer = trainer

@@ -15,16 +15,33 @@ accumulation) gathered from every process, like TRL's ``top_entropy_quantile``, 
 is kept when its entropy is ``>= torch.quantile(all_entropies, 1 - q)`` (linear interpolation). ``torch.quantile``
 refuses inputs above 2**24 elements, so the two order statistics it interpolates are found with ``kthvalue`` instead.
 
-This module is plain PyTorch; ``sparse_rl.trl`` decides where in each trainer the selection is applied.
+Where the selection meets a trainer (TRL 1.16):
+
+- GRPO (and GMPO), RLOO, DPO, SFT, KTO call ``model(..., labels=..., fused_lm_head=True)``, the forward TRL patches
+  in with ``trl.trainer.utils.add_fused_lm_head``; it returns per-token ``log_probs`` and ``entropy``.
+  :func:`restricted_fused_forward` wraps that forward and, for calls with gradients enabled, replaces ``log_probs``
+  (and ``entropy``, which the GRPO entropy bonus differentiates) by ``where(keep, x, x.detach())``. Reference and
+  old-policy log-probs run under ``torch.no_grad()`` and are left alone.
+- OnlineDPO (``trl.experimental``) computes log-probs from the full logits in ``OnlineDPOTrainer._forward``;
+  :func:`restricted_online_dpo_forward` wraps that method and computes the entropy from the logits it already
+  materialises.
+
+Both build the replacement only; ``sparse_rl.trl.patches`` installs it on the trainer and returns its undo. The TRL
+code shapes they rely on are listed in :mod:`sparse_rl._compat`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .._compat import has_fused_lm_head
 
 
 def gather_across_processes(values: torch.Tensor) -> torch.Tensor:
@@ -132,3 +149,65 @@ class HighEntropyTokens:
 def check_entropy_quantile(quantile: float) -> None:
     if not isinstance(quantile, (int, float)) or not 0.0 <= float(quantile) <= 1.0:
         raise ValueError(f"entropy_quantile must be in [0, 1] (share of completion tokens kept), got {quantile!r}")
+
+
+def restricted_fused_forward(model: torch.nn.Module, tokens: HighEntropyTokens) -> types.MethodType:
+    """A replacement for the fused LM-head forward TRL patched onto ``model`` through which only the tokens
+    ``tokens`` selects pass a gradient (see the module docstring)."""
+    if not has_fused_lm_head(model):
+        raise ValueError("model.forward is not TRL's fused LM-head forward; call "
+                         "trl.trainer.utils.add_fused_lm_head(model, outputs=('log_probs', 'entropy'))")
+    fused_forward = model.forward
+    aux_loss_coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+
+    # A bound method with the model's own signature, like TRL's patch: `generate` validates kwargs against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, **kwargs):
+        outputs = fused_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+        if not fused_lm_head or not torch.is_grad_enabled():
+            return outputs
+        if outputs.entropy is None:
+            raise RuntimeError("entropy_quantile needs the fused forward to return per-token entropy; this trainer "
+                               "patched its LM head without the 'entropy' output")
+        keep = tokens.select(outputs.entropy, outputs.label_mask)
+        log_probs = keep_gradient_of(outputs.log_probs, keep)
+        outputs["log_probs"] = log_probs
+        if outputs.entropy.requires_grad:
+            outputs["entropy"] = keep_gradient_of(outputs.entropy, keep)
+        # Same value as the fused forward's own loss (the kept values are the same numbers), restricted gradient.
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        denominator = outputs.label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / denominator
+        if outputs.aux_loss is not None:
+            loss = loss + aux_loss_coef * outputs.aux_loss
+        outputs["loss"] = loss
+        return outputs
+
+    return types.MethodType(forward, model)
+
+
+def restricted_online_dpo_forward(trainer, tokens: HighEntropyTokens) -> Callable:
+    """A replacement for ``OnlineDPOTrainer._forward``: it returns completion log-probs computed from full logits,
+    which a forward hook on the policy captures to compute the entropies."""
+    policy = trainer.model
+    original_forward = trainer._forward
+
+    def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None):
+        if not torch.is_grad_enabled():  # the reference model's call
+            return original_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs)
+        captured = []
+        handle = policy.register_forward_hook(lambda module, args, output: captured.append(output.logits))
+        try:
+            log_probs = original_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                         vision_inputs)
+        finally:
+            handle.remove()
+        logits, num_completion = captured[-1], completion_ids.size(1)
+        # `_forward` reads the logit before each completion token: positions [L-C-1, L-1) after a prompt, else [0, C)
+        length = logits.size(1)
+        positions = slice(length - num_completion - 1, length - 1) if length > num_completion else slice(0, None)
+        entropy = token_entropy_from_logits(logits[:, positions])
+        keep = tokens.select(entropy, completion_mask.bool())
+        return keep_gradient_of(log_probs, keep)
+
+    return _forward

@@ -1,0 +1,14 @@
+"""The drop-in for TRL (and plain transformers) trainers: ``sparsify(trainer, SparseConfig(...))``.
+
+- :mod:`.sparsify`: the entry point and :class:`SparseTraining` (what it attached, and its undo);
+- :mod:`.refusals`: every setup ``sparsify`` refuses, checked before anything changes;
+- :mod:`.patches`: the trainer/model/accelerator attributes it replaces (optimizer factory, checkpoint loaders, log,
+  the entropy forward restriction, compact-gradient clipping);
+- :mod:`.callbacks`: the ``TrainerCallback``s it adds (mask in every checkpoint, FSDP2 sharding).
+"""
+
+from .callbacks import MASK_FILE_NAME
+from .refusals import IncompatibleLibraryVersion, UnsupportedTrainerSetup
+from .sparsify import SparseTraining, sparsify
+
+__all__ = ["MASK_FILE_NAME", "IncompatibleLibraryVersion", "SparseTraining", "UnsupportedTrainerSetup", "sparsify"]
