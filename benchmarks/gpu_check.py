@@ -716,8 +716,9 @@ def grpo_run(device: Device, sizes: Sizes, setup: str, workdir: Path) -> GrpoRow
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from sparse_rl import MaskedAdamW, SharedReference, SparseConfig, sparsify
+    from sparse_rl import MaskedAdamW, SparseConfig, sparsify
     from sparse_rl.demo import DemoConfig, addition_prompts, addition_reward
+    from sparse_rl.reference import SharedReference
 
     device.release()
     leftover = device.allocated_mib()  # what earlier runs left behind (should be ~0 on a GPU)
