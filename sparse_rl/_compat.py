@@ -85,6 +85,18 @@ def _first_parameters(function, names: tuple[str, ...]) -> bool:
     return tuple(parameters[: len(names)]) == names
 
 
+def _checkpoint_save_order(trainer) -> bool:
+    """``_save_checkpoint`` saves the model first, writes ``trainer_state.json`` later and rotates at the end."""
+    from transformers import trainer as trainer_module
+
+    # TRL's trainers override it only to write a model card before calling this one
+    source = _source_of(getattr(trainer_module.Trainer, "_save_checkpoint", None))
+    steps = ("self.save_model(", "TRAINER_STATE_NAME", "rotate_checkpoints(")
+    positions = [source.find(step) for step in steps]
+    return getattr(trainer_module, "TRAINER_STATE_NAME", None) == "trainer_state.json" and -1 not in positions \
+        and positions == sorted(positions)
+
+
 def _optimizer_factory_is_called_with_the_model(trainer) -> bool:
     """``Trainer.create_optimizer`` calls a non-Optimizer first element of ``optimizer_cls_and_kwargs`` as a factory
     with the model (how ``MaskedAdamW`` gets the parameter names)."""
@@ -176,6 +188,11 @@ RELIANCES: tuple[Reliance, ...] = (
              "sparse_rl.trl.patches: checks the checkpoint's mask before the compact optimizer state is loaded",
              lambda t: _has_method("_load_optimizer_and_scheduler")(t)
              and _first_parameters(type(t)._load_optimizer_and_scheduler, ("checkpoint",))),
+    Reliance("transformers", "Trainer._save_checkpoint calling save_model(checkpoint folder) first and writing "
+             "trainer.TRAINER_STATE_NAME last, before rotating old checkpoints out",
+             "sparse_rl.trl.patches: the mask is written with the weights, and resume_from_checkpoint=True skips "
+             "checkpoints without trainer_state.json (interrupted saves)",
+             _checkpoint_save_order),
     Reliance("transformers", "Trainer.log(logs, ...)",
              "sparse_rl.trl.patches: adds sparse/* entries before log_history copies the logs",
              lambda t: _has_method("log")(t) and _first_parameters(type(t).log, ("logs",))),

@@ -52,6 +52,10 @@ class SparseConfig:
             logged loss) are unchanged and the loss keeps the trainer's own normalisation (by all completion tokens).
             The threshold is the batch-wide ``1 - q`` quantile over all processes, identical to TRL GRPO's
             ``top_entropy_quantile``. See :mod:`sparse_rl.restrict.tokens`.
+        skip_nonfinite_steps: skip an optimizer step whose gradients hold a NaN or an infinity, leaving weights and
+            optimizer state as they were (logged as ``sparse/skipped_steps``), as ``torch.amp.GradScaler`` does.
+            Without it one NaN in a selected gradient entry turns every selected entry into NaN at that step
+            (Trainer's gradient clipping multiplies all gradients by the NaN norm); unselected entries stay intact.
     """
 
     density: float = 0.1
@@ -66,6 +70,7 @@ class SparseConfig:
     compact_grads: bool | None = None
     seed: int = 0
     entropy_quantile: float = 1.0
+    skip_nonfinite_steps: bool = False
 
     def __post_init__(self):
         check_density(self.density)

@@ -1,15 +1,14 @@
-"""The ``TrainerCallback``s ``sparsify`` adds: the mask saved into every checkpoint folder, and the gradient masking
-moved onto FSDP2's sharded parameters once ``train()`` has prepared them. Each installer returns its undo."""
+"""The ``TrainerCallback`` ``sparsify`` adds: the gradient masking moved onto FSDP2's sharded parameters once
+``train()`` has prepared them. The installer returns its undo. (The mask reaches checkpoints through
+:func:`sparse_rl.trl.patches.save_mask_with_model`, before Trainer rotates old checkpoints out, which a callback's
+``on_save`` cannot do.)"""
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..optim import unwrap_optimizer
 from ..restrict.sharded import is_sharded, restrict_sharded_gradients
@@ -18,24 +17,6 @@ if TYPE_CHECKING:
     from .sparsify import SparseTraining
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
-
-
-class SparseCheckpointCallback(TrainerCallback):
-    """Writes the mask as ``sparse_mask.safetensors`` into every checkpoint folder (the compact optimizer state
-    already goes into ``optimizer.pt`` through ``MaskedAdamW.state_dict``)."""
-
-    def __init__(self, sparse: SparseTraining):
-        self.sparse = sparse
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
-            warnings.warn(f"checkpoint folder {folder} not found; the sparse mask was not saved with it",
-                          stacklevel=2)
-            return
-        self.sparse.mask.save(os.path.join(folder, MASK_FILE_NAME))
 
 
 class FSDP2GradientRestriction(TrainerCallback):

@@ -41,6 +41,10 @@ def refuse_unsupported(trainer: Trainer) -> None:
             "(`fsdp_version: 2` in the accelerate config) to shard the weights as well")
     if getattr(trainer, "is_fsdp_enabled", False):
         refuse_unsupported_fsdp(trainer)
+    if getattr(getattr(trainer, "state", None), "global_step", 0) > 0:
+        raise UnsupportedTrainerSetup(f"this trainer has already trained {trainer.state.global_step} steps with its "
+                                      "dense optimizer; call sparsify before train(), on a newly built trainer (load "
+                                      "the trained weights into it to continue from them)")
     if trainer.optimizer is not None:
         raise UnsupportedTrainerSetup("the trainer already has an optimizer (passed via optimizers=...); sparse_rl "
                                       "builds its own MaskedAdamW, so construct the trainer without optimizers=")

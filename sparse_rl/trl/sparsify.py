@@ -37,7 +37,7 @@ from ..reference import (
 from ..restrict.gradients import GradientRestriction, restrict_gradients
 from ..restrict.tokens import HighEntropyTokens
 from . import patches
-from .callbacks import MASK_FILE_NAME, FSDP2GradientRestriction, SparseCheckpointCallback, add_callback
+from .callbacks import MASK_FILE_NAME, FSDP2GradientRestriction, add_callback
 from .refusals import (
     UnsupportedTrainerSetup,
     entropy_site,
@@ -120,7 +120,7 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     sparse = SparseTraining(trainer=trainer, mask=mask, restriction=restriction, compact_grads=compact)
     sparse._undo.append(patches.hand_over_optimizer(
         trainer, mask, master_weights=config.master_weights, state_bits=config.state_bits,
-        stochastic_rounding=config.stochastic_rounding))
+        stochastic_rounding=config.stochastic_rounding, skip_nonfinite=config.skip_nonfinite_steps))
     if site is not None:
         sparse.entropy_tokens = HighEntropyTokens(config.entropy_quantile)
         if site == "fused":
@@ -129,7 +129,8 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
             sparse._undo.append(patches.restrict_online_dpo_forward(trainer, sparse.entropy_tokens))
     if compact:  # the trainer's clipping and grad_norm logging read .grad, which is freed
         sparse._undo.append(patches.clip_compact_gradients(trainer.accelerator))
-    sparse._undo.append(add_callback(sparse, SparseCheckpointCallback(sparse)))
+    sparse._undo.append(patches.save_mask_with_model(sparse))
+    sparse._undo.append(patches.resume_from_complete_checkpoints(sparse))
     sparse._undo.append(patches.check_mask_on_resume(sparse))
     sparse._undo.append(patches.log_sparse_metrics(sparse))
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -159,6 +160,12 @@ def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
                                           "pass a mask")
         mask = gradient_mask_from_trainer(trainer, config.density, config.probe, exclude=config.exclude)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    frozen = [name for name, selection in mask.items() if name not in trainable and bool(selection.any())]
+    if frozen:
+        raise UnsupportedTrainerSetup(
+            f"the mask selects entries of {frozen[0]!r} ({len(frozen)} frozen tensor(s) in all), which has "
+            "requires_grad=False, so they would never train and the trained fraction would be overstated; unfreeze "
+            "it, or drop it from the mask")
     if not any(bool(selection.any()) for name, selection in mask.items() if name in trainable):
         raise UnsupportedTrainerSetup("the mask selects no entry of any trainable parameter, so nothing would be "
                                       "trained; check the mask, exclude and which parameters require grad")
