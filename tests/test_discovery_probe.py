@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl.discovery import (
     accumulate_gradient_scores,
@@ -12,7 +10,8 @@ from sparse_rl.discovery import (
     half_ulp,
     precision_scores,
 )
-from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
+from tests.tiny import make_tiny_model
+from tests.trl_cases import build_trainer
 
 PLANTED_TENSOR = "model.layers.1.mlp.up_proj.weight"
 PLANTED_ENTRIES = torch.tensor([3, 70, 555, 1000, 2047])
@@ -106,11 +105,7 @@ def test_probe_bad_inputs():
 
 
 def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=1, learning_rate=1e-2, use_cpu=True, bf16=False,
-                      report_to="none", save_strategy="no", seed=0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
-                          args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+    trainer = build_trainer("grpo", tiny_checkpoint, tmp_path / "out", max_steps=1)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     mask = gradient_mask_from_trainer(trainer, 0.1, steps=2, score="precision", budget="global",
                                       exclude=("embed_tokens",))

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
 from sparse_rl import MaskedAdamW, SparseConfig, random_mask, restrict_gradients, sparsify
 from sparse_rl.reference import SharedReference, use_shared_reference
-from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset, save_tiny_checkpoint
+from tests.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_checkpoint
+from tests.trl_cases import build_trainer
 
 VOCAB = len(make_tiny_tokenizer().get_vocab())
 
@@ -155,45 +154,11 @@ def test_nested_swap_refused():
 
 
 # ---------------------------------------------------------------------------------------------- TRL trainers
-def _preference_dataset(n=12):
-    prompts = [f"what is {i % 10} + {(3 * i) % 10} ?" for i in range(n)]
-    return Dataset.from_dict({
-        "prompt": prompts,
-        "chosen": [f"the answer is {(i % 10 + 3 * i % 10) % 10}" for i in range(n)],
-        "rejected": [f"no {(i * 7) % 10} {(i * 3) % 10}" for i in range(n)],
-    })
-
-
-def _unpaired_dataset(n=12):
-    pairs = _preference_dataset(n // 2).to_dict()
-    return Dataset.from_dict({
-        "prompt": pairs["prompt"] * 2,
-        "completion": pairs["chosen"] + pairs["rejected"],
-        "label": [True] * (n // 2) + [False] * (n // 2),
-    })
-
-
-_COMMON = dict(per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2, use_cpu=True, bf16=False,
-               report_to="none", logging_steps=1, save_strategy="no", seed=0)
-
-
 def _make_trainer(kind, checkpoint, tmp_path, ref_model=None, **overrides):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    common = dict(_COMMON, output_dir=str(tmp_path / f"out-{kind}"), **overrides)
-    tokenizer = make_tiny_tokenizer()
-    if kind == "dpo":
-        extra = {"ref_model": ref_model} if ref_model is not None else {}
-        return DPOTrainer(model=model, args=DPOConfig(beta=0.5, **common), train_dataset=_preference_dataset(),
-                          processing_class=tokenizer, **extra)
-    if kind == "kto":
-        extra = {"ref_model": ref_model} if ref_model is not None else {}
-        return KTOTrainer(model=model, args=KTOConfig(beta=0.5, **common), train_dataset=_unpaired_dataset(),
-                          processing_class=tokenizer, **extra)
-    online = dict(num_generations=4, max_completion_length=6, temperature=1.0, **common)
-    online.setdefault("beta", 0.2)
-    config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
-    return trainer_cls(model=model, reward_funcs=length_reward, args=config(**online),
-                       train_dataset=prompt_dataset(), processing_class=tokenizer)
+    """A 3-step trainer of ``kind`` with a reference model (beta 0.5 for DPO/KTO, 0.2 for GRPO/RLOO by default)."""
+    overrides = {"max_steps": 3, "learning_rate": 5e-2, "beta": 0.5 if kind in ("dpo", "kto") else 0.2, **overrides}
+    return build_trainer(kind, checkpoint, tmp_path / f"out-{kind}", **overrides,
+                         trainer_kwargs={"ref_model": ref_model} if ref_model is not None else None)
 
 
 def _run(trainer, shared):
@@ -227,11 +192,8 @@ def test_shared_reference_passed_at_construction(kind, tiny_checkpoint, tmp_path
     expected = _run(_make_trainer(kind, tiny_checkpoint, tmp_path), shared=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     mask = random_mask(model, 0.2)
-    args = dict(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON)
-    trainer_cls, config_cls, dataset = ((DPOTrainer, DPOConfig, _preference_dataset()) if kind == "dpo"
-                                        else (KTOTrainer, KTOConfig, _unpaired_dataset()))
-    trainer = trainer_cls(model=model, ref_model=SharedReference(model, mask), args=config_cls(**args),
-                          train_dataset=dataset, processing_class=make_tiny_tokenizer())
+    trainer = _make_trainer(kind, tiny_checkpoint, tmp_path / "at-construction", SharedReference(model, mask),
+                            model=model)
     sparsify(trainer, SparseConfig(mask=mask))
     assert use_shared_reference(trainer) is trainer.ref_model
     trainer.train()
