@@ -32,6 +32,17 @@ def _train_sparse(model, mask, steps=3, lr=5e-2):
     restriction.remove()
 
 
+def _trained_policy(density, **config):
+    """A tiny policy, a frozen copy of its base, a random mask of ``density`` and the policy's SharedReference, after
+    a few masked AdamW steps moved the policy away from its base."""
+    policy = make_tiny_model(**config)
+    base = copy.deepcopy(policy).eval()
+    mask = random_mask(policy, density)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    return policy, base, mask, reference
+
+
 def _snapshot(model):
     return {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
 
@@ -45,11 +56,7 @@ def _assert_unchanged(model, snapshot):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_reference_equals_base_copy_after_training(tied):
-    policy = make_tiny_model(tie_word_embeddings=tied)
-    base = copy.deepcopy(policy).eval()
-    mask = random_mask(policy, 0.2)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, base, _, reference = _trained_policy(0.2, tie_word_embeddings=tied)
     ids = _inputs()
     with torch.no_grad():
         trained_logits = policy(input_ids=ids).logits
@@ -72,10 +79,7 @@ def test_extra_memory_is_the_selected_values_int32_indices_and_one_scratch():
 
 
 def test_policy_restored_when_reference_forward_raises():
-    policy = make_tiny_model()
-    mask = random_mask(policy, 0.3)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, _, _, reference = _trained_policy(0.3)
     snapshot = _snapshot(policy)
     policy.train()
     with pytest.raises(IndexError):
@@ -87,10 +91,7 @@ def test_policy_restored_when_reference_forward_raises():
 
 def test_reference_forward_between_policy_forward_and_backward_keeps_gradients():
     """DPO/KTO order: policy forward (saves weights for backward), reference forward, then backward."""
-    policy = make_tiny_model()
-    mask = random_mask(policy, 0.3)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, _, _, reference = _trained_policy(0.3)
     twin = copy.deepcopy(policy)
     ids = _inputs()
 
@@ -115,11 +116,7 @@ def test_reference_forward_between_policy_forward_and_backward_keeps_gradients()
 
 def test_autocast_cache_does_not_leak_trained_weights():
     """Inside one autocast region the policy's forward caches bf16 copies of its (trained) weights."""
-    policy = make_tiny_model()
-    base = copy.deepcopy(policy).eval()
-    mask = random_mask(policy, 0.5)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, base, _, reference = _trained_policy(0.5)
     ids = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         base_logits = base(input_ids=ids).logits
