@@ -9,6 +9,7 @@ Peak RSS is a per-process number, so a benchmark that compares configurations ru
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import gc
 import json
@@ -134,6 +135,14 @@ def perturb_share(model, share: float, size: float, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------------ output
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys, in column order) as a CSV file with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_result(text: str, path: Path, write: bool = True) -> None:
     """Print a result (markdown, CSV) and, unless ``write`` is False, save it to ``path``."""
     print(text)

@@ -5,7 +5,6 @@ and figures as soon as that experiment finishes."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import statistics
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from .plots import plot_growth, plot_magnitude, plot_rewards
 from .pool import RunPool
@@ -205,8 +205,8 @@ class Research:
         self.pool.pump()
         profile = magnitude_profile(self.base_dir, final)
         out = self.results
-        _write_csv(out / "exp1_sparsity_by_step.csv", rows)
-        _write_csv(out / "exp1_magnitude.csv", profile.rows())
+        write_csv(out / "exp1_sparsity_by_step.csv", rows)
+        write_csv(out / "exp1_magnitude.csv", profile.rows())
         final_reports["bf16"].write_csv(out / "exp1_per_tensor_bf16.csv")
         final_reports["bf16"].plot(out / "exp1_per_layer_bf16.png")
         final_reports["fp32"].plot(out / "exp1_per_layer_fp32_gt1e-5.png")
@@ -268,7 +268,7 @@ class Research:
                          "overlap_fp32_top10": top.overlap, "chance_fp32_top10": top.chance_overlap,
                          "density_s0_bf16": pc.overlap.selected1 / pc.overlap.total,
                          "density_s1_bf16": pc.overlap.density2})
-        _write_csv(self.results / "exp3_overlap.csv", rows)
+        write_csv(self.results / "exp3_overlap.csv", rows)
         lines = [
             "## 3. Two seeds of full finetuning: do they change the same entries?", "",
             "Runs `full-s0`, `full-s1` (same data, seeds 0/1). Overlap = |I1 ∩ I2| / |I1| "
@@ -327,7 +327,7 @@ class Research:
                 "cosine_all": overall.cosine, "median_step_s": statistics.median(run["step_seconds"])}
 
     def _experiment_2_tables(self, base_reward, full, rows, info, runs) -> None:
-        _write_csv(self.results / "exp2_subnetworks.csv", rows)
+        write_csv(self.results / "exp2_subnetworks.csv", rows)
         plot_rewards(runs, base_reward, self.results / "exp2_reward.png", "Subnetwork-only GRPO vs full finetuning")
         lines = [
             "## 2. Subnetwork-only GRPO", "",
@@ -368,7 +368,7 @@ class Research:
                          **self._reward_columns(run),
                          "train_seconds": sum(run["step_seconds"]), "changed_bf16": 1 - pc.sparsity_rounded,
                          "changed_null": 1 - pc.sparsity_null})
-        _write_csv(self.results / "exp4_entropy.csv", rows)
+        write_csv(self.results / "exp4_entropy.csv", rows)
         plot_rewards({"full-s0 (all tokens)": full, "entropy-q0.2": ent}, base_reward,
                       self.results / "exp4_reward.png", "High-entropy tokens only vs all tokens")
         lines = [
@@ -404,7 +404,7 @@ class Research:
                              **self._reward_columns(runs[name])})
         rows.append({"run": f"lora-r{rank}", "trainable": lora["trainable"], "lr": spec["learning_rate"],
                      **self._reward_columns(lora)})
-        _write_csv(self.results / "exp5_lora.csv", rows)
+        write_csv(self.results / "exp5_lora.csv", rows)
         plot_rewards(runs, base_reward, self.results / "exp5_reward.png", "LoRA at the subnetwork's parameter count")
         lines = [
             "## 5. LoRA at a matching trainable-parameter count", "",
@@ -449,13 +449,6 @@ def _train_reward(run: dict, tail: float, upto: int | None = None) -> float:
     rewards = [e["reward"] for e in run["log"] if "reward" in e and (upto is None or e.get("step", 0) <= upto)]
     keep = max(1, round(len(rewards) * tail))
     return sum(rewards[-keep:]) / keep
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _total_params(base_dir: Path) -> int:
