@@ -11,7 +11,7 @@ from sparse_rl.discovery import (
     precision_scores,
 )
 from tests.tiny import make_tiny_model
-from tests.trl_cases import build_trainer
+from tests.trl_cases import build_trainer, snapshot
 
 PLANTED_TENSOR = "model.layers.1.mlp.up_proj.weight"
 PLANTED_ENTRIES = torch.tensor([3, 70, 555, 1000, 2047])
@@ -34,7 +34,7 @@ def _planted_loss(model, weight=50.0):
 @pytest.mark.parametrize("score", ["gradient", "fisher", "adam"])
 def test_probe_finds_planted_signal(score):
     model = make_tiny_model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     mask = gradient_mask(model, _planted_loss(model), density=0.01, steps=5, score=score)
     selected = mask[PLANTED_TENSOR].reshape(-1)
     assert bool(selected[PLANTED_ENTRIES].all())
@@ -106,7 +106,7 @@ def test_probe_bad_inputs():
 
 def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
     trainer = build_trainer("grpo", tiny_checkpoint, tmp_path / "out", max_steps=1)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    before = snapshot(trainer.model)
     mask = gradient_mask_from_trainer(trainer, 0.1, steps=2, score="precision", budget="global",
                                       exclude=("embed_tokens",))
     assert "model.embed_tokens.weight" not in mask
