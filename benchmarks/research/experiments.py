@@ -19,6 +19,7 @@ from .pool import RunPool
 from .runs import Plan, evaluate, matched_top_k, task_rows
 from .summary import fmt, pct, write_summary
 
+DEFAULT_COMMAND = "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce_research.py"
 PAPER = {
     "changed": "5-30% of parameters updated (bf16 checkpoints)",
     "rank": ">99% of full rank",
@@ -27,9 +28,6 @@ PAPER = {
     "subnetwork": "subnetwork-only training recovers full finetuning (final params close)",
     "entropy": "top-20% entropy tokens match or beat all tokens",
 }
-
-
-DEFAULT_COMMAND = "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce_research.py"
 
 
 class Research:
