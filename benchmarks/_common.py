@@ -1,12 +1,15 @@
-"""Helpers shared by the benchmark scripts: one process per measurement, resident-memory readings, result files.
+"""Helpers shared by the benchmark scripts: one process per measurement, resident-memory readings, stand-ins for
+training, result files.
 
 Peak RSS is a per-process number, so a benchmark that compares configurations runs each one in a child process
 (``run_child``) that reports a JSON dict with ``emit_result``. Scripts import this module as ``_common`` (running
-``python benchmarks/bench_x.py`` puts ``benchmarks/`` on ``sys.path``).
+``python benchmarks/bench_x.py`` puts ``benchmarks/`` on ``sys.path``); tests import the stand-ins for training as
+``benchmarks._common`` (benchmarks never import from tests).
 """
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import gc
 import json
@@ -102,7 +105,44 @@ def preference_dataset(n: int):
     })
 
 
+# ------------------------------------------------------------------------------------- stand-ins for training
+def perturb_selected(model, mask, scale: float = 1.0, seed: int = 0):
+    """Stand-in for sparse training: adds ``scale`` x N(0, 1) to the entries ``mask`` selects, in place, and touches
+    nothing else. Returns ``model``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in mask:
+            flat = params[name].view(-1)
+            index = mask.flat_indices(name)
+            flat[index] += (scale * torch.randn(index.numel(), generator=generator)).to(flat.dtype)
+    return model
+
+
+def perturb_share(model, share: float, size: float, seed: int = 0):
+    """Stand-in for dense finetuning: moves a random ``share`` of the entries of every tensor by N(0, ``size``²), in
+    place. Returns ``model``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            moved = torch.rand(param.shape, generator=generator) < share
+            param += size * torch.randn(param.shape, generator=generator) * moved
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ output
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys, in column order) as a CSV file with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_result(text: str, path: Path, write: bool = True) -> None:
     """Print a result (markdown, CSV) and, unless ``write`` is False, save it to ``path``."""
     print(text)

@@ -21,17 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from _common import perturb_share
 
 from sparse_rl.models import load_smollm2, smollm2_checkpoint
 
 
 def write_synthetic(folder: Path, share: float, size: float, seed: int = 0) -> Path:
     model, _ = load_smollm2()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            moved = torch.rand(param.shape, generator=generator) < share
-            param += size * torch.randn(param.shape, generator=generator) * moved
+    perturb_share(model, share, size, seed)
     model.save_pretrained(folder, max_shard_size="100MB")
     return folder
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, perturb_selected, write_result
 
 from sparse_rl import SparseDelta
 from sparse_rl.delta import DELTA_WEIGHTS_NAME, base_checksum
@@ -29,16 +29,6 @@ RESULTS = RESULTS_DIR / "delta_size.md"
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in folder.glob(pattern) if f.is_file())
-
-
-def perturb_selected(model, mask, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in mask:
-            flat = params[name].view(-1)
-            index = mask.flat_indices(name)
-            flat[index] += (1e-3 * torch.randn(index.numel(), generator=generator)).to(flat.dtype)
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
             for density in args.densities:
                 mask = random_mask(base, density, seed=0)
                 trained = copy.deepcopy(base)
-                perturb_selected(trained, mask)
+                perturb_selected(trained, mask, scale=1e-3)
 
                 delta = SparseDelta.from_trained(trained, mask)
                 delta.save_pretrained(tmp / f"delta-{density}")

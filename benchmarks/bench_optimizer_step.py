@@ -25,7 +25,6 @@ CPU time, all threads) is less sensitive to other processes taking the cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
+from _common import write_csv
 from numba import carray, njit, prange
 from sparse_rl.kernels.cpu_common import as_pointer
 from sparse_rl.kernels.layout import TILE
@@ -411,14 +411,8 @@ def _row(rows, threads, provider):
 def write_results(rows, kernel_rows, targets, runs, total, rounds, quick, locality) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
-    with open(RESULTS / f"optimizer_step{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(RESULTS / f"optimizer_step_kernel_bytes{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(kernel_rows[0]))
-        writer.writeheader()
-        writer.writerows(kernel_rows)
+    write_csv(RESULTS / f"optimizer_step{suffix}.csv", rows)
+    write_csv(RESULTS / f"optimizer_step_kernel_bytes{suffix}.csv", kernel_rows)
 
     fmt = lambda value, spec: "" if value == "" else format(value, spec)  # noqa: E731
     lines = [

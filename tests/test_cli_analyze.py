@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from benchmarks._common import perturb_share
 from sparse_rl.cli import main
 from sparse_rl.mask import SubnetworkMask
 from tests.tiny import make_tiny_model
@@ -14,11 +15,8 @@ from tests.tiny import make_tiny_model
 def _save_pair(tmp_path, shard=None):
     base = make_tiny_model(seed=0)
     finetuned = make_tiny_model(seed=0)
-    generator = torch.Generator().manual_seed(0)
+    perturb_share(finetuned, share=0.2, size=1e-2, seed=0)
     with torch.no_grad():
-        for param in finetuned.parameters():
-            support = torch.rand(param.shape, generator=generator) < 0.2
-            param += 1e-2 * torch.randn(param.shape, generator=generator) * support
         low_rank = finetuned.model.layers[0].self_attn.q_proj.weight
         low_rank.copy_(base.model.layers[0].self_attn.q_proj.weight + torch.ones(32, 1) @ torch.ones(1, 32) * 1e-2)
     base.save_pretrained(tmp_path / "base")

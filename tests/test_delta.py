@@ -7,25 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
+from benchmarks._common import perturb_selected
 from sparse_rl import SparseConfig, sparsify
 from sparse_rl.checked_files import save_checked
 from sparse_rl.delta import DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME, SparseDelta, base_checksum
 from sparse_rl.discovery import random_mask
-from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
-
-
-def _perturb_selected(model, mask, seed=0):
-    """Stand-in for sparse training: new random values at the selected entries, nothing else touched."""
-    generator = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in mask:
-            flat = params[name].view(-1)
-            index = mask.flat_indices(name)
-            flat[index] += torch.randn(index.numel(), generator=generator).to(flat.dtype)
-    return model
+from tests.tiny import make_tiny_model
+from tests.trl_cases import build_trainer
 
 
 def _assert_same_weights(model, other):
@@ -44,7 +33,7 @@ def _differs_somewhere(model, other):
 def test_save_load_merge_is_bit_exact(tmp_path, dtype, density, encoding):
     base = make_tiny_model().to(dtype)
     mask = random_mask(base, density)
-    trained = _perturb_selected(copy.deepcopy(base), mask)
+    trained = perturb_selected(copy.deepcopy(base), mask)
     assert _differs_somewhere(trained, base)
 
     SparseDelta.from_trained(trained, mask, base_model_name_or_path="tiny-base").save_pretrained(tmp_path / "delta")
@@ -67,11 +56,7 @@ def test_save_load_merge_is_bit_exact(tmp_path, dtype, density, encoding):
 
 
 def test_delta_of_a_sparsified_grpo_run_rebuilds_the_trained_model(tiny_checkpoint, tmp_path):
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=2, learning_rate=5e-2, use_cpu=True, bf16=False,
-                      report_to="none", save_strategy="no", seed=0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
-                          args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+    trainer = build_trainer("grpo", tiny_checkpoint, tmp_path / "out", learning_rate=5e-2)
     sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.1))
     trainer.train()
     delta = SparseDelta.from_trained(trainer.model, sparse.mask)
@@ -88,7 +73,7 @@ def test_delta_of_a_sparsified_grpo_run_rebuilds_the_trained_model(tiny_checkpoi
 def test_merged_model_exports_as_plain_transformers_checkpoint(tmp_path, tied):
     base = make_tiny_model(tie_word_embeddings=tied)
     mask = random_mask(base, 0.1)
-    trained = _perturb_selected(copy.deepcopy(base), mask)
+    trained = perturb_selected(copy.deepcopy(base), mask)
     SparseDelta.from_trained(trained, mask).save_pretrained(tmp_path / "delta")
     target = copy.deepcopy(base)
     SparseDelta.from_pretrained(target, tmp_path / "delta")
@@ -99,7 +84,7 @@ def test_merged_model_exports_as_plain_transformers_checkpoint(tmp_path, tied):
 def test_unmerge_restores_the_base_bit_exactly(tmp_path):
     base = make_tiny_model()
     mask = random_mask(base, 0.3)
-    trained = _perturb_selected(copy.deepcopy(base), mask)
+    trained = perturb_selected(copy.deepcopy(base), mask)
     SparseDelta.from_trained(trained, mask).save_pretrained(tmp_path / "delta")
     target = copy.deepcopy(base)
     delta = SparseDelta.from_pretrained(target, tmp_path / "delta")
@@ -121,7 +106,7 @@ def test_unmerge_restores_the_base_bit_exactly(tmp_path):
 def test_loading_onto_a_different_base_is_refused(tmp_path):
     base = make_tiny_model(seed=0)
     mask = random_mask(base, 0.1)
-    SparseDelta.from_trained(_perturb_selected(copy.deepcopy(base), mask), mask,
+    SparseDelta.from_trained(perturb_selected(copy.deepcopy(base), mask), mask,
                              base_model_name_or_path="tiny-seed-0").save_pretrained(tmp_path / "delta")
 
     other = make_tiny_model(seed=1)
@@ -166,7 +151,7 @@ def test_loading_onto_another_architecture_names_the_parameter(tmp_path):
 def test_config_json_explains_the_folder(tmp_path):
     base = make_tiny_model()
     mask = random_mask(base, 0.1)
-    delta = SparseDelta.from_trained(_perturb_selected(copy.deepcopy(base), mask), mask, base_model_name_or_path="b")
+    delta = SparseDelta.from_trained(perturb_selected(copy.deepcopy(base), mask), mask, base_model_name_or_path="b")
     delta.save_pretrained(tmp_path / "delta")
     config = json.loads((tmp_path / "delta" / DELTA_CONFIG_NAME).read_text())
     assert config["base_model_name_or_path"] == "b"

@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
 from sparse_rl.discovery import (
     ProbeOptions,
@@ -13,7 +11,8 @@ from sparse_rl.discovery import (
     half_ulp,
     precision_scores,
 )
-from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
+from tests.tiny import make_tiny_model
+from tests.trl_cases import build_trainer, snapshot
 
 PLANTED_TENSOR = "model.layers.1.mlp.up_proj.weight"
 PLANTED_ENTRIES = torch.tensor([3, 70, 555, 1000, 2047])
@@ -36,7 +35,7 @@ def _planted_loss(model, weight=50.0):
 @pytest.mark.parametrize("score", ["gradient", "fisher", "adam"])
 def test_probe_finds_planted_signal(score):
     model = make_tiny_model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     mask = gradient_mask(model, _planted_loss(model), density=0.01, options=ProbeOptions(steps=5, score=score))
     selected = mask[PLANTED_TENSOR].reshape(-1)
     assert bool(selected[PLANTED_ENTRIES].all())
@@ -124,16 +123,12 @@ def test_probe_refuses_options_of_another_type():
 
 
 def _grpo_trainer(tiny_checkpoint, tmp_path, **overrides):
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=1, learning_rate=1e-2, use_cpu=True, bf16=False,
-                      report_to="none", save_strategy="no", seed=0, **overrides)
-    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=length_reward,
-                       args=args, train_dataset=prompt_dataset(), processing_class=make_tiny_tokenizer())
+    return build_trainer("grpo", tiny_checkpoint, tmp_path / "out", max_steps=1, **overrides)
 
 
 def test_trainer_probe_adam_score_leaves_trainer_untouched(tiny_checkpoint, tmp_path):
     trainer = _grpo_trainer(tiny_checkpoint, tmp_path)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    before = snapshot(trainer.model)
     mask = gradient_mask_from_trainer(trainer, 0.1, ProbeOptions(steps=2, score="precision", budget="global"),
                                       exclude=("embed_tokens",))
     assert "model.embed_tokens.weight" not in mask

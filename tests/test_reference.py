@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
 from sparse_rl import MaskedAdamW, SparseConfig, sparsify
 from sparse_rl.discovery import random_mask
 from sparse_rl.reference import SharedReference
 from sparse_rl.restrict import restrict_gradients
-from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset, save_tiny_checkpoint
+from tests.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_checkpoint
+from tests.trl_cases import build_trainer
 
 VOCAB = len(make_tiny_tokenizer().get_vocab())
 
@@ -35,6 +34,17 @@ def _train_sparse(model, mask, steps=3, lr=5e-2):
     restriction.remove()
 
 
+def _trained_policy(density, **config):
+    """A tiny policy, a frozen copy of its base, a random mask of ``density`` and the policy's SharedReference, after
+    a few masked AdamW steps moved the policy away from its base."""
+    policy = make_tiny_model(**config)
+    base = copy.deepcopy(policy).eval()
+    mask = random_mask(policy, density)
+    reference = SharedReference(policy, mask)
+    _train_sparse(policy, mask)
+    return policy, base, mask, reference
+
+
 def _snapshot(model):
     return {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
 
@@ -48,11 +58,7 @@ def _assert_unchanged(model, snapshot):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_reference_equals_base_copy_after_training(tied):
-    policy = make_tiny_model(tie_word_embeddings=tied)
-    base = copy.deepcopy(policy).eval()
-    mask = random_mask(policy, 0.2)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, base, _, reference = _trained_policy(0.2, tie_word_embeddings=tied)
     ids = _inputs()
     with torch.no_grad():
         trained_logits = policy(input_ids=ids).logits
@@ -75,10 +81,7 @@ def test_extra_memory_is_the_selected_values_int32_indices_and_one_scratch():
 
 
 def test_policy_restored_when_reference_forward_raises():
-    policy = make_tiny_model()
-    mask = random_mask(policy, 0.3)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, _, _, reference = _trained_policy(0.3)
     snapshot = _snapshot(policy)
     policy.train()
     with pytest.raises(IndexError):
@@ -90,10 +93,7 @@ def test_policy_restored_when_reference_forward_raises():
 
 def test_reference_forward_between_policy_forward_and_backward_keeps_gradients():
     """DPO/KTO order: policy forward (saves weights for backward), reference forward, then backward."""
-    policy = make_tiny_model()
-    mask = random_mask(policy, 0.3)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, _, _, reference = _trained_policy(0.3)
     twin = copy.deepcopy(policy)
     ids = _inputs()
 
@@ -118,11 +118,7 @@ def test_reference_forward_between_policy_forward_and_backward_keeps_gradients()
 
 def test_autocast_cache_does_not_leak_trained_weights():
     """Inside one autocast region the policy's forward caches bf16 copies of its (trained) weights."""
-    policy = make_tiny_model()
-    base = copy.deepcopy(policy).eval()
-    mask = random_mask(policy, 0.5)
-    reference = SharedReference(policy, mask)
-    _train_sparse(policy, mask)
+    policy, base, _, reference = _trained_policy(0.5)
     ids = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         base_logits = base(input_ids=ids).logits
@@ -157,45 +153,11 @@ def test_nested_swap_refused():
 
 
 # ---------------------------------------------------------------------------------------------- TRL trainers
-def _preference_dataset(n=12):
-    prompts = [f"what is {i % 10} + {(3 * i) % 10} ?" for i in range(n)]
-    return Dataset.from_dict({
-        "prompt": prompts,
-        "chosen": [f"the answer is {(i % 10 + 3 * i % 10) % 10}" for i in range(n)],
-        "rejected": [f"no {(i * 7) % 10} {(i * 3) % 10}" for i in range(n)],
-    })
-
-
-def _unpaired_dataset(n=12):
-    pairs = _preference_dataset(n // 2).to_dict()
-    return Dataset.from_dict({
-        "prompt": pairs["prompt"] * 2,
-        "completion": pairs["chosen"] + pairs["rejected"],
-        "label": [True] * (n // 2) + [False] * (n // 2),
-    })
-
-
-_COMMON = dict(per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2, use_cpu=True, bf16=False,
-               report_to="none", logging_steps=1, save_strategy="no", seed=0)
-
-
 def _make_trainer(kind, checkpoint, tmp_path, ref_model=None, **overrides):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    common = dict(_COMMON, output_dir=str(tmp_path / f"out-{kind}"), **overrides)
-    tokenizer = make_tiny_tokenizer()
-    if kind == "dpo":
-        extra = {"ref_model": ref_model} if ref_model is not None else {}
-        return DPOTrainer(model=model, args=DPOConfig(beta=0.5, **common), train_dataset=_preference_dataset(),
-                          processing_class=tokenizer, **extra)
-    if kind == "kto":
-        extra = {"ref_model": ref_model} if ref_model is not None else {}
-        return KTOTrainer(model=model, args=KTOConfig(beta=0.5, **common), train_dataset=_unpaired_dataset(),
-                          processing_class=tokenizer, **extra)
-    online = dict(num_generations=4, max_completion_length=6, temperature=1.0, **common)
-    online.setdefault("beta", 0.2)
-    config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
-    return trainer_cls(model=model, reward_funcs=length_reward, args=config(**online),
-                       train_dataset=prompt_dataset(), processing_class=tokenizer)
+    """A 3-step trainer of ``kind`` with a reference model (beta 0.5 for DPO/KTO, 0.2 for GRPO/RLOO by default)."""
+    overrides = {"max_steps": 3, "learning_rate": 5e-2, "beta": 0.5 if kind in ("dpo", "kto") else 0.2, **overrides}
+    return build_trainer(kind, checkpoint, tmp_path / f"out-{kind}", **overrides,
+                         trainer_kwargs={"ref_model": ref_model} if ref_model is not None else None)
 
 
 def _run(trainer, shared):
@@ -229,12 +191,8 @@ def test_shared_reference_passed_at_construction(kind, tiny_checkpoint, tmp_path
     expected = _run(_make_trainer(kind, tiny_checkpoint, tmp_path), shared=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     mask = random_mask(model, 0.2)
-    args = dict(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON)
-    trainer_cls, config_cls, dataset = ((DPOTrainer, DPOConfig, _preference_dataset()) if kind == "dpo"
-                                        else (KTOTrainer, KTOConfig, _unpaired_dataset()))
     reference = SharedReference(model, mask)
-    trainer = trainer_cls(model=model, ref_model=reference, args=config_cls(**args),
-                          train_dataset=dataset, processing_class=make_tiny_tokenizer())
+    trainer = _make_trainer(kind, tiny_checkpoint, tmp_path / "at-construction", reference, model=model)
     sparsify(trainer, SparseConfig(mask=mask, shared_reference=True))
     assert trainer.ref_model is reference
     trainer.train()
@@ -274,9 +232,7 @@ def test_refuses_mask_that_misses_trained_entries(shared_reference, tiny_checkpo
     """A SharedReference passed as ref_model= must store the starting value of every entry sparsify trains."""
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     reference = SharedReference(model, random_mask(model, 0.2, seed=1))
-    trainer = DPOTrainer(model=model, ref_model=reference,
-                         args=DPOConfig(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON),
-                         train_dataset=_preference_dataset(), processing_class=make_tiny_tokenizer())
+    trainer = _make_trainer("dpo", tiny_checkpoint, tmp_path, reference, model=model)
     with pytest.raises(ValueError, match="outside its SharedReference's mask"):
         sparsify(trainer, SparseConfig(mask=random_mask(model, 0.2, seed=0), shared_reference=shared_reference))
     _assert_untouched(trainer, reference)

@@ -47,12 +47,14 @@ def tiny_reward_model(seed: int = 1, dtype: torch.dtype | None = None) -> LlamaF
 
 
 def build_trainer(name: str, checkpoint: Path, output_dir: Path, *, from_name: bool = False,
-                  dtype: torch.dtype | None = None, trainer_kwargs: dict | None = None, **overrides):
+                  dtype: torch.dtype | None = None, model: torch.nn.Module | None = None,
+                  trainer_kwargs: dict | None = None, **overrides):
     """A 2-step, fp32-compute, CPU trainer of kind ``name`` on the tiny model saved in ``checkpoint``.
 
     ``from_name`` passes the checkpoint path as a string so the trainer loads the model itself; ``dtype`` sets the
-    weights' dtype (bf16 weights exercise MaskedAdamW's master copies); ``trainer_kwargs`` go to the trainer's
-    constructor (e.g. ``peft_config``) and ``overrides`` to its config.
+    weights' dtype (bf16 weights exercise MaskedAdamW's master copies); ``model`` is a policy loaded beforehand (for
+    constructor arguments built from it, e.g. ``optimizers`` or ``ref_model``); ``trainer_kwargs`` go to the
+    trainer's constructor (e.g. ``peft_config``) and ``overrides`` to its config.
     """
     import trl
 
@@ -67,7 +69,12 @@ def build_trainer(name: str, checkpoint: Path, output_dir: Path, *, from_name: b
     if from_name:
         args["model_init_kwargs"] = {"dtype": dtype} if dtype is not None else None
 
+    if model is not None and (from_name or dtype is not None or name == "reward"):
+        raise ValueError("model= is a loaded causal LM policy: it excludes from_name, dtype and the reward case")
+
     def policy():
+        if model is not None:
+            return model
         if from_name:
             return str(checkpoint)
         return AutoModelForCausalLM.from_pretrained(checkpoint, **({"dtype": dtype} if dtype is not None else {}))
