@@ -88,6 +88,8 @@ def check_launch(tensor_table: torch.Tensor, tiles: torch.Tensor, variant: Kerne
         raise ValueError(f"tiles must be int32 [n, 2], got {tiles.dtype} {tuple(tiles.shape)}")
     if not (tensor_table.is_contiguous() and tiles.is_contiguous()):
         raise ValueError("tensor_table and tiles must be contiguous")
+    if tiles.data_ptr() % 8:  # the Triton kernels read a (row, tile) pair as one 8-byte word
+        raise ValueError("tiles must start at an 8-byte aligned address (a fresh tensor or whole rows of one)")
     tensors = [tensor_table, tiles, *(qmaps or ())]
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"the launch's tables and maps must share a device, got {[str(t.device) for t in tensors]}")

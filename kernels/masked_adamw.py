@@ -97,26 +97,42 @@ def work_tile(table_ptr, tiles_ptr, NCOLS: tl.constexpr, TILE: tl.constexpr):
     """This program's tile (an entry of the tile list): its tensor's table entry, the tile's flat offsets, and the
     selected lanes with their rank in the tile and their slot in the compact state."""
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
-    tile = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64)
-    entry = table_ptr + row * NCOLS
+    # The (row, tile) int32 pair as one 8-byte load (little-endian: the row is the low word).
+    work = tl.load(tiles_ptr.to(tl.pointer_type(tl.int64)) + pid)
+    tile = work >> 32
+    entry = table_ptr + (work & 0xFFFFFFFF) * NCOLS
     selected, rank, slot = tile_selection(entry, tile, TILE)
     return entry, tile, tile * TILE + tl.arange(0, TILE), selected, rank, slot
 
 
 @triton.jit
-def load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
-                        COMPACT_GRAD: tl.constexpr):
-    """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32.
+def tensor_addresses(entry, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """(param, grad, exp_avg, exp_avg_sq, master) addresses and the tensor id, each read from the table once and
+    before any store: a read after a store could not reuse an earlier one, as the stores might alias the table."""
+    param = tl.load(entry + COL_PARAM)
+    master = param  # unused without a master copy
+    if HAS_MASTER:
+        master = tl.load(entry + COL_MASTER)
+    stream = param  # unused without stochastic rounding
+    if STOCHASTIC:
+        stream = tl.load(entry + COL_TENSOR_ID)
+    return (param, tl.load(entry + COL_GRAD), tl.load(entry + COL_EXP_AVG), tl.load(entry + COL_EXP_AVG_SQ), master,
+            stream)
+
+
+@triton.jit
+def load_grad_and_value(param, grad, master, offsets, selected, slot, PARAM_KIND: tl.constexpr,
+                        HAS_MASTER: tl.constexpr, COMPACT_GRAD: tl.constexpr):
+    """The selected lanes' gradient and current value (from the fp32 master copy when there is one), as fp32, from
+    the tensors at addresses ``param``, ``grad``, ``master``.
 
     ``COMPACT_GRAD``: the gradient holds only the selected entries, in slot order (see ``sparse_rl.restrict.compact``),
     so it is read at the lanes' slots instead of their flat offsets."""
-    grad = load_as_fp32(tl.load(entry + COL_GRAD), slot if COMPACT_GRAD else offsets, selected, PARAM_KIND)
+    grad = load_as_fp32(grad, slot if COMPACT_GRAD else offsets, selected, PARAM_KIND)
     if HAS_MASTER:
-        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
-        value = tl.load(master_ptr + slot, mask=selected, other=0.0)
+        value = tl.load(master.to(tl.pointer_type(tl.float32)) + slot, mask=selected, other=0.0)
     else:
-        value = load_as_fp32(tl.load(entry + COL_PARAM), offsets, selected, PARAM_KIND)
+        value = load_as_fp32(param, offsets, selected, PARAM_KIND)
     return grad, value
 
 
@@ -132,14 +148,12 @@ def adamw_update(grad, value, exp_avg, exp_avg_sq, beta1, beta2, one_minus_beta1
 
 
 @triton.jit
-def store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
-                STOCHASTIC: tl.constexpr):
+def store_value(param, master, stream, offsets, selected, slot, value, seed, PARAM_KIND: tl.constexpr,
+                HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Write the new value to the master copy (if any) and, rounded to its dtype, to the parameter."""
     if HAS_MASTER:
-        master_ptr = tl.load(entry + COL_MASTER).to(tl.pointer_type(tl.float32))
-        tl.store(master_ptr + slot, value, mask=selected)
-    store_from_fp32(tl.load(entry + COL_PARAM), offsets, value, selected, seed, tl.load(entry + COL_TENSOR_ID),
-                    PARAM_KIND, STOCHASTIC)
+        tl.store(master.to(tl.pointer_type(tl.float32)) + slot, value, mask=selected)
+    store_from_fp32(param, offsets, value, selected, seed, stream, PARAM_KIND, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=["seed"])  # not specialised on the seed's value, which changes every step
@@ -163,13 +177,15 @@ def masked_adamw_kernel(
     TILE: tl.constexpr,
 ):
     entry, tile, offsets, selected, rank, slot = work_tile(table_ptr, tiles_ptr, NCOLS, TILE)
-    grad, value = load_grad_and_value(entry, offsets, selected, slot, PARAM_KIND, HAS_MASTER, COMPACT_GRAD)
-    exp_avg_ptr = tl.load(entry + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(entry + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
+    param, grad, exp_avg, exp_avg_sq, master, stream = tensor_addresses(entry, HAS_MASTER, STOCHASTIC)
+    exp_avg_ptr = exp_avg.to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = exp_avg_sq.to(tl.pointer_type(tl.float32))
+    grad, value = load_grad_and_value(param, grad, master, offsets, selected, slot, PARAM_KIND, HAS_MASTER,
+                                      COMPACT_GRAD)
     exp_avg, exp_avg_sq, value = adamw_update(
         grad, value, tl.load(exp_avg_ptr + slot, mask=selected, other=0.0),
         tl.load(exp_avg_sq_ptr + slot, mask=selected, other=0.0), beta1, beta2, one_minus_beta1, one_minus_beta2,
         decay, step_size, bias_correction2_sqrt, eps)
     tl.store(exp_avg_ptr + slot, exp_avg, mask=selected)
     tl.store(exp_avg_sq_ptr + slot, exp_avg_sq, mask=selected)
-    store_value(entry, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)
+    store_value(param, master, stream, offsets, selected, slot, value, seed, PARAM_KIND, HAS_MASTER, STOCHASTIC)

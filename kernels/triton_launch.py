@@ -13,9 +13,12 @@ import torch
 
 from .layout import BLOCKS_PER_TILE, PARAM_KINDS, QUANT_BLOCK, TABLE_COLUMNS, TILE, AdamWScalars, KernelVariant
 
-# Warps per program (one tile of TILE entries): TILE / (32 * NUM_WARPS) entries per thread on NVIDIA, half that on
-# AMD's 64-wide wavefronts.
-NUM_WARPS = 4
+# Warps per program: one tile of TILE = 1024 entries is 2 entries per thread on NVIDIA, 1 per lane on AMD's 64-wide
+# wavefronts (1024 lanes, AMD's largest workgroup). Few entries per thread keep every variant at or under 64 registers
+# per thread on sm_80/sm_90 (half the SM's warp slots occupiable) and free of stack use around the calls to the
+# correctly rounded division/sqrt; with 8 warps (4 entries per thread) the 8-bit kernel needed up to 80 registers and
+# two fp32-state variants kept a register on the stack. tests/test_kernels_compile.py checks every variant and target.
+NUM_WARPS = 16
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class TritonLaunch:
     arguments: tuple  # runtime arguments, in the kernel's order
     constexprs: dict
     grid: tuple[int, ...]
-    num_warps: int = NUM_WARPS
+    num_warps: int
     # No FMA contraction: every backend performs the same correctly rounded fp32 operations (bit-identical results).
     options: dict = field(default_factory=lambda: {"enable_fp_fusion": False})
 
@@ -57,4 +60,5 @@ def triton_launch(
 
         arguments = (tensor_table, tiles, *qmaps, *runtime_scalars)
         constexprs.update(QUANT_BLOCK=QUANT_BLOCK, BLOCKS_PER_TILE=BLOCKS_PER_TILE)
-    return TritonLaunch(kernel=kernel, arguments=arguments, constexprs=constexprs, grid=(tiles.shape[0],))
+    return TritonLaunch(kernel=kernel, arguments=arguments, constexprs=constexprs, grid=(tiles.shape[0],),
+                        num_warps=NUM_WARPS)
