@@ -144,7 +144,7 @@ def decode_ranks(encoding: str, positions: bytes, count: int, num_selected: int,
             raise PatchRefused(f"{name}: flat index out of range [0, {numel})")
         if count and not bool(selection.reshape(-1)[flat].all()):
             bad = int(flat[~selection.reshape(-1)[flat]][0])
-            raise PatchRefused(f"{name}: index {bad} is not selected by the mask; a patch may only set selected entries")
+            raise PatchRefused(f"{name}: index {bad} is not selected by the mask; a patch only sets selected entries")
         ranks = torch.searchsorted(selected_flat, flat)
     elif encoding == "rank_u16":
         if len(positions) != 2 * count:

@@ -1,4 +1,4 @@
-"""``PatchReceiver``: applies :class:`~sparse_rl.sync.patch.WeightPatch` es in place to a model held in the server dtype.
+"""``PatchReceiver``: applies weight patches in place to a model held in the server dtype.
 
 A patch is checked whole before any weight is written, so a refused patch (:class:`PatchRefused`) leaves the model as
 it was:
@@ -63,7 +63,8 @@ class PatchReceiver:
             mask.check_matches(self.params.items())
             dtypes = {p.dtype for name, p in self.params.items() if name in mask}
             if len(dtypes) != 1:
-                raise ValueError(f"the receiver's masked parameters must share one dtype, got {sorted(map(str, dtypes))}")
+                raise ValueError("the receiver's masked parameters must share one dtype, got "
+                                 f"{sorted(map(str, dtypes))}")
             dtype = dtypes.pop()
             for name in mask:
                 if not self.params[name].is_contiguous():
@@ -91,11 +92,11 @@ class PatchReceiver:
             patch = decode_patch(patch)
         if patch.mask_fingerprint != self.mask_fingerprint:
             raise PatchRefused(f"patch {patch.sequence} was built for another mask (fingerprint "
-                               f"{patch.mask_fingerprint[:12]}..., this receiver holds {self.mask_fingerprint[:12]}...); "
+                               f"{patch.mask_fingerprint[:12]}..., this receiver's is {self.mask_fingerprint[:12]}...); "
                                "load the trainer's mask file on the server")
         if patch.base_fingerprint != self.base_fingerprint:
             raise PatchRefused(f"patch {patch.sequence} was built for another base (fingerprint "
-                               f"{patch.base_fingerprint[:12]}..., this receiver holds {self.base_fingerprint[:12]}...): "
+                               f"{patch.base_fingerprint[:12]}..., this receiver's is {self.base_fingerprint[:12]}...): "
                                "the server's unselected weights differ from the trainer's; load the same checkpoint "
                                f"in {self.dtype_name}")
         if patch.dtype != self.dtype_name:

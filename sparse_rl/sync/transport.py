@@ -12,6 +12,10 @@ The sender (the trainer's rank) and a receiver process share a process group. Ea
   holds exactly the trainer's weights rounded to the server dtype.
 - ``STOP``: the receiver leaves its loop.
 
+:func:`connect` builds a private two-process group (a ``TCPStore`` and a ``ProcessGroupGloo``/``ProcessGroupNCCL``)
+without initialising ``torch.distributed``'s default group, so a trainer that is itself a single process (or a DDP
+run with its own default group) is not turned into a distributed run by the sync.
+
 :func:`serve` is the receiver's loop; ``python -m sparse_rl.sync.serve`` runs it as a stand-alone process holding a
 Hugging Face model.
 """
@@ -19,6 +23,7 @@ Hugging Face model.
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,18 +47,43 @@ def weights_digest(named_parameters, dtype: torch.dtype | None = None) -> str:
     return digest.hexdigest()
 
 
+def connect(host: str, port: int, rank: int, world_size: int = 2, backend: str = "gloo",
+            timeout: float = 600.0):
+    """A private process group of ``world_size`` processes (rank 0 hosts the store at ``host:port``)."""
+    wait = timedelta(seconds=timeout)
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=wait)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, wait)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
 class Channel:
-    """Typed byte messages to one peer of a process group (``device``: where tensors must live for the backend)."""
+    """Typed byte messages to one peer (``group``: a process group from :func:`connect`, or None for the default
+    group; ``device``: where tensors must live for the backend, CPU for gloo, the GPU for NCCL)."""
 
     def __init__(self, peer: int, group=None, device: torch.device | str = "cpu"):
         self.peer, self.group, self.device = peer, group, torch.device(device)
 
+    def _send(self, tensor: torch.Tensor) -> None:
+        if self.group is None:
+            dist.send(tensor, self.peer)
+        else:
+            self.group.send([tensor], self.peer, 0).wait()
+
+    def _recv(self, tensor: torch.Tensor) -> None:
+        if self.group is None:
+            dist.recv(tensor, self.peer)
+        else:
+            self.group.recv([tensor], self.peer, 0).wait()
+
     def send_header(self, kind: int, length: int) -> None:
-        dist.send(torch.tensor([kind, length], dtype=torch.int64, device=self.device), self.peer, group=self.group)
+        self._send(torch.tensor([kind, length], dtype=torch.int64, device=self.device))
 
     def recv_header(self) -> tuple[int, int]:
         header = torch.empty(2, dtype=torch.int64, device=self.device)
-        dist.recv(header, self.peer, group=self.group)
+        self._recv(header)
         kind, length = header.tolist()
         return kind, length
 
@@ -61,20 +91,20 @@ class Channel:
         self.send_header(kind, len(data))
         if data:
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-            dist.send(payload, self.peer, group=self.group)
+            self._send(payload)
 
     def recv_payload(self, length: int) -> bytes:
         if not length:
             return b""
         payload = torch.empty(length, dtype=torch.uint8, device=self.device)
-        dist.recv(payload, self.peer, group=self.group)
+        self._recv(payload)
         return payload.cpu().numpy().tobytes()
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
-        dist.send(tensor.to(self.device).contiguous(), self.peer, group=self.group)
+        self._send(tensor.to(self.device).contiguous())
 
     def recv_into(self, tensor: torch.Tensor) -> None:
-        dist.recv(tensor, self.peer, group=self.group)
+        self._recv(tensor)
 
 
 class DistributedPatchSink:
@@ -146,5 +176,5 @@ def serve(receiver: PatchReceiver, peer: int = 0, group=None, device: torch.devi
 
 
 def _answer_refusal(channel: Channel, status: int, refusal: Exception) -> None:
-    channel.send_header(status, -1 if channel is None else 0)
+    channel.send_header(status, -1)
     channel.send_bytes(TEXT, str(refusal).encode())
