@@ -92,11 +92,11 @@ class PatchReceiver:
             patch = decode_patch(patch)
         if patch.mask_fingerprint != self.mask_fingerprint:
             raise PatchRefused(f"patch {patch.sequence} was built for another mask (fingerprint "
-                               f"{patch.mask_fingerprint[:12]}..., this receiver's is {self.mask_fingerprint[:12]}...); "
+                               f"{patch.mask_fingerprint[:12]}..., here {self.mask_fingerprint[:12]}...); "
                                "load the trainer's mask file on the server")
         if patch.base_fingerprint != self.base_fingerprint:
             raise PatchRefused(f"patch {patch.sequence} was built for another base (fingerprint "
-                               f"{patch.base_fingerprint[:12]}..., this receiver's is {self.base_fingerprint[:12]}...): "
+                               f"{patch.base_fingerprint[:12]}..., here {self.base_fingerprint[:12]}...): "
                                "the server's unselected weights differ from the trainer's; load the same checkpoint "
                                f"in {self.dtype_name}")
         if patch.dtype != self.dtype_name:

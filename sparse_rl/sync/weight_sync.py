@@ -44,12 +44,16 @@ class WeightSyncConfig:
             does).
         index_encoding: ``"auto"`` writes each tensor's positions in the smallest form (int32 flat indices, uint16
             ranks within the selection, or one bit per selected entry); ``"flat_i32"`` always writes int32 flat indices.
+        vllm_transport: with TRL's ``vllm_mode="server"``: ``"collective_rpc"`` posts patches to
+            :class:`~sparse_rl.sync.vllm.SparsePatchWorkerExtension` (validated on the server), ``"sparse_nccl"`` sends
+            them through vLLM's own sparse NCCL backend (no checks on the server). Colocate mode writes in process.
     """
 
     server_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     anchor_every: int = 100
     sync_every: int = 1
     index_encoding: Literal["auto", "flat_i32"] = "auto"
+    vllm_transport: Literal["collective_rpc", "sparse_nccl"] = "collective_rpc"
 
     def __post_init__(self):
         dtype_from_name(self.server_dtype)
@@ -59,6 +63,8 @@ class WeightSyncConfig:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.index_encoding not in ("auto", "flat_i32"):
             raise ValueError(f"index_encoding must be 'auto' or 'flat_i32', got {self.index_encoding!r}")
+        if self.vllm_transport not in ("collective_rpc", "sparse_nccl"):
+            raise ValueError(f"vllm_transport must be 'collective_rpc' or 'sparse_nccl', got {self.vllm_transport!r}")
 
 
 @dataclass
@@ -100,12 +106,13 @@ class WeightSyncCallback(TrainerCallback):
 
 
 def attach_weight_sync(trainer, sparse, config: WeightSyncConfig | None = None,
-                       sink: Callable[[WeightPatch], object] | None = None) -> WeightSync:
+                       sink: Callable[[WeightPatch], object] | None = None, mask_path: str | None = None) -> WeightSync:
     """Send ``trainer``'s subnetwork to a generation server after optimizer steps (see the module docstring).
 
     ``sparse`` is what ``sparsify`` returned (or the :class:`SubnetworkMask` itself). With TRL's ``use_vllm=True`` and
     no ``sink``, the patches go to vLLM (:func:`sparse_rl.sync.vllm.attach_to_vllm_generation`); otherwise ``sink``
-    is required. ``WeightSync.remove()`` detaches it.
+    is required (``mask_path``: the mask file the vLLM server loads, for ``vllm_transport="collective_rpc"``).
+    ``WeightSync.remove()`` detaches it.
     """
     config = config or WeightSyncConfig()
     mask = sparse if isinstance(sparse, SubnetworkMask) else sparse.mask
@@ -119,7 +126,8 @@ def attach_weight_sync(trainer, sparse, config: WeightSyncConfig | None = None,
                              "unless the trainer generates with vLLM (use_vllm=True)")
         from .vllm import attach_to_vllm_generation
 
-        return attach_to_vllm_generation(vllm_generation, producer, mask)
+        return attach_to_vllm_generation(vllm_generation, producer, mask, transport=config.vllm_transport,
+                                         mask_path=mask_path)
     weight_sync = WeightSync(producer, sink)
     state = getattr(trainer.accelerator, "is_main_process", True) if hasattr(trainer, "accelerator") else True
     callback = WeightSyncCallback(weight_sync, config.sync_every, lambda: bool(state))
