@@ -119,6 +119,8 @@ def test_anchor_every_k_and_on_request(setup):
     producer = PatchProducer(model, mask, anchor_every=3)
     anchors = [producer.build().anchor for _ in range(7)]
     assert anchors == [True, False, False, True, False, False, True]
+    producer = PatchProducer(model, mask, anchor_every=3, first_sync="base")
+    assert [producer.build().anchor for _ in range(4)] == [False, False, False, True]
     producer.request_anchor()
     assert producer.build().anchor
 
@@ -184,6 +186,30 @@ def test_refused_patches_leave_the_receiver_unchanged(setup, case):
     assert all(torch.equal(before[n], after[n]) for n in before), "a refused patch changed the receiver's weights"
     receiver.apply(second)  # the right next patch still applies
     _rounded_equal(model, receiver_model)
+
+
+def test_first_sync_relative_to_the_base(setup):
+    model, mask, receiver_model = setup
+    fresh = copy.deepcopy(receiver_model)
+    producer = PatchProducer(model, mask, first_sync="base")
+    _move_selected(model, mask, scale=1e-2, seed=3)
+    first = producer.build()
+    assert not first.anchor and first.base_start and 0 < first.num_values < mask.num_selected
+    receiver = PatchReceiver(receiver_model, mask)
+    receiver.apply(encode_patch(first))
+    _rounded_equal(model, receiver_model)
+    _move_selected(model, mask, scale=1e-2, seed=4)
+    receiver.apply(encode_patch(producer.build()))
+    _rounded_equal(model, receiver_model)
+
+    # a receiver that already follows a stream, or holds other selected values, asks for an anchor instead
+    with pytest.raises(AnchorNeeded, match="applied patches since it loaded"):
+        receiver.apply(encode_patch(PatchProducer(model, mask, first_sync="base").build()))
+    with torch.no_grad():
+        name, selection = next(iter(mask.items()))
+        dict(fresh.named_parameters())[name].view(-1)[selection.reshape(-1).nonzero()[0]] += 1.0
+    with pytest.raises(AnchorNeeded, match="selected entries differ"):
+        PatchReceiver(fresh, mask).apply(encode_patch(first))
 
 
 def test_fresh_receiver_needs_an_anchor(setup):
@@ -270,7 +296,10 @@ def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(
         resumed = build_trainer("grpo", tiny_checkpoint, tmp_path / "resumed", max_steps=6)
         sparse = sparsify(resumed, SparseConfig(mask=str(tmp_path / "first" / "checkpoint-2" /
                                                           "sparse_mask.safetensors")))
-        sync = attach_weight_sync(resumed, sparse, WeightSyncConfig(sync_every=2), sink=receiver.sink)
+        # first_sync="base": its base-relative first patch is refused (the receiver follows the first stream), and
+        # the sync answers with an anchor
+        sync = attach_weight_sync(resumed, sparse, WeightSyncConfig(sync_every=2, first_sync="base"),
+                                  sink=receiver.sink)
         resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
         assert [h["anchor"] for h in sync.history] == [True, False]  # steps 4 and 6
         _assert_receiver_holds(receiver, resumed.model)

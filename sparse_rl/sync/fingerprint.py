@@ -8,6 +8,9 @@
   the receiver holds the trainer's weights (rounded) exactly when its base fingerprint equals the sender's and it has
   taken an anchor and every patch since. The trainer computes it from its fp32 weights at any step (unselected entries
   never move); the receiver from the bf16 model it loaded.
+- :func:`selected_fingerprint`: SHA-256 over the *selected* entries in the server dtype. A stream may start with a patch
+  relative to the base instead of an anchor (``first_sync="base"``); the receiver takes it only if its own selected
+  entries still have this fingerprint, i.e. it holds the whole base.
 """
 
 from __future__ import annotations
@@ -46,4 +49,20 @@ def server_base_fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]]
             if selected is not None:
                 bits = bits.masked_fill(selected[start : start + _CHUNK].to(bits.device), 0)
             digest.update(bits.cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def selected_fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]], mask: SubnetworkMask,
+                         dtype: torch.dtype) -> str:
+    """SHA-256 of the selected entries of the parameters cast to ``dtype``, in flat-index order, sorted by name."""
+    digest = hashlib.sha256()
+    int_type = _INT_OF_SIZE[torch.empty((), dtype=dtype).element_size()]
+    for name, param in sorted(named_parameters, key=lambda item: item[0]):
+        selection = mask.selections.get(name)
+        if selection is None or not bool(selection.any()):
+            continue
+        digest.update(f"{name}|{tuple(param.shape)}\n".encode())
+        index = selection.reshape(-1).nonzero().squeeze(1).to(param.device)
+        values = param.detach().reshape(-1).index_select(0, index).to(dtype).view(int_type)
+        digest.update(values.cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()

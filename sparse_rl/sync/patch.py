@@ -12,6 +12,10 @@ positions can be written relative to the mask's selection, which both ends hold:
 
 The producer picks the smallest (``index_encoding="auto"``) or always ``"flat_i32"``.
 
+A stream's first patch is either an **anchor** (every selected entry) or, with ``first_sync="base"``, a patch
+*relative to the base*: ``base_start`` then holds the fingerprint of the selected entries it was diffed from (the
+base's, in the server dtype), and only a receiver that has applied nothing since it loaded that very base takes it.
+
 Every patch carries a sender ``stream`` id (one per producer, so a restarted or resumed trainer is recognisably a new
 sender), a ``sequence`` number, the mask's fingerprint, the base's fingerprint (the unselected entries in the server
 dtype), the server dtype, and a SHA-256 checksum over its header and payload; :func:`decode_patch` refuses truncated or
@@ -89,6 +93,7 @@ class WeightPatch:
     base_fingerprint: str
     dtype: str
     tensors: list[TensorPatch] = field(default_factory=list)
+    base_start: str = ""
 
     @property
     def num_values(self) -> int:
@@ -179,7 +184,7 @@ def encode_patch(patch: WeightPatch) -> bytes:
     payload = b"".join(parts)
     header = {"format": PATCH_FORMAT, "stream": patch.stream, "sequence": patch.sequence, "anchor": patch.anchor,
               "mask_fingerprint": patch.mask_fingerprint, "base_fingerprint": patch.base_fingerprint,
-              "dtype": patch.dtype, "payload_bytes": len(payload), "tensors": tensors}
+              "dtype": patch.dtype, "base_start": patch.base_start, "payload_bytes": len(payload), "tensors": tensors}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     checksum = hashlib.sha256(header_bytes + payload).hexdigest().encode()
     framed = header_bytes[:-1] + b',"checksum":"' + checksum + b'"}'
@@ -223,7 +228,7 @@ def decode_patch(data: bytes | bytearray | memoryview) -> WeightPatch:
         tensors.append(TensorPatch(entry["name"], entry["encoding"], positions, values))
     return WeightPatch(stream=header["stream"], sequence=int(header["sequence"]), anchor=bool(header["anchor"]),
                        mask_fingerprint=header["mask_fingerprint"], base_fingerprint=header["base_fingerprint"],
-                       dtype=header["dtype"], tensors=tensors)
+                       dtype=header["dtype"], tensors=tensors, base_start=header["base_start"])
 
 
 def _value_bytes(values: torch.Tensor) -> bytes:

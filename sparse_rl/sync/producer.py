@@ -8,7 +8,10 @@ and keeps no model copy; a whole-model diff (verl's ``delta_sharded``, PULSE) mu
 against an N-entry snapshot.
 
 The first patch of a producer is an **anchor**: every selected entry, with no positions (the receiver knows the mask).
-So is the first patch after :meth:`PatchProducer.request_anchor` (a receiver that restarted, or a refusal), and every
+With ``first_sync="base"`` it is instead the selected entries that differ from the values the model had when the
+producer was built (the base, if it is built before training): what a whole-model diff sends first, and much smaller
+than an anchor at small learning rates. A receiver takes it only if it has applied nothing since loading that base
+(its selected entries' fingerprint must equal the producer's); otherwise it asks for an anchor. The first patch after :meth:`PatchProducer.request_anchor` (a receiver that restarted, or a refusal), and every
 ``anchor_every``-th patch. A resumed trainer builds a new producer, with a new stream id, whose first patch is an
 anchor again. Between anchors a patch holds the entries whose server-dtype bits changed; bits are compared as
 integers, so a NaN payload or a sign change of zero counts as a change.
@@ -24,7 +27,7 @@ import uuid
 import torch
 
 from ..mask import SubnetworkMask
-from .fingerprint import mask_fingerprint, server_base_fingerprint
+from .fingerprint import mask_fingerprint, selected_fingerprint, server_base_fingerprint
 from .patch import TensorPatch, WeightPatch, dtype_name, encode_positions
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
@@ -40,12 +43,15 @@ class PatchProducer:
         anchor_every: every this many patches is an anchor (0: only the first and requested ones).
         index_encoding: ``"auto"`` picks the smallest position encoding per tensor; ``"flat_i32"`` always writes int32
             flat indices.
+        first_sync: ``"anchor"`` or ``"base"`` (see the module docstring).
     """
 
     def __init__(self, model: torch.nn.Module, mask: SubnetworkMask, server_dtype: torch.dtype = torch.bfloat16,
-                 anchor_every: int = 0, index_encoding: str = "auto"):
+                 anchor_every: int = 0, index_encoding: str = "auto", first_sync: str = "anchor"):
         if anchor_every < 0:
             raise ValueError(f"anchor_every must be >= 0, got {anchor_every}")
+        if first_sync not in ("anchor", "base"):
+            raise ValueError(f"first_sync must be 'anchor' or 'base', got {first_sync!r}")
         if index_encoding not in ("auto", "flat_i32"):
             raise ValueError(f"index_encoding must be 'auto' or 'flat_i32', got {index_encoding!r}")
         named = dict(model.named_parameters())
@@ -72,6 +78,11 @@ class PatchProducer:
         self.sequence = -1
         self.last_sent: dict[str, torch.Tensor] | None = None
         self._anchor_requested = True
+        self.base_start = ""
+        if first_sync == "base":
+            self.base_start = selected_fingerprint(named.items(), mask, server_dtype)
+            self.last_sent = {name: self._current(name) for name in self.params}
+            self._anchor_requested = False
 
     # ------------------------------------------------------------------ state
     def request_anchor(self) -> None:
@@ -81,7 +92,7 @@ class PatchProducer:
     @property
     def next_is_anchor(self) -> bool:
         return (self._anchor_requested or self.last_sent is None
-                or (self.anchor_every > 0 and (self.sequence + 1) % self.anchor_every == 0))
+                or (self.anchor_every > 0 and self.sequence >= 0 and (self.sequence + 1) % self.anchor_every == 0))
 
     def snapshot_bytes(self) -> int:
         """Bytes of the last-sent values (d·N values in the server dtype)."""
@@ -102,9 +113,10 @@ class PatchProducer:
             self.last_sent = {}
         patch = WeightPatch(stream=self.stream, sequence=self.sequence, anchor=anchor,
                             mask_fingerprint=self.mask_fingerprint, base_fingerprint=self.base_fingerprint,
-                            dtype=self.dtype_name)
-        for name, param in self.params.items():
-            current = param.detach().reshape(-1).index_select(0, self._index_on_device[name]).to(self.dtype)
+                            dtype=self.dtype_name,
+                            base_start=self.base_start if self.sequence == 0 and not anchor else "")
+        for name in self.params:
+            current = self._current(name)
             if anchor:
                 self.last_sent[name] = current
                 patch.tensors.append(TensorPatch(name, "all", b"", current.cpu()))
@@ -122,3 +134,7 @@ class PatchProducer:
             patch.tensors.append(TensorPatch(name, encoding, positions, values.cpu()))
         self._anchor_requested = False
         return patch
+
+    def _current(self, name: str) -> torch.Tensor:
+        """The selected entries of ``name`` now, cast to the server dtype (one gather of d·N entries)."""
+        return self.params[name].detach().reshape(-1).index_select(0, self._index_on_device[name]).to(self.dtype)

@@ -6,7 +6,9 @@ it was:
 - its mask fingerprint and base fingerprint equal the receiver's (the receiver computes the base fingerprint from the
   model it holds, so a server that loaded another checkpoint, or another dtype, refuses every patch);
 - its dtype is the receiver's;
-- order: the receiver starts with no stream and takes only an anchor; an anchor of any stream (a new or resumed
+- order: the receiver starts with no stream and takes only an anchor, or a stream's patch 0 relative to the base
+  (``base_start``) when its own selected entries still equal that base (it has applied nothing since it loaded); an
+  anchor of any stream (a new or resumed
   sender) is taken unless it is an old one of the current stream; a non-anchor patch must be the next sequence number of
   the current stream (a duplicate, a gap or another stream's patch is refused, and the sender answers with an anchor);
 - every tensor is a parameter of the mask, with positions inside its selection, strictly increasing, and as many
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..mask import SubnetworkMask
-from .fingerprint import mask_fingerprint, server_base_fingerprint
+from .fingerprint import mask_fingerprint, selected_fingerprint, server_base_fingerprint
 from .patch import PatchRefused, WeightPatch, decode_patch, decode_ranks, dtype_name
 
 
@@ -56,7 +58,7 @@ class PatchReceiver:
     """
 
     def __init__(self, model: torch.nn.Module | None, mask: SubnetworkMask, base_fingerprint: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, start_fingerprint: str | None = None):
         self.model = model
         self.params = dict(model.named_parameters()) if model is not None else {}
         if model is not None:
@@ -81,6 +83,9 @@ class PatchReceiver:
                 raise ValueError("pass base_fingerprint= when the receiver holds no model")
             base_fingerprint = server_base_fingerprint(self.params.items(), mask, dtype)
         self.base_fingerprint = base_fingerprint
+        if start_fingerprint is None and model is not None:
+            start_fingerprint = selected_fingerprint(self.params.items(), mask, dtype)
+        self.start_fingerprint = start_fingerprint  # what its selected entries held when it loaded
         self.stream: str | None = None
         self.sequence: int | None = None
         self.applied = 0
@@ -126,6 +131,14 @@ class PatchReceiver:
             if same_stream and patch.sequence <= self.sequence:
                 raise PatchRefused(f"anchor {patch.sequence} is a duplicate or arrived out of order (last applied: "
                                    f"{self.sequence})")
+            return
+        if patch.base_start:
+            if self.stream is not None or patch.sequence != 0:
+                raise AnchorNeeded(f"patch {patch.sequence} is relative to the base, but this receiver has applied "
+                                   "patches since it loaded")
+            if patch.base_start != self.start_fingerprint:
+                raise AnchorNeeded(f"patch {patch.sequence} is relative to a base whose selected entries differ from "
+                                   "what this receiver loaded")
             return
         if self.stream is None:
             raise AnchorNeeded(f"patch {patch.sequence} is not an anchor, and this receiver has not taken one yet")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..mask import SubnetworkMask
-from .fingerprint import server_base_fingerprint
+from .fingerprint import selected_fingerprint, server_base_fingerprint
 from .patch import PatchRefused, WeightPatch, dtype_from_name, encode_patch
 from .producer import PatchProducer
 from .receiver import AnchorNeeded, CheckedTensor, PatchReceiver
@@ -195,8 +195,9 @@ class VLLMPatchReceiver:
                 raise ValueError(f"{runtime} has shape {tuple(runtime_params[runtime].shape)} in vLLM, the Hugging "
                                  f"Face shards need {shape}: tensor parallelism > 1 is not supported")
         dtype = next(iter(runtime_params.values())).dtype
-        base = server_base_fingerprint(list(layout.hf_views(runtime_params)), mask, dtype)
-        self.receiver = PatchReceiver(None, mask, base_fingerprint=base, dtype=dtype)
+        views = list(layout.hf_views(runtime_params))
+        self.receiver = PatchReceiver(None, mask, base_fingerprint=server_base_fingerprint(views, mask, dtype),
+                                      dtype=dtype, start_fingerprint=selected_fingerprint(views, mask, dtype))
         self.writer = FusedPatchWriter(runtime_params, layout)
         self.layout = layout
 

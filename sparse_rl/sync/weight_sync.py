@@ -47,6 +47,9 @@ class WeightSyncConfig:
         vllm_transport: with TRL's ``vllm_mode="server"``: ``"collective_rpc"`` posts patches to
             :class:`~sparse_rl.sync.vllm.SparsePatchWorkerExtension` (validated on the server), ``"sparse_nccl"`` sends
             them through vLLM's own sparse NCCL backend (no checks on the server). Colocate mode writes in process.
+        first_sync: ``"anchor"`` sends every selected entry first; ``"base"`` sends only the selected entries that
+            differ from the base (what a whole-model diff sends first), which a receiver takes only if it still holds
+            that base exactly (else it asks for an anchor). Attach before training for ``"base"``.
     """
 
     server_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -54,6 +57,7 @@ class WeightSyncConfig:
     sync_every: int = 1
     index_encoding: Literal["auto", "flat_i32"] = "auto"
     vllm_transport: Literal["collective_rpc", "sparse_nccl"] = "collective_rpc"
+    first_sync: Literal["anchor", "base"] = "anchor"
 
     def __post_init__(self):
         dtype_from_name(self.server_dtype)
@@ -63,6 +67,8 @@ class WeightSyncConfig:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.index_encoding not in ("auto", "flat_i32"):
             raise ValueError(f"index_encoding must be 'auto' or 'flat_i32', got {self.index_encoding!r}")
+        if self.first_sync not in ("anchor", "base"):
+            raise ValueError(f"first_sync must be 'anchor' or 'base', got {self.first_sync!r}")
         if self.vllm_transport not in ("collective_rpc", "sparse_nccl"):
             raise ValueError(f"vllm_transport must be 'collective_rpc' or 'sparse_nccl', got {self.vllm_transport!r}")
 
@@ -118,7 +124,8 @@ def attach_weight_sync(trainer, sparse, config: WeightSyncConfig | None = None,
     mask = sparse if isinstance(sparse, SubnetworkMask) else sparse.mask
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     producer = PatchProducer(model, mask, server_dtype=dtype_from_name(config.server_dtype),
-                             anchor_every=config.anchor_every, index_encoding=config.index_encoding)
+                             anchor_every=config.anchor_every, index_encoding=config.index_encoding,
+                             first_sync=config.first_sync)
     vllm_generation = getattr(trainer, "vllm_generation", None)
     if sink is None:
         if vllm_generation is None:
