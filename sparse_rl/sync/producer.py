@@ -11,9 +11,12 @@ The first patch of a producer is an **anchor**: every selected entry, with no po
 With ``first_sync="base"`` it is instead the selected entries that differ from the values the model had when the
 producer was built (the base, if it is built before training): what a whole-model diff sends first, and much smaller
 than an anchor at small learning rates. A receiver takes it only if it has applied nothing since loading that base
-(its selected entries' fingerprint must equal the producer's); otherwise it asks for an anchor. The first patch after :meth:`PatchProducer.request_anchor` (a receiver that restarted, or a refusal), and every
-``anchor_every``-th patch. A resumed trainer builds a new producer, with a new stream id, whose first patch is an
-anchor again. Between anchors a patch holds the entries whose server-dtype bits changed; bits are compared as
+(its selected entries' fingerprint must equal the producer's); otherwise it asks for an anchor.
+
+The first patch after :meth:`PatchProducer.request_anchor` (a receiver that restarted, or a refusal) is an anchor,
+and so is every ``anchor_every``-th patch. A resumed trainer builds a new producer, with a new stream id, whose first
+patch is an anchor again (or relative to the base, which a receiver following the old stream refuses, so the
+sender then sends an anchor). Between anchors a patch holds the entries whose server-dtype bits changed; bits are compared as
 integers, so a NaN payload or a sign change of zero counts as a change.
 
 Sequence numbers count every patch of the stream from 0, empty ones included, so a receiver can tell a missing patch
