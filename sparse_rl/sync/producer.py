@@ -16,8 +16,8 @@ than an anchor at small learning rates. A receiver takes it only if it has appli
 The first patch after :meth:`PatchProducer.request_anchor` (a receiver that restarted, or a refusal) is an anchor,
 and so is every ``anchor_every``-th patch. A resumed trainer builds a new producer, with a new stream id, whose first
 patch is an anchor again (or relative to the base, which a receiver following the old stream refuses, so the
-sender then sends an anchor). Between anchors a patch holds the entries whose server-dtype bits changed; bits are compared as
-integers, so a NaN payload or a sign change of zero counts as a change.
+sender then sends an anchor). Between anchors a patch holds the entries whose server-dtype bits changed; bits are
+compared as integers, so a NaN payload or a sign change of zero counts as a change.
 
 Sequence numbers count every patch of the stream from 0, empty ones included, so a receiver can tell a missing patch
 from a quiet step.
