@@ -112,6 +112,8 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
     started = time.perf_counter()
     producer = PatchProducer(model, sparse.mask, server_dtype=dtype, anchor_every=anchor_every)
     producer_setup = time.perf_counter() - started
+    # first_sync="base": only its first patch differs from the anchor-first stream's, so only that one is measured
+    base_first: dict = {"producer": PatchProducer(model, sparse.mask, server_dtype=dtype, first_sync="base")}
     whole = WholeModelDiff(model, dtype)
     group = connect("127.0.0.1", port, rank=0)
     sink = DistributedPatchSink(peer=1, group=group)
@@ -121,6 +123,9 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
     class Measure(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             row = {"step": state.global_step}
+            if "producer" in base_first:
+                first = base_first.pop("producer").build()
+                base_first.update(bytes=len(encode_patch(first)), values=first.num_values)
             t0 = time.perf_counter()
             patch = producer.build()
             row["build_patch_s"] = time.perf_counter() - t0
@@ -164,7 +169,19 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
         "whole_diff_snapshot_bytes": whole.snapshot_bytes(), "model_copy_fp32_bytes": 4 * num_parameters,
         "producer_setup_s": producer_setup, "train_seconds": train_seconds, "rewards": rewards,
         "torch_threads": torch.get_num_threads(), "steps_log": steps_log,
+        "base_first_patch_bytes": base_first.get("bytes"), "base_first_patch_values": base_first.get("values"),
     }
+
+
+def _base_first(run: dict, full: int) -> str:
+    """Mean bytes per sync when the first patch is relative to the base (``first_sync="base"``) instead of an anchor:
+    the measured first patch replaces the anchor, the other steps are the same patches."""
+    log = run["steps_log"]
+    first = run.get("base_first_patch_bytes")
+    if first is None:
+        return "not measured"
+    total = first + sum(s["patch_bytes"] for s in log[1:])
+    return f"{total / len(log) / full:.4f}x, {total / sum(s['whole_diff_bytes'] for s in log):.3f}x"
 
 
 def mean(values) -> float:
@@ -183,8 +200,9 @@ def report(results: list[dict], cpu: str) -> str:
         "## Bytes per sync",
         "",
         "| run | selected | steps | patch / full bf16 | patch (int32 flat) / full | whole-model diff / full | "
-        "patch / whole diff | anchor / full | receiver == trainer in bf16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "patch / whole diff | anchor / full | first sync from the base: patch / full, / whole diff | "
+        "receiver == trainer in bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         log = r["steps_log"]
@@ -195,7 +213,7 @@ def report(results: list[dict], cpu: str) -> str:
             f"{mean(s['patch_flat_i32_bytes'] for s in log) / full:.4f}x | "
             f"{mean(s['whole_diff_bytes'] for s in log) / full:.4f}x | "
             f"{mean(s['patch_bytes'] for s in log) / mean(s['whole_diff_bytes'] for s in log):.3f}x | "
-            f"{log[0]['patch_bytes'] / full:.3f}x | "
+            f"{log[0]['patch_bytes'] / full:.3f}x | {_base_first(r, full)} | "
             f"{sum(s.get('receiver_equal') is True for s in log)}/{sum('receiver_equal' in s for s in log)} checked "
             "steps |")
     lines += [
@@ -204,7 +222,9 @@ def report(results: list[dict], cpu: str) -> str:
         "rank within the selection / one bit per selected entry, anchors without positions. Patch (int32 flat): 6 "
         "bytes per value (what vLLM's `sparse_nccl` engine takes). Whole-model diff: 6 bytes per entry whose bf16 "
         "value changed, over the whole model, the first sync diffed against the base (no anchor). Full: 2 bytes per "
-        "parameter.",
+        "parameter. First sync from the base: `WeightSyncConfig(first_sync=\"base\")`, the first patch holds the "
+        "selected entries that differ from the base (as the whole-model diff's first sync) instead of every selected "
+        "entry.",
         "",
         "## Time per sync (sender side)",
         "",
