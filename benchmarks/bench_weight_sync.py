@@ -140,7 +140,9 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
             row["send_apply_patch_s"] = time.perf_counter() - t0
             if state.global_step % digest_every == 0 or state.global_step in (1, 2, steps):
                 row["receiver_equal"] = sink.digest() == weights_digest(params, dtype)
+            t0 = time.perf_counter()
             full = [(n, p.detach().to(dtype)) for n, p in params]
+            row["cast_full_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             sink.send_full(full)
             row["send_apply_full_s"] = time.perf_counter() - t0
@@ -229,8 +231,8 @@ def report(results: list[dict], cpu: str) -> str:
         "## Time per sync (sender side)",
         "",
         "| run | build patch | build whole-model diff | patch / whole diff | encode patch | send + apply patch | "
-        "send + apply full bf16 | patch sync / full |",
-        "|---|---|---|---|---|---|---|---|",
+        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         log = r["steps_log"]
@@ -239,13 +241,17 @@ def report(results: list[dict], cpu: str) -> str:
         encode = mean(s["encode_patch_s"] for s in log)
         send = mean(s["send_apply_patch_s"] for s in log)
         full = mean(s["send_apply_full_s"] for s in log)
+        cast = mean(s["cast_full_s"] for s in log) if "cast_full_s" in log[0] else None
+        total = "not measured" if cast is None else f"{(build + encode + send) / (cast + full):.3f}x"
+        cast_text = "not measured" if cast is None else f"{cast * 1e3:.1f} ms"
         lines.append(f"| {r['run']} | {build * 1e3:.1f} ms | {whole * 1e3:.1f} ms | {build / whole:.3f}x | "
-                     f"{encode * 1e3:.1f} ms | {send * 1e3:.1f} ms | {full * 1e3:.1f} ms | "
-                     f"{(build + encode + send) / full:.3f}x |")
+                     f"{encode * 1e3:.1f} ms | {send * 1e3:.1f} ms | {full * 1e3:.1f} ms | {send / full:.3f}x | "
+                     f"{cast_text} | {total} |")
     lines += [
         "",
-        "Patch sync = build + encode + send + validate/apply on the receiver + its answer; full = send every bf16 "
-        "tensor (cast beforehand, untimed) + the receiver's copy into its model + its answer.",
+        "Send + apply: patch = send the encoded patch + the receiver's validation and in-place writes + its answer; "
+        "full = send every bf16 tensor + the receiver's copy into its model + its answer. All: patch = build + encode "
+        "+ send + apply; full = cast the fp32 weights to bf16 + send + apply. Means over all steps, anchors included.",
         "",
         "## Sender memory",
         "",
