@@ -313,3 +313,36 @@ def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(
         _assert_receiver_holds(receiver, resumed.model)
     finally:
         receiver.stop()
+
+
+def test_stand_alone_receiver_process(tiny_checkpoint, tmp_path):
+    """``python -m sparse_rl.sync.serve``: a fresh process holding the Hugging Face model in bf16."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    mask = random_mask(model, 0.2, seed=5)
+    mask.save(tmp_path / "mask.safetensors")
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "sparse_rl.sync.serve", str(tiny_checkpoint),
+                                str(tmp_path / "mask.safetensors"), "--port", str(port), "--timeout", "120"], env=env)
+    try:
+        sink = DistributedPatchSink(peer=1, group=connect("127.0.0.1", port, rank=0, timeout=120))
+        producer = PatchProducer(model, mask)
+        sink(producer.build())
+        _move_selected(model, mask, scale=1e-2, seed=11)
+        patch = producer.build()
+        assert patch.num_values > 0
+        assert sink(patch) == 1
+        with pytest.raises(PatchRefused, match="duplicate"):
+            sink(patch)
+        assert sink.digest() == weights_digest(model.named_parameters(), BF16)
+        sink.stop()
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
