@@ -218,3 +218,30 @@ def test_unsupported_vllm_setups_are_refused(overrides, match):
     generation = _FakeVLLMGeneration(model, _as_module(_emulated_runtime_tensors(model)), **overrides)
     with pytest.raises(ValueError, match=match):
         attach_to_vllm_generation(generation, PatchProducer(model, mask), mask)
+
+
+def test_grpo_steps_reach_the_emulated_vllm_model_through_attach_weight_sync(tiny_checkpoint, tmp_path):
+    """attach_weight_sync on a trainer with a (colocate) ``vllm_generation`` replaces its ``sync_weights``; calling it
+    after each real GRPO step (where TRL's generation step would) keeps the emulated vLLM model equal to the trainer's
+    weights in bf16."""
+    from transformers import TrainerCallback
+
+    from sparse_rl import SparseConfig, sparsify
+    from sparse_rl.sync import WeightSyncConfig, attach_weight_sync
+    from tests.trl_cases import build_trainer
+
+    trainer = build_trainer("grpo", tiny_checkpoint, tmp_path / "out", max_steps=3)
+    sparse = sparsify(trainer, SparseConfig(discovery="random", density=0.2))
+    runtime_model = _as_module(_emulated_runtime_tensors(trainer.model))
+    trainer.vllm_generation = _FakeVLLMGeneration(trainer.model, runtime_model)
+    weight_sync = attach_weight_sync(trainer, sparse, WeightSyncConfig())
+
+    class GenerationStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer.vllm_generation.sync_weights()
+
+    trainer.add_callback(GenerationStep())
+    trainer.train()
+    assert [h["anchor"] for h in weight_sync.history] == [True, False, False]
+    assert all(h["values"] > 0 for h in weight_sync.history), "training did not move any bf16 value"
+    _assert_runtime_equal(runtime_model, _emulated_runtime_tensors(trainer.model))
