@@ -11,6 +11,7 @@ import copy
 import multiprocessing
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,7 +223,7 @@ def test_fresh_receiver_needs_an_anchor(setup):
 
 
 @pytest.mark.parametrize("num_selected, count", [(10, 0), (10, 3), (40000, 5), (40000, 30000), (70000, 100),
-                                                 (70000, 69999), (12, 12)])
+                                                 (70000, 69999), (12, 12), (300000, 3000), (300000, 30), (3, 1)])
 def test_position_encodings_round_trip(num_selected, count):
     generator = torch.Generator().manual_seed(count)
     numel = num_selected * 3
@@ -236,6 +237,54 @@ def test_position_encodings_round_trip(num_selected, count):
         assert torch.equal(ranks, changed), encoding
         if index_encoding == "auto":
             assert len(positions) <= 4 * count
+        if index_encoding == "auto" and num_selected == 300000 and count == 3000:
+            assert encoding == "rank_gaps"  # gaps of ~100 ranks: one or two bytes each
+    gaps = np.diff(changed.numpy(), prepend=-1) - 1
+    for encoding, positions in [("rank_gaps", _varint_bytes(gaps)), ("rank_bits", None)]:
+        if positions is not None:
+            assert torch.equal(decode_ranks(encoding, positions, count, num_selected, selection, selected_flat, "t"),
+                               changed)
+
+
+def _varint_bytes(values) -> bytes:
+    from sparse_rl.sync.patch import _varint_encode, _varint_lengths
+
+    values = np.asarray(values, dtype=np.int64)
+    return _varint_encode(values.astype(np.uint64), _varint_lengths(values))
+
+
+def test_varint_gaps_round_trip_large_values_and_refuse_garbage():
+    from sparse_rl.sync.patch import _varint_decode
+
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**31 - 1, 2**40], dtype=np.int64)
+    data = _varint_bytes(values)
+    assert len(data) == 1 + 1 + 1 + 2 + 2 + 3 + 5 + 6
+    assert np.array_equal(_varint_decode(data, len(values), "t").astype(np.int64), values)
+    with pytest.raises(PatchRefused, match="varint"):
+        _varint_decode(data[:-1], len(values), "t")  # cut inside the last value
+    with pytest.raises(PatchRefused, match="varint"):
+        _varint_decode(data, len(values) + 1, "t")
+
+
+def test_fused_bf16_scan_equals_torch_rounding():
+    """The numba scan rounds exactly like tensor.to(torch.bfloat16) (NaN payloads, infinities, subnormals, ties)."""
+    from sparse_rl.sync.scan import changed_bf16
+
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=generator, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0x7FC00001, 0x7F800001, 0xFFFFFFFF - 2**32, 0x7F800000, 0xFF800000 - 2**32, 0x00000001,
+                            0x00008000, 0x00018000, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x80000000 - 2**32],
+                           dtype=torch.int64).to(torch.int32)
+    param = torch.cat([bits, special]).view(torch.float32)
+    index = torch.randperm(param.numel(), generator=generator)[:150_000].sort().values.to(torch.int32)
+    last = torch.zeros(index.numel(), dtype=torch.bfloat16)
+    expected = param[index.long()].to(torch.bfloat16)
+    ranks, values = changed_bf16(param, index, last)
+    differs = expected.view(torch.int16) != 0
+    assert torch.equal(ranks, differs.nonzero().squeeze(1))
+    assert torch.equal(values.view(torch.int16), expected.view(torch.int16)[differs])
+    assert torch.equal(last.view(torch.int16), expected.view(torch.int16))
+    assert changed_bf16(param, index, last)[0].numel() == 0  # nothing changed since
 
 
 # ---------------------------------------------------------------------------------------------- two processes

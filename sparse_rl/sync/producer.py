@@ -32,6 +32,7 @@ import torch
 from ..mask import SubnetworkMask
 from .fingerprint import mask_fingerprint, selected_fingerprint, server_base_fingerprint
 from .patch import TensorPatch, WeightPatch, dtype_name, encode_positions
+from .scan import changed_bf16, fused_scan_available
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
 
@@ -119,24 +120,32 @@ class PatchProducer:
                             dtype=self.dtype_name,
                             base_start=self.base_start if self.sequence == 0 and not anchor else "")
         for name in self.params:
-            current = self._current(name)
             if anchor:
+                current = self._current(name)
                 self.last_sent[name] = current
                 patch.tensors.append(TensorPatch(name, "all", b"", current.cpu()))
                 continue
-            last = self.last_sent[name]
-            int_type = _INT_VIEW[current.element_size()]
-            changed = (current.view(int_type) != last.view(int_type)).nonzero().squeeze(1)
+            changed, values = self._changed(name)
             if not changed.numel():
                 continue
-            values = current.index_select(0, changed)
-            last.index_copy_(0, changed, values)
-            changed = changed.cpu()
-            encoding, positions = encode_positions(changed, current.numel(), self.selected_flat[name],
-                                                   self.index_encoding)
+            selected_flat = self.selected_flat[name]
+            encoding, positions = encode_positions(changed, selected_flat.numel(), selected_flat, self.index_encoding)
             patch.tensors.append(TensorPatch(name, encoding, positions, values.cpu()))
         self._anchor_requested = False
         return patch
+
+    def _changed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranks (CPU int64) and new values of the selected entries of ``name`` whose server-dtype bits changed since
+        the last patch; records them as sent."""
+        param, last = self.params[name], self.last_sent[name]
+        if fused_scan_available(param, self.dtype):  # one pass over the d·N entries (sparse_rl.sync.scan)
+            return changed_bf16(param, self.selected_flat[name], last)
+        current = self._current(name)
+        int_type = _INT_VIEW[current.element_size()]
+        changed = (current.view(int_type) != last.view(int_type)).nonzero().squeeze(1)
+        values = current.index_select(0, changed)
+        last.index_copy_(0, changed, values)
+        return changed.cpu(), values
 
     def _current(self, name: str) -> torch.Tensor:
         """The selected entries of ``name`` now, cast to the server dtype (one gather of d·N entries)."""
