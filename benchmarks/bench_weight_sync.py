@@ -150,7 +150,8 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
                 anchor=patch.anchor, patch_values=patch.num_values, patch_bytes=len(data),
                 patch_flat_i32_bytes=6 * patch.num_values,
                 encodings={e: sum(t.encoding == e for t in patch.tensors) for e in ("all", "flat_i32", "rank_u16",
-                                                                                     "rank_bits")},
+                                                                                     "rank_bits", "rank_gaps")},
+                tensors=len(patch.tensors),
                 whole_diff_values=sum(int(i.numel()) for i, _ in diff.values()),
                 whole_diff_bytes=sum(6 * int(i.numel()) for i, _ in diff.values()),
                 full_bytes=2 * num_parameters, load_average=load_average())
@@ -221,7 +222,8 @@ def report(results: list[dict], cpu: str) -> str:
     lines += [
         "",
         "Patch: the encoded patch with its header, positions per tensor in the smallest of int32 flat index / uint16 "
-        "rank within the selection / one bit per selected entry, anchors without positions. Patch (int32 flat): 6 "
+        "rank within the selection / one bit per selected entry / varint gaps between ranks, anchors without "
+        "positions. Patch (int32 flat): 6 "
         "bytes per value (what vLLM's `sparse_nccl` engine takes). Whole-model diff: 6 bytes per entry whose bf16 "
         "value changed, over the whole model, the first sync diffed against the base (no anchor). Full: 2 bytes per "
         "parameter. First sync from the base: `WeightSyncConfig(first_sync=\"base\")`, the first patch holds the "
@@ -268,13 +270,13 @@ def report(results: list[dict], cpu: str) -> str:
     for r in results:
         lines.append(f"### {r['run']} (density {r['density']}, lr {r['learning_rate']}; training reward by logging "
                      f"window: {', '.join(f'{x:.2f}' for x in r['rewards'])})")
-        lines += ["", "| step | anchor | values | patch bytes | whole-diff bytes | encodings (all/flat/u16/bits) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| step | anchor | values | patch bytes | whole-diff bytes | tensors by encoding "
+                  "(all/flat/u16/bits/gaps) |", "|---|---|---|---|---|---|"]
         for s in r["steps_log"]:
             e = s["encodings"]
             lines.append(f"| {s['step']} | {'yes' if s['anchor'] else ''} | {s['patch_values']:,} | "
                          f"{s['patch_bytes']:,} | {s['whole_diff_bytes']:,} | "
-                         f"{e['all']}/{e['flat_i32']}/{e['rank_u16']}/{e['rank_bits']} |")
+                         f"{e['all']}/{e['flat_i32']}/{e['rank_u16']}/{e['rank_bits']}/{e.get('rank_gaps', '?')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
