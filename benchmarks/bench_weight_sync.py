@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,15 @@ def _base_first(run: dict, full: int) -> str:
     return f"{total / len(log) / full:.4f}x, {total / sum(s['whole_diff_bytes'] for s in log):.3f}x"
 
 
+def _median_ratio(log: list[dict]) -> str:
+    rest = [s for s in log if not s["anchor"]]
+    if not rest:
+        return "no non-anchor step"
+    patch = statistics.median(s["build_patch_s"] for s in rest)
+    whole = statistics.median(s["build_whole_diff_s"] for s in rest)
+    return f"{patch * 1e3:.0f} / {whole * 1e3:.0f} ms = {patch / whole:.3f}x"
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -233,8 +243,9 @@ def report(results: list[dict], cpu: str) -> str:
         "## Time per sync (sender side)",
         "",
         "| run | build patch | build whole-model diff | patch / whole diff | encode patch | send + apply patch | "
-        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
+        "build: patch / whole diff, median of non-anchor steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         log = r["steps_log"]
@@ -248,7 +259,7 @@ def report(results: list[dict], cpu: str) -> str:
         cast_text = "not measured" if cast is None else f"{cast * 1e3:.1f} ms"
         lines.append(f"| {r['run']} | {build * 1e3:.1f} ms | {whole * 1e3:.1f} ms | {build / whole:.3f}x | "
                      f"{encode * 1e3:.1f} ms | {send * 1e3:.1f} ms | {full * 1e3:.1f} ms | {send / full:.3f}x | "
-                     f"{cast_text} | {total} |")
+                     f"{cast_text} | {total} | {_median_ratio(log)} |")
     lines += [
         "",
         "Send + apply: patch = send the encoded patch + the receiver's validation and in-place writes + its answer; "
