@@ -1,0 +1,337 @@
+"""Sparse weight sync on real GRPO runs of SmolLM2-135M: patch bytes, build time, two-process sync time, memory.
+
+Each run trains the demo's GRPO trainer (``sparse_rl.demo.build_demo_trainer``: few-shot addition, 16 completions of
+6 tokens per step, fp32 weights, compact gradients, a mask from a 2-batch gradient probe) and, after every optimizer
+step:
+
+- builds the sparse patch (``PatchProducer.build``, bf16 server dtype) and a whole-model bf16 diff with int32 indices
+  (the verl ``delta_sharded`` / PULSE scheme: an N-entry bf16 snapshot, every entry cast and compared), timing both;
+- sends the patch to a receiver process (``python -m sparse_rl.sync.serve``, bf16 SmolLM2, gloo over loopback)
+  which validates and applies it and answers, then checks that the receiver's weights equal the trainer's weights
+  rounded to bf16 bit for bit (SHA-256 of both, untimed; every ``--digest-every`` steps);
+- sends the full bf16 weights to the same receiver (one gloo send per tensor, copied into its model: what TRL sends
+  today), timed the same way.
+
+Bytes per step: the encoded patch (header included; positions in the smallest encoding per tensor), the same patch
+with an int32 flat index per value, the whole-model diff (6 bytes per changed entry), and the full bf16 weights.
+Anchors are included (the first sync is one; ``--anchor-every`` adds more).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_weight_sync.py    # writes benchmarks/results/weight_sync.md
+
+Each run is cached in ``benchmarks/results/weight_sync/<run>.json``; a rerun skips finished runs (``--force`` redoes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS_DIR, child_command, emit_result, load_average, run_child, write_result
+
+RESULTS = RESULTS_DIR / "weight_sync.md"
+RUN_DIR = RESULTS_DIR / "weight_sync"
+RUNS = {  # name: (density, learning rate); the order they run in
+    "d10-lr1e-6": (0.10, 1e-6),
+    "d10-lr3e-5": (0.10, 3e-5),
+    "d05-lr3e-5": (0.05, 3e-5),
+    "d30-lr3e-5": (0.30, 3e-5),
+}
+COMMAND = "OMP_NUM_THREADS=1 python benchmarks/bench_weight_sync.py"
+
+
+class WholeModelDiff:
+    """The baseline sender: an N-entry snapshot in the server dtype; each step casts and compares every entry and
+    emits int32 indices + values of the changed ones."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.params = dict(model.named_parameters())
+        self.snapshot = {name: p.detach().to(dtype).reshape(-1).clone() for name, p in self.params.items()}
+        self.dtype = dtype
+
+    def snapshot_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.snapshot.values())
+
+    @torch.no_grad()
+    def build(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        patch = {}
+        for name, param in self.params.items():
+            current = param.detach().reshape(-1).to(self.dtype)
+            last = self.snapshot[name]
+            changed = (current.view(torch.int16) != last.view(torch.int16)).nonzero().squeeze(1)
+            if changed.numel():
+                values = current.index_select(0, changed)
+                last.index_copy_(0, changed, values)
+                patch[name] = (changed.to(torch.int32), values)
+        return patch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_every: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from sparse_rl import SparseConfig, sparsify
+    from sparse_rl.demo import DemoConfig, build_demo_trainer, demo_rows
+    from sparse_rl.discovery import ProbeOptions
+    from sparse_rl.models import smollm2_checkpoint
+    from sparse_rl.sync import DistributedPatchSink, PatchProducer, encode_patch, weights_digest
+    from sparse_rl.sync.transport import connect
+
+    density, lr = RUNS[name]
+    dtype = torch.bfloat16
+    checkpoint = smollm2_checkpoint()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-weight-sync-"))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    config = DemoConfig(density=density, steps=steps, learning_rate=lr, probe_steps=probe_steps,
+                        output_dir=str(tmp / "out"))
+    train_rows, _ = demo_rows(config)
+    trainer = build_demo_trainer(config, model, tokenizer, train_rows)
+    trainer.args.disable_tqdm = True
+    sparse = sparsify(trainer, SparseConfig(density=density, discovery="gradient",
+                                            probe=ProbeOptions(steps=probe_steps), compact_grads=True))
+    mask_path = tmp / "mask.safetensors"
+    sparse.mask.save(mask_path)
+    num_parameters = sum(p.numel() for p in model.parameters())
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    receiver = subprocess.Popen([sys.executable, "-m", "sparse_rl.sync.serve", str(checkpoint), str(mask_path),
+                                 "--port", str(port)], env=env)
+    started = time.perf_counter()
+    producer = PatchProducer(model, sparse.mask, server_dtype=dtype, anchor_every=anchor_every)
+    producer_setup = time.perf_counter() - started
+    # first_sync="base": only its first patch differs from the anchor-first stream's, so only that one is measured
+    base_first: dict = {"producer": PatchProducer(model, sparse.mask, server_dtype=dtype, first_sync="base")}
+    whole = WholeModelDiff(model, dtype)
+    group = connect("127.0.0.1", port, rank=0)
+    sink = DistributedPatchSink(peer=1, group=group)
+    params = list(model.named_parameters())
+    steps_log: list[dict] = []
+
+    class Measure(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            row = {"step": state.global_step}
+            if "producer" in base_first:
+                first = base_first.pop("producer").build()
+                base_first.update(bytes=len(encode_patch(first)), values=first.num_values)
+            t0 = time.perf_counter()
+            patch = producer.build()
+            row["build_patch_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            data = encode_patch(patch)
+            row["encode_patch_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            diff = whole.build()
+            row["build_whole_diff_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sink(data)
+            row["send_apply_patch_s"] = time.perf_counter() - t0
+            if state.global_step % digest_every == 0 or state.global_step in (1, 2, steps):
+                row["receiver_equal"] = sink.digest() == weights_digest(params, dtype)
+            t0 = time.perf_counter()
+            full = [(n, p.detach().to(dtype)) for n, p in params]
+            row["cast_full_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sink.send_full(full)
+            row["send_apply_full_s"] = time.perf_counter() - t0
+            row.update(
+                anchor=patch.anchor, patch_values=patch.num_values, patch_bytes=len(data),
+                patch_flat_i32_bytes=6 * patch.num_values,
+                encodings={e: sum(t.encoding == e for t in patch.tensors) for e in ("all", "flat_i32", "rank_u16",
+                                                                                     "rank_bits", "rank_gaps")},
+                tensors=len(patch.tensors),
+                whole_diff_values=sum(int(i.numel()) for i, _ in diff.values()),
+                whole_diff_bytes=sum(6 * int(i.numel()) for i, _ in diff.values()),
+                full_bytes=2 * num_parameters, load_average=load_average())
+            steps_log.append(row)
+            print(json.dumps(row), flush=True)
+
+    trainer.add_callback(Measure())
+    train_started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_started
+    sink.stop()
+    receiver.wait(timeout=120)
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    return {
+        "run": name, "density": density, "learning_rate": lr, "steps": steps, "probe_steps": probe_steps,
+        "anchor_every": anchor_every, "num_parameters": num_parameters, "num_selected": sparse.mask.num_selected,
+        "snapshot_bytes": producer.snapshot_bytes(), "index_bytes": producer.index_bytes(),
+        "whole_diff_snapshot_bytes": whole.snapshot_bytes(), "model_copy_fp32_bytes": 4 * num_parameters,
+        "producer_setup_s": producer_setup, "train_seconds": train_seconds, "rewards": rewards,
+        "torch_threads": torch.get_num_threads(), "steps_log": steps_log,
+        "base_first_patch_bytes": base_first.get("bytes"), "base_first_patch_values": base_first.get("values"),
+    }
+
+
+def _base_first(run: dict, full: int) -> str:
+    """Mean bytes per sync when the first patch is relative to the base (``first_sync="base"``) instead of an anchor:
+    the measured first patch replaces the anchor, the other steps are the same patches."""
+    log = run["steps_log"]
+    first = run.get("base_first_patch_bytes")
+    if first is None:
+        return "not measured"
+    total = first + sum(s["patch_bytes"] for s in log[1:])
+    return f"{total / len(log) / full:.4f}x, {total / sum(s['whole_diff_bytes'] for s in log):.3f}x"
+
+
+def _median_ratio(log: list[dict]) -> str:
+    rest = [s for s in log if not s["anchor"]]
+    if not rest:
+        return "no non-anchor step"
+    patch = statistics.median(s["build_patch_s"] for s in rest)
+    whole = statistics.median(s["build_whole_diff_s"] for s in rest)
+    return f"{patch * 1e3:.0f} / {whole * 1e3:.0f} ms = {patch / whole:.3f}x"
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report(results: list[dict], cpu: str) -> str:
+    lines = [
+        "# Sparse weight sync: SmolLM2-135M GRPO, fp32 trainer, bf16 server",
+        "",
+        f"Command: `{COMMAND}` (each run cached in `benchmarks/results/weight_sync/`). CPU: {cpu}; "
+        "trainer and receiver on one thread each, gloo over loopback. Every row: mean over the run's steps "
+        "(anchors included: the first sync is an anchor).",
+        "",
+        "## Bytes per sync",
+        "",
+        "| run | selected | steps | patch / full bf16 | patch (int32 flat) / full | whole-model diff / full | "
+        "patch / whole diff | anchor / full | first sync from the base: patch / full, / whole diff | "
+        "receiver == trainer in bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        log = r["steps_log"]
+        full = log[0]["full_bytes"]
+        lines.append(
+            f"| {r['run']} | {r['num_selected'] / r['num_parameters']:.2%} | {len(log)} | "
+            f"{mean(s['patch_bytes'] for s in log) / full:.4f}x | "
+            f"{mean(s['patch_flat_i32_bytes'] for s in log) / full:.4f}x | "
+            f"{mean(s['whole_diff_bytes'] for s in log) / full:.4f}x | "
+            f"{mean(s['patch_bytes'] for s in log) / mean(s['whole_diff_bytes'] for s in log):.3f}x | "
+            f"{log[0]['patch_bytes'] / full:.3f}x | {_base_first(r, full)} | "
+            f"{sum(s.get('receiver_equal') is True for s in log)}/{sum('receiver_equal' in s for s in log)} checked "
+            "steps |")
+    lines += [
+        "",
+        "Patch: the encoded patch with its header, positions per tensor in the smallest of int32 flat index / uint16 "
+        "rank within the selection / one bit per selected entry / varint gaps between ranks, anchors without "
+        "positions. Patch (int32 flat): 6 "
+        "bytes per value (what vLLM's `sparse_nccl` engine takes). Whole-model diff: 6 bytes per entry whose bf16 "
+        "value changed, over the whole model, the first sync diffed against the base (no anchor). Full: 2 bytes per "
+        "parameter. First sync from the base: `WeightSyncConfig(first_sync=\"base\")`, the first patch holds the "
+        "selected entries that differ from the base (as the whole-model diff's first sync) instead of every selected "
+        "entry.",
+        "",
+        "## Time per sync (sender side)",
+        "",
+        "| run | build patch | build whole-model diff | patch / whole diff | encode patch | send + apply patch | "
+        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
+        "build: patch / whole diff, median of non-anchor steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        log = r["steps_log"]
+        build = mean(s["build_patch_s"] for s in log)
+        whole = mean(s["build_whole_diff_s"] for s in log)
+        encode = mean(s["encode_patch_s"] for s in log)
+        send = mean(s["send_apply_patch_s"] for s in log)
+        full = mean(s["send_apply_full_s"] for s in log)
+        cast = mean(s["cast_full_s"] for s in log) if "cast_full_s" in log[0] else None
+        total = "not measured" if cast is None else f"{(build + encode + send) / (cast + full):.3f}x"
+        cast_text = "not measured" if cast is None else f"{cast * 1e3:.1f} ms"
+        lines.append(f"| {r['run']} | {build * 1e3:.1f} ms | {whole * 1e3:.1f} ms | {build / whole:.3f}x | "
+                     f"{encode * 1e3:.1f} ms | {send * 1e3:.1f} ms | {full * 1e3:.1f} ms | {send / full:.3f}x | "
+                     f"{cast_text} | {total} | {_median_ratio(log)} |")
+    lines += [
+        "",
+        "Send + apply: patch = send the encoded patch + the receiver's validation and in-place writes + its answer; "
+        "full = send every bf16 tensor + the receiver's copy into its model + its answer. All: patch = build + encode "
+        "+ send + apply; full = cast the fp32 weights to bf16 + send + apply. Means over all steps, anchors included.",
+        "",
+        "## Sender memory",
+        "",
+        "| run | last-sent values | + selection indices (int32) | fp32 model copy | bf16 snapshot of a whole-model "
+        "diff | (values + indices) / fp32 copy | (values + indices) / bf16 snapshot |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mine = r["snapshot_bytes"] + r["index_bytes"]
+        lines.append(f"| {r['run']} | {r['snapshot_bytes'] / 2**20:.1f} MiB | {mine / 2**20:.1f} MiB | "
+                     f"{r['model_copy_fp32_bytes'] / 2**20:.1f} MiB | {r['whole_diff_snapshot_bytes'] / 2**20:.1f} MiB "
+                     f"| {mine / r['model_copy_fp32_bytes']:.3f}x | {mine / r['whole_diff_snapshot_bytes']:.3f}x |")
+    lines += ["", "## Per step", ""]
+    for r in results:
+        lines.append(f"### {r['run']} (density {r['density']}, lr {r['learning_rate']}; training reward by logging "
+                     f"window: {', '.join(f'{x:.2f}' for x in r['rewards'])})")
+        lines += ["", "| step | anchor | values | patch bytes | whole-diff bytes | tensors by encoding "
+                  "(all/flat/u16/bits/gaps) |", "|---|---|---|---|---|---|"]
+        for s in r["steps_log"]:
+            e = s["encodings"]
+            lines.append(f"| {s['step']} | {'yes' if s['anchor'] else ''} | {s['patch_values']:,} | "
+                         f"{s['patch_bytes']:,} | {s['whole_diff_bytes']:,} | "
+                         f"{e['all']}/{e['flat_i32']}/{e['rank_u16']}/{e['rank_bits']}/{e.get('rank_gaps', '?')} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            flags = Path("/proc/cpuinfo").read_text()
+            return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags else "")
+    return "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--probe-steps", type=int, default=2, help="gradient-probe batches for the mask")
+    parser.add_argument("--anchor-every", type=int, default=0)
+    parser.add_argument("--digest-every", type=int, default=5,
+                        help="check the receiver's weights against the trainer's every this many steps (and at steps "
+                        "1, 2 and the last)")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        emit_result(run_one(args.child, args.steps, args.probe_steps, args.anchor_every, args.digest_every))
+        return
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.runs:
+        path = RUN_DIR / f"{name}.json"
+        if path.exists() and not args.force:
+            results.append(json.loads(path.read_text()))
+            continue
+        print(f"== run {name}", flush=True)
+        result = run_child(child_command(__file__, "--child", name, "--steps", args.steps, "--probe-steps",
+                                         args.probe_steps, "--anchor-every", args.anchor_every, "--digest-every",
+                                         args.digest_every), threads=1)
+        path.write_text(json.dumps(result))
+        results.append(result)
+    write_result(report(results, cpu_name()), RESULTS, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
