@@ -51,6 +51,7 @@ import gc
 import torch
 
 from .mask import SubnetworkMask
+from .restrict.compact import shared_selected_indices
 
 
 class SharedReference(torch.nn.Module):
@@ -106,9 +107,10 @@ class SharedReference(torch.nn.Module):
                 if not param.is_contiguous():
                     raise ValueError(f"parameter {name!r} is not contiguous; the shared reference swaps entries "
                                      "through a flat view")
-                flat_index = mask.flat_indices(name)
-                index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
-                index = flat_index.to(device=param.device, dtype=index_dtype)
+                if param.numel() < 2**31:  # the compact gradient hook's int32 positions, shared with it
+                    index = shared_selected_indices(selection, param.device)
+                else:
+                    index = mask.flat_indices(name).to(param.device)
                 slot = len(self._names)
                 self.register_buffer(f"index_{slot}", index, persistent=False)
                 self.register_buffer(f"values_{slot}", param.detach().view(-1).index_select(0, index), persistent=False)
@@ -116,10 +118,16 @@ class SharedReference(torch.nn.Module):
         self.mask = mask
         return self
 
+    def value_bytes(self) -> int:
+        """Bytes of the stored starting values alone (the int32 indices are shared with compact gradient hooks)."""
+        return sum(getattr(self, f"values_{slot}").numel() * getattr(self, f"values_{slot}").element_size()
+                   for slot in range(len(self._names)))
+
     def extra_bytes(self) -> int:
-        """Bytes this reference holds: the original selected values and their int32 indices (CPU tensors are
-        swapped in place; other devices reuse a scratch buffer of the largest tensor's entries, grown on first
-        use)."""
+        """Bytes this reference holds: the original selected values and their int32 indices (the same index
+        tensors as the compact gradient hooks', :func:`~sparse_rl.restrict.compact.shared_selected_indices`). CPU
+        tensors are swapped in place; other devices reuse a scratch buffer of the largest tensor's entries, grown on
+        first use."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def __repr__(self) -> str:
