@@ -14,7 +14,15 @@ preference set. Configurations:
 - ``sparse-<d>%[-8bit][-shared][-compact]``: ``sparsify(trainer, SparseConfig(density=d, discovery="random",
   state_bits=8|32, shared_reference=True|False, compact_grads=True|False))`` (``-compact`` rows at 10% only).
   Random discovery so that the (optional, one-off) gradient probe does not dominate the set-up; the training step
-  is the same whatever chose the mask.
+  is the same whatever chose the mask;
+- ``sparse-10%-shared-compact-nocopy``: the same as ``sparse-10%-shared-compact`` but built with
+  ``sparse_rl.trl.build_trainer``, so TRL never loads the reference copy that ``shared_reference`` would free.
+
+The checkpoint is memory-mapped, so each row first reads every weight (resident from the start, as after a copy to
+a GPU). The last timed step is sampled: RSS every 20 ms from a thread, with the optimizer step marked; its peak is
+split into weights, gradients, optimizer state, master copy, reference, mask and hooks, and the rest (activations,
+logits, generation caches, allocator slack) over the RSS before the model was loaded, and the timelines are drawn
+into ``results/<name>_timeline.png``.
 
 Each child reports peak RSS (``ru_maxrss``), the peak during ``trainer.train()`` (VmHWM reset just before it), RSS
 after the model load, once the trainer is ready and at the end (trainer deleted, model kept), optimizer-state bytes,
@@ -435,20 +443,24 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
         f"few-shot addition, {demo.num_generations * demo.prompts_per_step} completions of up to "
         f"{demo.max_completion_length} tokens per step) with `beta={GRPO_BETA}` (TRL keeps a reference model); "
         f"DPO: {DPO_BATCH} fixed addition preference pairs per step, `max_length=64`. Sparse rows use "
-        "`sparsify(trainer, SparseConfig(density=d, discovery=\"random\", state_bits=..., shared_reference=...))`: "
+        "`sparsify(trainer, SparseConfig(density=d, discovery=\"random\", state_bits=..., shared_reference=...))` "
+        "(`-nocopy`: `build_trainer(cls, SparseConfig(...), **kwargs)`, no reference copy is ever loaded): "
         "random discovery so that the one-off gradient probe does not dominate; the step is the same whatever chose "
         f"the mask. LoRA: all linear layers (not the tied output head), rank chosen to match sparse "
         f"{LORA_MATCH_DENSITY:.0%}'s trained-entry count; TRL disables the adapter for reference forwards. "
-        "Otherwise TRL's defaults, including `gradient_checkpointing=True` for both trainers.",
+        "Otherwise TRL's defaults, including `gradient_checkpointing=True` for both trainers. Every row first reads "
+        "every weight of the memory-mapped checkpoint, so the policy is resident from the start.",
         "",
         "Columns: *trained* = entries the optimizer updates (the mask's selected entries for sparse rows); "
         "*state* = optimizer state (`MaskedAdamW.state_bytes()`: moments, 8-bit absmax, selection layout; torch / "
         "bitsandbytes: every state tensor); *grad* = bytes of `.grad` tensors (and of `compact_grad` ones with "
         "`compact_grads=True`) present at the optimizer step; "
-        "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values + indices + swap "
-        "scratch); *ready* = RSS with model and trainer built, before `train()`; *peak train* = peak RSS during "
+        "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values, plus their int32 "
+        "indices unless the compact gradient hooks hold the same ones); *ready* = RSS with model and trainer built "
+        "(and sparsified), before `train()`; *peak train* = peak RSS during "
         "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
-        "its reference copy at construction, before `shared_reference` frees it); *end* = RSS after `train()` once the "
+        "its reference copy at construction, before `shared_reference` frees it; `-nocopy` never loads it); "
+        "*end* = RSS after `train()` once the "
         "trainer is deleted and `gc.collect()` + `malloc_trim` ran (the policy model is kept): what the process "
         "still holds after training. Ratios are to `full-adamw` of the same trainer.",
         "",
