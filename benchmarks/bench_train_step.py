@@ -347,6 +347,7 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
 
     release_memory()
     rss_ready = status_mib("VmRSS")
+    peak_ready = status_mib("VmHWM")  # the construction peak: model load, trainer (and TRL's reference copy), sparsify
     reset = reset_peak()
     trainer.train()
     peak_train = status_mib("VmHWM") if reset else None
@@ -379,8 +380,11 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
         "timeline": {"interval": timeline.interval,
                      "samples": [(round(t, 3), round(m, 1)) for t, m in timeline.samples],
                      "marks": [(name, round(t, 3)) for name, t in timeline.marks]},
-        "rss_loaded_mib": rss_loaded, "rss_ready_mib": rss_ready, "peak_train_mib": peak_train,
-        "peak_process_mib": peak_rss_mib(), "rss_end_mib": status_mib("VmRSS"),
+        "rss_loaded_mib": rss_loaded, "rss_ready_mib": rss_ready, "peak_ready_mib": peak_ready,
+        "peak_train_mib": peak_train,
+        # ru_maxrss forgets the peak from before reset_peak() (clear_refs resets the high-water mark it reads), so
+        # the process's peak is the larger of the construction peak and the peak during train()
+        "peak_process_mib": max(peak_ready, peak_train or 0.0, peak_rss_mib()), "rss_end_mib": status_mib("VmRSS"),
         "step_seconds": statistics.median(recorder.step_seconds[timed]),
         "step_cpu_seconds": statistics.median(recorder.step_cpu_seconds[timed]),
         "optimizer_seconds": statistics.median(recorder.optimizer_seconds[timed]),
@@ -393,6 +397,7 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
 MIB = 2**20
 CSV_FIELDS = ("trainer", "setup", "status", "trained_entries", "entries_with_gradient", "lora_rank",
               "optimizer_state_bytes", "grad_bytes", "reference_bytes", "rss_loaded_mib", "rss_ready_mib",
+              "peak_ready_mib",
               "peak_train_mib", "peak_process_mib", "rss_end_mib", "step_seconds", "step_cpu_seconds",
               "optimizer_seconds", "warmup_seconds", "state_grad_vs_full", "peak_process_vs_full",
               "peak_train_vs_full", "rss_end_vs_full", "step_vs_full", "step_cpu_vs_full", "losses")
@@ -457,9 +462,11 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
         "`compact_grads=True`) present at the optimizer step; "
         "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values, plus their int32 "
         "indices unless the compact gradient hooks hold the same ones); *ready* = RSS with model and trainer built "
-        "(and sparsified), before `train()`; *peak train* = peak RSS during "
-        "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
-        "its reference copy at construction, before `shared_reference` frees it; `-nocopy` never loads it); "
+        "(and sparsified), before `train()`; *peak before train* = peak RSS up to then (VmHWM: the construction "
+        "peak); *peak train* = peak RSS during `train()` (VmHWM reset before it); *peak process* = the larger of "
+        "the two peaks (the whole process: it includes "
+        "TRL loading its reference copy at construction, before `shared_reference` frees it; `-nocopy` never loads "
+        "it; `ru_maxrss` alone misses the construction peak once VmHWM is reset); "
         "*end* = RSS after `train()` once the "
         "trainer is deleted and `gc.collect()` + `malloc_trim` ran (the policy model is kept): what the process "
         "still holds after training. Ratios are to `full-adamw` of the same trainer.",
@@ -474,13 +481,13 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
             continue
         lines += [
             "", f"## {trainer.upper()}", "",
-            "| setup | trained | state MiB | grad MiB | state + grad MiB | ref MiB | ready MiB | peak train MiB "
-            "| peak process MiB | end MiB | step s | step CPU s | optimizer step s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| setup | trained | state MiB | grad MiB | state + grad MiB | ref MiB | ready MiB | peak before train "
+            "MiB | peak train MiB | peak process MiB | end MiB | step s | step CPU s | optimizer step s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in mine:
             if r.get("status") != "ok":
-                lines.append(f"| {r['setup']} | failed: {r.get('error', '?')} |" + " |" * 11)
+                lines.append(f"| {r['setup']} | failed: {r.get('error', '?')} |" + " |" * 12)
                 continue
             trained = f"{r['trained_entries'] / 1e6:.2f}M ({r['trained_entries'] / r['total_parameters']:.1%})"
             if r.get("lora_rank"):
@@ -490,7 +497,8 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
             lines.append(
                 f"| {r['setup']} | {trained} | {r['optimizer_state_bytes'] / MIB:.1f} | {r['grad_bytes'] / MIB:.1f} | "
                 f"{(r['optimizer_state_bytes'] + r['grad_bytes']) / MIB:.1f}{_ratio(r, 'state_grad_vs_full')} | "
-                f"{r['reference_bytes'] / MIB:.1f} | {r['rss_ready_mib']:.0f} | {peak_train} | "
+                f"{r['reference_bytes'] / MIB:.1f} | {r['rss_ready_mib']:.0f} | "
+                f"{r['peak_ready_mib']:.0f} | {peak_train} | "
                 f"{r['peak_process_mib']:.0f}{_ratio(r, 'peak_process_vs_full')} | "
                 f"{r['rss_end_mib']:.0f}{_ratio(r, 'rss_end_vs_full')} | "
                 f"{r['step_seconds']:.2f}{_ratio(r, 'step_vs_full')} | "
