@@ -14,7 +14,15 @@ preference set. Configurations:
 - ``sparse-<d>%[-8bit][-shared][-compact]``: ``sparsify(trainer, SparseConfig(density=d, discovery="random",
   state_bits=8|32, shared_reference=True|False, compact_grads=True|False))`` (``-compact`` rows at 10% only).
   Random discovery so that the (optional, one-off) gradient probe does not dominate the set-up; the training step
-  is the same whatever chose the mask.
+  is the same whatever chose the mask;
+- ``sparse-10%-shared-compact-nocopy``: the same as ``sparse-10%-shared-compact`` but built with
+  ``sparse_rl.trl.build_trainer``, so TRL never loads the reference copy that ``shared_reference`` would free.
+
+The checkpoint is memory-mapped, so each row first reads every weight (resident from the start, as after a copy to
+a GPU). The last timed step is sampled: RSS every 20 ms from a thread, with the optimizer step marked; its peak is
+split into weights, gradients, optimizer state, master copy, reference, mask and hooks, and the rest (activations,
+logits, generation caches, allocator slack) over the RSS before the model was loaded, and the timelines are drawn
+into ``results/<name>_timeline.png``.
 
 Each child reports peak RSS (``ru_maxrss``), the peak during ``trainer.train()`` (VmHWM reset just before it), RSS
 after the model load, once the trainer is ready and at the end (trainer deleted, model kept), optimizer-state bytes,
@@ -70,6 +78,7 @@ class Setup:
     state_bits: int = 32
     shared_reference: bool = False
     compact_grads: bool = False
+    never_built: bool = False  # sparse_rl.trl.build_trainer: TRL never loads the reference copy
 
 
 def all_setups() -> dict[str, Setup]:
@@ -84,6 +93,8 @@ def all_setups() -> dict[str, Setup]:
         setup = next(s for s in setups if s.name == base)
         setups.append(Setup(f"{base}-compact", "sparse", density=setup.density, state_bits=setup.state_bits,
                             shared_reference=setup.shared_reference, compact_grads=True))
+    setups.append(Setup("sparse-10%-shared-compact-nocopy", "sparse", density=0.10, shared_reference=True,
+                        compact_grads=True, never_built=True))
     return {s.name: s for s in setups}
 
 
@@ -108,8 +119,8 @@ def _build_grpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str,
         beta=GRPO_BETA, optim=setup.optim, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
         save_strategy="no", seed=demo.seed, disable_tqdm=True,
     )
-    return GRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer, peft_config=peft_config)
+    return GRPOTrainer, dict(model=model, reward_funcs=addition_reward, args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config)
 
 
 def _build_dpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, peft_config):
@@ -120,8 +131,8 @@ def _build_dpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, 
         lr_scheduler_type="constant", weight_decay=0.0, max_length=64, optim=setup.optim, use_cpu=True, bf16=False,
         report_to="none", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
     )
-    return DPOTrainer(model=model, args=args, train_dataset=preference_dataset(max_steps * DPO_BATCH),
-                      processing_class=tokenizer, peft_config=peft_config)
+    return DPOTrainer, dict(model=model, args=args, train_dataset=preference_dataset(max_steps * DPO_BATCH),
+                            processing_class=tokenizer, peft_config=peft_config)
 
 
 def lora_config_matching(model, density: float):
@@ -152,6 +163,9 @@ class StepRecorder:
 
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == state.max_steps - 1:  # the last step is sampled
+                    recorder.timeline = RssTimeline()
+                    recorder.timeline.start()
                 recorder._begin = (time.perf_counter(), time.process_time())
 
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -161,16 +175,23 @@ class StepRecorder:
                 recorder.grad_bytes = max(recorder.grad_bytes, recorder.compact_grad_bytes + sum(
                     p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None))
                 recorder._optimizer_begin = time.perf_counter()
+                if recorder.timeline is not None:
+                    recorder.timeline.mark("optimizer step")
 
             def on_optimizer_step(self, args, state, control, **kwargs):
                 recorder.optimizer_seconds.append(time.perf_counter() - recorder._optimizer_begin)
+                if recorder.timeline is not None:
+                    recorder.timeline.mark("optimizer step end")
 
             def on_step_end(self, args, state, control, **kwargs):
                 wall, cpu = recorder._begin
                 recorder.step_seconds.append(time.perf_counter() - wall)
                 recorder.step_cpu_seconds.append(time.process_time() - cpu)
+                if recorder.timeline is not None and not recorder.timeline._stop.is_set():
+                    recorder.timeline.stop()
 
         self.callback = _Callback()
+        self.timeline: RssTimeline | None = None
         self.grad_bytes = 0
         self.compact_grad_bytes = 0
         self.step_seconds: list[float] = []
@@ -195,8 +216,9 @@ def _reference_bytes(trainer) -> int:
     reference = getattr(trainer, "ref_model", None)
     if reference is None:
         return 0
-    if isinstance(reference, SharedReference):
-        return reference.extra_bytes()
+    if isinstance(reference, SharedReference):  # with compact gradients its int32 indices are the hooks' (counted
+        compact = trainer.sparse_training.compact_grads  # under "mask and hooks")
+        return reference.value_bytes() if compact else reference.extra_bytes()
     return sum(p.numel() * p.element_size() for p in reference.parameters())
 
 
@@ -225,40 +247,107 @@ def _check_setup_applied(trainer, setup: Setup) -> None:
                            f"{type(trainer.ref_model).__name__}")
 
 
-def _apply_sparse(trainer, setup: Setup):
-    from sparse_rl import SparseConfig, sparsify
+def _sparse_config(setup: Setup):
+    from sparse_rl import SparseConfig
 
-    config = SparseConfig(density=setup.density, discovery="random", state_bits=setup.state_bits,
-                          shared_reference=setup.shared_reference, compact_grads=setup.compact_grads)
-    return sparsify(trainer, config)
+    return SparseConfig(density=setup.density, discovery="random", state_bits=setup.state_bits,
+                        shared_reference=setup.shared_reference, compact_grads=setup.compact_grads)
+
+
+class RssTimeline:
+    """Resident memory of this process sampled by a thread every ``interval`` seconds (``/proc/self/statm``), with
+    named marks (optimizer step begin/end) on the same clock."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.marks: list[tuple[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        self._start = 0.0
+
+    def _rss(self) -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self._start, self._rss()))
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+        self._thread.start()
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.perf_counter() - self._start))
+
+    def stop(self) -> None:
+        self.mark("step end")
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter() - self._start, self._rss()))
+
+
+def _mask_and_hook_bytes(sparse) -> int:
+    """The SubnetworkMask's bool selections (1 byte per entry of every listed parameter) and what the gradient hooks
+    keep (a bool per entry with dense hooks, an int32 per selected entry with compact gradients)."""
+    if sparse is None:
+        return 0
+    mask = sum(v.numel() * v.element_size() for v in sparse.mask.selections.values())
+    return mask + sparse.restriction.held_bytes
 
 
 def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) -> dict:
     import torch
+    import trl  # noqa: F401  (imported before the baseline reading, like the libraries every row loads)
 
     from sparse_rl.models import load_smollm2
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    release_memory()
+    rss_baseline = status_mib("VmRSS")
     model, tokenizer = load_smollm2()
+    with torch.no_grad():  # the checkpoint is memory-mapped: read every weight so it is resident in every row,
+        for param in model.parameters():  # as after a copy to the GPU, not only once a row first touches it
+            param.sum()
     rss_loaded = status_mib("VmRSS")
     total_parameters = sum(p.numel() for p in model.parameters())
     peft_config, lora_target = None, None
     if setup.kind == "lora":
         peft_config, lora_target = lora_config_matching(model, LORA_MATCH_DENSITY)
     build = _build_grpo if trainer_name == "grpo" else _build_dpo
-    trainer = build(model, tokenizer, setup, timed_steps + 1, output_dir, peft_config)
-    selected = None
-    if setup.kind == "sparse":
-        selected = _apply_sparse(trainer, setup).mask.num_selected
+    trainer_cls, trainer_kwargs = build(model, tokenizer, setup, timed_steps + 1, output_dir, peft_config)
+    sparse = None
+    if setup.never_built:
+        from sparse_rl.trl import build_trainer
+
+        trainer = build_trainer(trainer_cls, _sparse_config(setup), **trainer_kwargs)
+        sparse = trainer.sparse_training
+    else:
+        trainer = trainer_cls(**trainer_kwargs)
+        if setup.kind == "sparse":
+            from sparse_rl import sparsify
+
+            sparse = sparsify(trainer, _sparse_config(setup))
+    selected = sparse.mask.num_selected if sparse is not None else None
+    del trainer_kwargs
     recorder = StepRecorder()
     trainer.add_callback(recorder.callback)
     policy = trainer.model
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     reference_bytes = _reference_bytes(trainer)
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    mask_bytes = _mask_and_hook_bytes(sparse)
+    del sparse
 
     release_memory()
     rss_ready = status_mib("VmRSS")
+    peak_ready = status_mib("VmHWM")  # the construction peak: model load, trainer (and TRL's reference copy), sparsify
     reset = reset_peak()
     trainer.train()
     peak_train = status_mib("VmHWM") if reset else None
@@ -268,6 +357,13 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
         raise RuntimeError(f"{setup.name}: compact_grads={setup.compact_grads} but the optimizer step saw "
                            f"{recorder.compact_grad_bytes} bytes of compact gradients")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    timeline = recorder.timeline
+    step_peak = max(rss for _, rss in timeline.samples)
+    master_bytes = 0  # fp32 weights: MaskedAdamW keeps no master copy (bf16/fp16 weights would)
+    breakdown = {"weights": weight_bytes, "gradients": recorder.grad_bytes, "optimizer state": state_bytes,
+                 "master copy": master_bytes, "reference": reference_bytes, "mask and hooks": mask_bytes}
+    breakdown = {k: v / MIB for k, v in breakdown.items()}
+    breakdown["rest"] = step_peak - rss_baseline - sum(breakdown.values())
     trainer_args = trainer.args
     del trainer
     release_memory()
@@ -280,8 +376,15 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
         "entries_with_gradient": trainable,
         "lora_rank": peft_config.r if peft_config else None, "lora_target": lora_target,
         "optimizer_state_bytes": state_bytes, "grad_bytes": recorder.grad_bytes, "reference_bytes": reference_bytes,
-        "rss_loaded_mib": rss_loaded, "rss_ready_mib": rss_ready, "peak_train_mib": peak_train,
-        "peak_process_mib": peak_rss_mib(), "rss_end_mib": status_mib("VmRSS"),
+        "rss_baseline_mib": rss_baseline, "step_peak_mib": step_peak, "breakdown_mib": breakdown,
+        "timeline": {"interval": timeline.interval,
+                     "samples": [(round(t, 3), round(m, 1)) for t, m in timeline.samples],
+                     "marks": [(name, round(t, 3)) for name, t in timeline.marks]},
+        "rss_loaded_mib": rss_loaded, "rss_ready_mib": rss_ready, "peak_ready_mib": peak_ready,
+        "peak_train_mib": peak_train,
+        # ru_maxrss forgets the peak from before reset_peak() (clear_refs resets the high-water mark it reads), so
+        # the process's peak is the larger of the construction peak and the peak during train()
+        "peak_process_mib": max(peak_ready, peak_train or 0.0, peak_rss_mib()), "rss_end_mib": status_mib("VmRSS"),
         "step_seconds": statistics.median(recorder.step_seconds[timed]),
         "step_cpu_seconds": statistics.median(recorder.step_cpu_seconds[timed]),
         "optimizer_seconds": statistics.median(recorder.optimizer_seconds[timed]),
@@ -294,6 +397,7 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
 MIB = 2**20
 CSV_FIELDS = ("trainer", "setup", "status", "trained_entries", "entries_with_gradient", "lora_rank",
               "optimizer_state_bytes", "grad_bytes", "reference_bytes", "rss_loaded_mib", "rss_ready_mib",
+              "peak_ready_mib",
               "peak_train_mib", "peak_process_mib", "rss_end_mib", "step_seconds", "step_cpu_seconds",
               "optimizer_seconds", "warmup_seconds", "state_grad_vs_full", "peak_process_vs_full",
               "peak_train_vs_full", "rss_end_vs_full", "step_vs_full", "step_cpu_vs_full", "losses")
@@ -344,20 +448,26 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
         f"few-shot addition, {demo.num_generations * demo.prompts_per_step} completions of up to "
         f"{demo.max_completion_length} tokens per step) with `beta={GRPO_BETA}` (TRL keeps a reference model); "
         f"DPO: {DPO_BATCH} fixed addition preference pairs per step, `max_length=64`. Sparse rows use "
-        "`sparsify(trainer, SparseConfig(density=d, discovery=\"random\", state_bits=..., shared_reference=...))`: "
+        "`sparsify(trainer, SparseConfig(density=d, discovery=\"random\", state_bits=..., shared_reference=...))` "
+        "(`-nocopy`: `build_trainer(cls, SparseConfig(...), **kwargs)`, no reference copy is ever loaded): "
         "random discovery so that the one-off gradient probe does not dominate; the step is the same whatever chose "
         f"the mask. LoRA: all linear layers (not the tied output head), rank chosen to match sparse "
         f"{LORA_MATCH_DENSITY:.0%}'s trained-entry count; TRL disables the adapter for reference forwards. "
-        "Otherwise TRL's defaults, including `gradient_checkpointing=True` for both trainers.",
+        "Otherwise TRL's defaults, including `gradient_checkpointing=True` for both trainers. Every row first reads "
+        "every weight of the memory-mapped checkpoint, so the policy is resident from the start.",
         "",
         "Columns: *trained* = entries the optimizer updates (the mask's selected entries for sparse rows); "
         "*state* = optimizer state (`MaskedAdamW.state_bytes()`: moments, 8-bit absmax, selection layout; torch / "
         "bitsandbytes: every state tensor); *grad* = bytes of `.grad` tensors (and of `compact_grad` ones with "
         "`compact_grads=True`) present at the optimizer step; "
-        "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values + indices + swap "
-        "scratch); *ready* = RSS with model and trainer built, before `train()`; *peak train* = peak RSS during "
-        "`train()` (VmHWM reset before it); *peak process* = `ru_maxrss` of the whole process (includes TRL loading "
-        "its reference copy at construction, before `shared_reference` frees it); *end* = RSS after `train()` once the "
+        "*ref* = reference model bytes (TRL's copy, or the shared reference's stored values, plus their int32 "
+        "indices unless the compact gradient hooks hold the same ones); *ready* = RSS with model and trainer built "
+        "(and sparsified), before `train()`; *peak before train* = peak RSS up to then (VmHWM: the construction "
+        "peak); *peak train* = peak RSS during `train()` (VmHWM reset before it); *peak process* = the larger of "
+        "the two peaks (the whole process: it includes "
+        "TRL loading its reference copy at construction, before `shared_reference` frees it; `-nocopy` never loads "
+        "it; `ru_maxrss` alone misses the construction peak once VmHWM is reset); "
+        "*end* = RSS after `train()` once the "
         "trainer is deleted and `gc.collect()` + `malloc_trim` ran (the policy model is kept): what the process "
         "still holds after training. Ratios are to `full-adamw` of the same trainer.",
         "",
@@ -371,13 +481,13 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
             continue
         lines += [
             "", f"## {trainer.upper()}", "",
-            "| setup | trained | state MiB | grad MiB | state + grad MiB | ref MiB | ready MiB | peak train MiB "
-            "| peak process MiB | end MiB | step s | step CPU s | optimizer step s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| setup | trained | state MiB | grad MiB | state + grad MiB | ref MiB | ready MiB | peak before train "
+            "MiB | peak train MiB | peak process MiB | end MiB | step s | step CPU s | optimizer step s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in mine:
             if r.get("status") != "ok":
-                lines.append(f"| {r['setup']} | failed: {r.get('error', '?')} |" + " |" * 11)
+                lines.append(f"| {r['setup']} | failed: {r.get('error', '?')} |" + " |" * 12)
                 continue
             trained = f"{r['trained_entries'] / 1e6:.2f}M ({r['trained_entries'] / r['total_parameters']:.1%})"
             if r.get("lora_rank"):
@@ -387,13 +497,72 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
             lines.append(
                 f"| {r['setup']} | {trained} | {r['optimizer_state_bytes'] / MIB:.1f} | {r['grad_bytes'] / MIB:.1f} | "
                 f"{(r['optimizer_state_bytes'] + r['grad_bytes']) / MIB:.1f}{_ratio(r, 'state_grad_vs_full')} | "
-                f"{r['reference_bytes'] / MIB:.1f} | {r['rss_ready_mib']:.0f} | {peak_train} | "
+                f"{r['reference_bytes'] / MIB:.1f} | {r['rss_ready_mib']:.0f} | "
+                f"{r['peak_ready_mib']:.0f} | {peak_train} | "
                 f"{r['peak_process_mib']:.0f}{_ratio(r, 'peak_process_vs_full')} | "
                 f"{r['rss_end_mib']:.0f}{_ratio(r, 'rss_end_vs_full')} | "
                 f"{r['step_seconds']:.2f}{_ratio(r, 'step_vs_full')} | "
                 f"{r['step_cpu_seconds']:.2f}{_ratio(r, 'step_cpu_vs_full')} | {r['optimizer_seconds']:.3f} |")
+    lines += breakdown_markdown(rows)
     lines += ["", f"Reproduce: `{command}`", ""]
     return "\n".join(lines)
+
+
+BREAKDOWN = ("weights", "gradients", "optimizer state", "master copy", "reference", "mask and hooks", "rest")
+
+
+def breakdown_markdown(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r.get("status") == "ok" and r.get("breakdown_mib")]
+    if not rows:
+        return []
+    lines = [
+        "", "## Where the memory of one step goes", "",
+        "RSS of the last timed step, sampled every 20 ms by a thread (`/proc/self/statm`), split at its peak: "
+        "*weights* = the policy's parameters (LoRA: base + adapters); *gradients* = `.grad` and `compact_grad` bytes "
+        "at the optimizer step; *optimizer state* as above; *master copy* = fp32 copies of bf16/fp16 weights (none: "
+        "the weights are fp32); *reference* = TRL's copy or the shared reference's values and indices; *mask and "
+        "hooks* = the `SubnetworkMask` (a bool per entry) plus what the gradient hooks keep; *rest* = the step's peak "
+        "RSS minus the process's RSS before the model was loaded (Python, torch, transformers, TRL: *base*) minus "
+        "all of the above: activations, logits, generation caches, allocator slack. Timelines: "
+        "`<name>_timeline.png` beside this file.", "",
+        "| trainer | setup | base MiB | " + " | ".join(f"{k} MiB" for k in BREAKDOWN) + " | step peak MiB |",
+        "|---|---|" + "---:|" * (len(BREAKDOWN) + 2),
+    ]
+    for r in rows:
+        b = r["breakdown_mib"]
+        lines.append(f"| {r['trainer'].upper()} | {r['setup']} | {r['rss_baseline_mib']:.0f} | "
+                     + " | ".join(f"{b[k]:.0f}" for k in BREAKDOWN) + f" | {r['step_peak_mib']:.0f} |")
+    return lines
+
+
+def plot_timelines(rows: list[dict], path) -> None:
+    """Memory over the sampled step, one panel per trainer, one line per row; the optimizer step is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trainers = [t for t in TRAINERS if any(r["trainer"] == t and r.get("timeline") for r in rows)]
+    if not trainers:
+        return
+    figure, axes = plt.subplots(1, len(trainers), figsize=(7 * len(trainers), 4.5), squeeze=False)
+    for axis, trainer in zip(axes[0], trainers):
+        for r in rows:
+            if r["trainer"] != trainer or not r.get("timeline"):
+                continue
+            times, rss = zip(*r["timeline"]["samples"])
+            (line,) = axis.plot(times, rss, label=r["setup"], linewidth=1.2)
+            for name, t in r["timeline"]["marks"]:
+                if name == "optimizer step":
+                    axis.axvline(t, color=line.get_color(), linestyle=":", linewidth=0.8)
+        axis.set_title(f"{trainer.upper()}: RSS over one training step (dotted: optimizer step)")
+        axis.set_xlabel("seconds since the step began")
+        axis.set_ylabel("RSS (MiB)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -467,6 +636,8 @@ def main() -> None:
     markdown = to_markdown(rows, args, (load_before, load_average()), command)
     write_result(to_csv(rows), RESULTS_DIR / f"{stem}.csv", write=not args.no_write)
     write_result(markdown, RESULTS_DIR / f"{stem}.md", write=not args.no_write)
+    if not args.no_write:
+        plot_timelines(rows, RESULTS_DIR / f"{stem}_timeline.png")
 
 
 if __name__ == "__main__":

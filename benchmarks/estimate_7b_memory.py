@@ -9,10 +9,14 @@ gradients over ``p.grad``, state as ``torch.optim.AdamW``'s state tensors or ``M
 7B column multiplies them by 7.0e9. The scaling is linear because every term is per entry (a weight, a gradient,
 state per selected entry, 1 bit + tile offsets per entry of the layout) at the same per-tensor density.
 
-Under DDP every GPU holds a full replica, so the 7B column is memory per GPU. Not included (the same for both rows
-of a dtype): activations (they depend on batch and sequence length), a reference model (DPO, or GRPO/RLOO with
-beta > 0: one more copy of the weights, or about density x weight bytes with ``shared_reference=True``), DDP's
-gradient buckets (one more gradient-sized buffer unless ``gradient_as_bucket_view=True``) and the CUDA context.
+Under DDP every GPU holds a full replica, so the 7B column is memory per GPU. The reference model (DPO, or
+GRPO/RLOO with beta > 0) is a column of its own: TRL's copy is the weights again; ``shared_reference=True`` keeps the
+selected entries' starting values plus their int32 indices (``SharedReference.extra_bytes()``), the indices being the
+compact gradient hooks' own with compact gradients (then only ``value_bytes()`` is extra). With
+``sparse_rl.trl.build_trainer`` the copy is never built, so it does not set a construction peak either. Not included
+(the same for the rows of a dtype): activations (they depend on batch and sequence length), DDP's gradient buckets
+(one more gradient-sized buffer unless ``gradient_as_bucket_view=True``), the CUDA context, and the
+``SubnetworkMask`` (a bool per entry, kept in host memory, not on the GPU).
 
     python benchmarks/estimate_7b_memory.py     # writes benchmarks/results/estimate_7b_memory.md
 """
@@ -27,6 +31,7 @@ from _common import RESULTS_DIR, write_result
 from sparse_rl import MaskedAdamW
 from sparse_rl.discovery import random_mask
 from sparse_rl.models import load_smollm2
+from sparse_rl.reference import SharedReference
 from sparse_rl.restrict import restrict_gradients
 from sparse_rl.restrict.compact import gradients as gradients_of
 
@@ -49,9 +54,15 @@ def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32, com
     hook_bytes = 0
     if density is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        reference = tensor_bytes(model.parameters())  # TRL's copy
     else:
         mask = random_mask(model, density)
         hook_bytes = restrict_gradients(model, mask, compact=compact).held_bytes
+        if density >= 1.0:  # full finetuning measured as MaskedAdamW: TRL keeps its copy
+            reference = tensor_bytes(model.parameters())
+        else:  # built after the hooks: with compact gradients it shares their indices
+            shared = SharedReference(model, mask)
+            reference = shared.value_bytes() if compact else shared.extra_bytes()
         optimizer = MaskedAdamW(model.named_parameters(), mask, lr=1e-6, state_bits=state_bits)
     batch = tokenizer(["What is 12 + 7? The answer is 19."] * 2, return_tensors="pt")
     model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -66,6 +77,7 @@ def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32, com
         "gradients": gradients,
         "hooks": hook_bytes,
         "state": state,
+        "reference": reference,
     }
     return {"num_parameters": num_parameters, **{k: v / num_parameters for k, v in measured.items()}}
 
@@ -97,8 +109,10 @@ def main() -> None:
     for weights, optimizer, dtype, density, state_bits, compact in setups:
         result = measure(dtype, density, state_bits, compact)
         total = result["weights"] + result["gradients"] + result["hooks"] + result["state"]
-        reference_total.setdefault(weights, total)
-        rows.append((weights, optimizer, result, total, total / reference_total[weights]))
+        with_reference = total + result["reference"]
+        reference_total.setdefault(weights, (total, with_reference))
+        rows.append((weights, optimizer, result, total, total / reference_total[weights][0], with_reference,
+                     with_reference / reference_total[weights][1]))
         print(weights, optimizer, {k: round(v, 4) for k, v in result.items()}, flush=True)
 
     num_parameters = rows[0][2]["num_parameters"]
@@ -109,17 +123,21 @@ def main() -> None:
         "forward/backward and one optimizer step, counting every weight, gradient and optimizer-state tensor "
         "(`numel * element_size`; `MaskedAdamW.state_bytes()` for sparse_rl), then multiplied by 7.0e9 "
         f"parameters. Random per-tensor mask at density {d} over all parameters. Under DDP every GPU holds all of "
-        "it. Not included, the same for the rows of one dtype: activations, a reference model, DDP's gradient "
-        "buckets, the CUDA context.",
+        "it. *reference*: TRL's copy for full finetuning, the shared reference for sparse_rl (starting values of the "
+        "selected entries, plus their int32 indices unless the compact gradient hooks already hold them); the last "
+        "two columns add it (DPO, KL-regularised GRPO/RLOO). Not included, the same for the rows of one dtype: "
+        "activations, DDP's gradient buckets, the CUDA context, the mask (host memory).",
         "",
         "| weights | optimizer | weights B/param | grads B/param | gradient hooks B/param | optimizer state B/param "
-        "| total B/param | 7B per GPU (GiB) | vs first row of the dtype |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| total B/param | 7B per GPU (GiB) | vs first row of the dtype | reference B/param | 7B with reference "
+        "(GiB) | vs first row |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for weights, optimizer, result, total, ratio in rows:
+    for weights, optimizer, result, total, ratio, with_reference, ratio_reference in rows:
         lines.append(f"| {weights} | {optimizer} | {result['weights']:.2f} | {result['gradients']:.2f} | "
                      f"{result['hooks']:.2f} | {result['state']:.3f} | {total:.2f} | "
-                     f"{total * PARAMETERS_7B / GIB:.1f} | {ratio:.2f} |")
+                     f"{total * PARAMETERS_7B / GIB:.1f} | {ratio:.2f} | {result['reference']:.2f} | "
+                     f"{with_reference * PARAMETERS_7B / GIB:.1f} | {ratio_reference:.2f} |")
     lines += [
         "",
         "Without compact gradients, gradients stay dense: the hooks zero unselected entries of a full-size `.grad` "

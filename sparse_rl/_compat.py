@@ -15,6 +15,8 @@ each check imports what it looks at.
 from __future__ import annotations
 
 import inspect
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -54,6 +56,7 @@ class Use:
     probe: bool = False  # gradient discovery runs the trainer's loss
     entropy: bool = False  # entropy_quantile < 1
     shared_reference: bool = False
+    never_built_reference: bool = False  # sparse_rl.trl.build_trainer keeps TRL from loading the reference copy
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Reliance:
 
 
 def _class_names(trainer) -> set[str]:
-    return {cls.__name__ for cls in type(trainer).__mro__}
+    return {cls.__name__ for cls in (trainer if isinstance(trainer, type) else type(trainer)).__mro__}
 
 
 def _has_method(name: str) -> Callable[[object], bool]:
@@ -175,6 +178,27 @@ def _source_of(function) -> str:
         return ""
 
 
+_REFERENCE_CONSTRUCTION = re.compile(r"self\.ref_model\s*=\s*create_model_from_path\(\s*get_config_model_id\("
+                                     r"\s*self\.model\.config\s*\)")
+
+
+def reference_construction_module(trainer_cls: type):
+    """The module whose ``create_model_from_path`` the ``__init__`` of ``trainer_cls`` (or of a base class) calls as
+    ``self.ref_model = create_model_from_path(get_config_model_id(self.model.config), ...)`` to build its reference
+    copy (TRL 1.16 GRPOTrainer and RLOOTrainer, which take no ``ref_model=``), or None."""
+    for cls in trainer_cls.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None or not _REFERENCE_CONSTRUCTION.search(_source_of(init)):
+            continue
+        module = sys.modules.get(cls.__module__)
+        return module if callable(getattr(module, "create_model_from_path", None)) else None
+    return None
+
+
+def _builds_reference_from_config(trainer) -> bool:
+    return reference_construction_module(trainer if isinstance(trainer, type) else type(trainer)) is not None
+
+
 def _is(*class_names: str) -> Callable[[object, Use], bool]:
     return lambda trainer, use: bool(_class_names(trainer) & set(class_names))
 
@@ -247,6 +271,12 @@ RELIANCES: tuple[Reliance, ...] = (
              lambda t: "current_gradient_accumulation_steps" in _source_of(type(t).compute_loss)
              or "current_gradient_accumulation_steps" in _source_of(getattr(type(t), "_compute_loss", None)),
              lambda t, use: use.probe and _is("GRPOTrainer")(t, use)),
+    Reliance("trl", "GRPOTrainer/RLOOTrainer.__init__ building the reference copy with its module's "
+             "create_model_from_path(get_config_model_id(self.model.config), ...)",
+             "sparse_rl.trl.build_trainer: hands those trainers an unbound SharedReference instead of a loaded copy "
+             "(the module's create_model_from_path is replaced for the duration of the constructor)",
+             _builds_reference_from_config,
+             lambda t, use: use.never_built_reference and bool(_class_names(t) & {"GRPOTrainer", "RLOOTrainer"})),
     Reliance("transformers", "PretrainedConfig._name_or_path",
              "sparse_rl.delta.SparseDelta.from_trained: the default base_model_name_or_path (not used by sparsify)",
              lambda t: True,

@@ -38,7 +38,8 @@ class SparseConfig:
             ``master_weights=False``).
         shared_reference: replace the trainer's reference model (DPO, KTO, GRPO/RLOO with ``beta != 0``) by the
             policy itself with the original values of the selected entries swapped in for reference forwards
-            (:class:`sparse_rl.reference.SharedReference`); saves a whole model copy.
+            (:class:`sparse_rl.reference.SharedReference`); saves a whole model copy. ``sparsify`` frees the copy
+            TRL built; :func:`sparse_rl.trl.build_trainer` builds the trainer without ever loading it.
         compact_grads: keep only the selected gradient entries and free each dense gradient during backward
             (:mod:`sparse_rl.restrict.compact`): gradient memory drops from a dense gradient plus the hooks' bool mask
             (5 bytes per fp32 parameter) to 8 bytes per selected entry (value and int32 index), and the optimizer step

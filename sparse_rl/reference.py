@@ -8,11 +8,19 @@ reference can be the policy itself with the original values of the selected entr
     sparsify(trainer, SparseConfig(density=0.1, shared_reference=True))  # frees TRL's copy of the model
     trainer.train()
 
-or, to never load the copy (DPO and KTO take ``ref_model=``), with a mask known before the trainer::
+The copy TRL loaded in the constructor still sets the process's peak memory. To never load it, build the trainer
+with :func:`sparse_rl.trl.build_trainer` (DPO, KTO, GRPO, RLOO), which hands TRL an *unbound* ``SharedReference``
+that ``sparsify`` binds to the mask it chooses::
 
-    mask = random_mask(model, 0.1)
-    trainer = DPOTrainer(model=model, ref_model=SharedReference(model, mask), ...)
-    sparsify(trainer, SparseConfig(mask=mask))
+    trainer = build_trainer(DPOTrainer, SparseConfig(density=0.1, shared_reference=True),
+                            model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+
+(DPO and KTO take ``ref_model=`` directly: ``DPOTrainer(model=model, ref_model=SharedReference(model), ...)``,
+then ``sparsify(trainer, SparseConfig(shared_reference=True, ...))``.)
+
+On CPU the swap exchanges the policy's and the stored values in one in-place pass (a numba loop over the int32
+indices, values compared as bits); other devices use ``index_select``/``index_copy_`` through a scratch buffer.
 
 How each TRL 1.16 trainer calls its reference, and why the swap is safe there:
 
@@ -43,6 +51,7 @@ import gc
 import torch
 
 from .mask import SubnetworkMask
+from .restrict.compact import shared_selected_indices
 
 
 class SharedReference(torch.nn.Module):
@@ -52,19 +61,43 @@ class SharedReference(torch.nn.Module):
     trained values back before returning. The policy is not a submodule: ``.to()``, ``.parameters()`` and TRL's
     reference-model set-up reach only the stored values (buffers), never the policy's weights. Valid as long as
     training changes only entries inside ``mask`` (what ``sparsify`` guarantees).
+
+    Built without a mask (``SharedReference(policy)``) it is *unbound*: it stores nothing yet and is what a trainer
+    gets as ``ref_model=`` before the mask is known (:func:`sparse_rl.trl.build_trainer`). ``sparsify`` binds it to
+    the mask it chose, while the policy still holds its starting values; until then it refuses to run, except while
+    ``sparsify`` probes the loss to choose the mask (the policy *is* the reference then, see :meth:`standing_in`).
     """
 
-    def __init__(self, policy: torch.nn.Module, mask: SubnetworkMask):
+    def __init__(self, policy: torch.nn.Module, mask: SubnetworkMask | None = None):
         super().__init__()
         if isinstance(policy, SharedReference):
             raise TypeError("policy is already a SharedReference")
-        named = list(policy.named_parameters())
-        mask.check_matches(named)
+        if not isinstance(policy, torch.nn.Module):
+            raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
         object.__setattr__(self, "_policy", policy)  # bypass nn.Module registration on purpose
         self.config = getattr(policy, "config", None)
-        self.mask = mask
+        self.mask: SubnetworkMask | None = None
         self._names: list[str] = []
         self._swapped = False
+        self._standing_in = False
+        if mask is not None:
+            self.bind(mask)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self._policy
+
+    @property
+    def is_bound(self) -> bool:
+        return self.mask is not None
+
+    def bind(self, mask: SubnetworkMask) -> SharedReference:
+        """Store the policy's current values of ``mask``'s selected entries: from here on this reference is the
+        policy as it is now. Call it before any training step."""
+        if self.mask is not None:
+            raise RuntimeError("this SharedReference is already bound to a mask")
+        named = list(self._policy.named_parameters())
+        mask.check_matches(named)
         params = dict(named)
         with torch.no_grad():
             for name, selection in mask.items():
@@ -74,39 +107,48 @@ class SharedReference(torch.nn.Module):
                 if not param.is_contiguous():
                     raise ValueError(f"parameter {name!r} is not contiguous; the shared reference swaps entries "
                                      "through a flat view")
-                flat_index = mask.flat_indices(name)
-                index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
-                index = flat_index.to(device=param.device, dtype=index_dtype)
+                if param.numel() < 2**31:  # the compact gradient hook's int32 positions, shared with it
+                    index = shared_selected_indices(selection, param.device)
+                else:
+                    index = mask.flat_indices(name).to(param.device)
                 slot = len(self._names)
                 self.register_buffer(f"index_{slot}", index, persistent=False)
                 self.register_buffer(f"values_{slot}", param.detach().view(-1).index_select(0, index), persistent=False)
                 self._names.append(name)
-        # Reused by every swap (no allocation churn per reference call): int64 indices for index_copy_, and the
-        # policy's current values of one tensor. Sized for the largest tensor.
-        largest = max((getattr(self, f"index_{i}").numel() for i in range(len(self._names))), default=0)
-        widest = max((params[n].element_size() for n in self._names), default=1)
-        device = params[self._names[0]].device if self._names else None
-        self.register_buffer("scratch_index", torch.empty(8 * largest, dtype=torch.uint8, device=device),
-                             persistent=False)
-        self.register_buffer("scratch_values", torch.empty(widest * largest, dtype=torch.uint8, device=device),
-                             persistent=False)
+        self.mask = mask
+        return self
 
-    @property
-    def policy(self) -> torch.nn.Module:
-        return self._policy
+    def value_bytes(self) -> int:
+        """Bytes of the stored starting values alone (the int32 indices are shared with compact gradient hooks)."""
+        return sum(getattr(self, f"values_{slot}").numel() * getattr(self, f"values_{slot}").element_size()
+                   for slot in range(len(self._names)))
 
     def extra_bytes(self) -> int:
-        """Bytes this reference holds: the original selected values, their int32 indices, and the scratch of one
-        swap (int64 indices + values of the largest tensor)."""
+        """Bytes this reference holds: the original selected values and their int32 indices (the same index
+        tensors as the compact gradient hooks', :func:`~sparse_rl.restrict.compact.shared_selected_indices`). CPU
+        tensors are swapped in place; other devices reuse a scratch buffer of the largest tensor's entries, grown on
+        first use."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def __repr__(self) -> str:
+        if self.mask is None:
+            return f"SharedReference(policy={type(self._policy).__name__}, unbound)"
         return (f"SharedReference(policy={type(self._policy).__name__}, {self.mask.num_selected:,} stored values, "
                 f"{self.extra_bytes() / 2**20:.1f} MiB)")
 
+    @contextlib.contextmanager
+    def standing_in(self):
+        """Inside, an unbound reference runs the policy as it is: what ``sparsify`` uses while it probes the loss to
+        choose the mask, before any training step (the policy still equals its starting model)."""
+        previous, self._standing_in = self._standing_in, True
+        try:
+            yield self
+        finally:
+            self._standing_in = previous
+
     # ------------------------------------------------------------------ swapping
     def _swap(self, params: dict[str, torch.nn.Parameter], slot: int) -> None:
-        """Exchange the policy's values at the selected entries with the stored ones (an involution)."""
+        """Exchange the policy's values at the selected entries with the stored ones (an involution, bitwise)."""
         name = self._names[slot]
         param = params[name]
         index, stored = getattr(self, f"index_{slot}"), getattr(self, f"values_{slot}")
@@ -117,25 +159,38 @@ class SharedReference(torch.nn.Module):
         if stored.dtype != param.dtype:
             raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
+        if flat.device.type == "cpu" and _swap_in_place(flat, index, stored):
+            return
         current = self._scratch("scratch_values", index.numel(), param.dtype, param.device)
         torch.index_select(flat, 0, index, out=current)
         index64 = self._scratch("scratch_index", index.numel(), torch.int64, param.device)
-        index64.copy_(index)  # index_copy_ needs int64; it is faster than index_put_ with int32 on CPU
+        index64.copy_(index)  # index_copy_ needs int64; it is faster than index_put_ with int32
         flat.index_copy_(0, index64, stored)
         stored.copy_(current)
 
     def _scratch(self, name: str, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``count`` elements of ``dtype`` viewed from a reusable byte buffer (regrown only if too small)."""
-        buffer = getattr(self, name)
+        buffer = getattr(self, name, None)
         needed = count * dtype.itemsize
-        if buffer.device != device or buffer.numel() < needed:
-            buffer = torch.empty(max(needed, buffer.numel()), dtype=torch.uint8, device=device)
-            setattr(self, name, buffer)
+        if buffer is None or buffer.device != device or buffer.numel() < needed:
+            size = max(needed, 0 if buffer is None else buffer.numel())
+            buffer = torch.empty(size, dtype=torch.uint8, device=device)
+            if name in self._buffers:
+                setattr(self, name, buffer)
+            else:
+                self.register_buffer(name, buffer, persistent=False)
         return buffer[:needed].view(dtype)
 
     @contextlib.contextmanager
     def swapped(self):
         """Inside, the policy holds its starting values; the trained ones come back on exit, also on error."""
+        if self.mask is None:
+            if not self._standing_in:
+                raise RuntimeError(
+                    "this SharedReference is unbound: it stores no starting values until sparsify binds it to the "
+                    "mask (sparsify(trainer, SparseConfig(shared_reference=True)) or sparse_rl.trl.build_trainer)")
+            yield self._policy
+            return
         if self._swapped:
             raise RuntimeError("the shared reference is already swapped in (nested reference forward)")
         params = dict(self._policy.named_parameters())
@@ -161,6 +216,34 @@ class SharedReference(torch.nn.Module):
         # TRL and accelerate replace the *instance* ``forward`` of reference models; the policy already carries the
         # same patches, so always run the class's own forward.
         return SharedReference.forward(self, *args, **kwargs)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_swap_kernel = None
+
+
+def _swap_in_place(flat: torch.Tensor, index: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Exchange ``flat[index]`` and ``stored`` in one pass over the entries, bit for bit (both viewed as integers of
+    their width, so bf16 needs no numpy dtype) and without scratch memory: a numba loop. False if numba is missing."""
+    global _swap_kernel
+    if _swap_kernel is None:
+        try:
+            import numba
+        except ImportError:
+            return False
+
+        @numba.njit(nogil=True)
+        def kernel(values, positions, other):
+            for i in range(positions.shape[0]):
+                j = positions[i]
+                kept = values[j]
+                values[j] = other[i]
+                other[i] = kept
+
+        _swap_kernel = kernel
+    bits = _BITS[flat.element_size()]
+    _swap_kernel(flat.view(bits).numpy(), index.numpy(), stored.view(bits).numpy())
+    return True
 
 
 @contextlib.contextmanager
@@ -208,7 +291,10 @@ def check_shared_reference_possible(trainer) -> None:
     if trainer.ref_model is None:
         raise ValueError(f"{type(trainer).__name__} keeps no reference model (beta=0.0?), so there is nothing to "
                          "replace")
-    if not isinstance(trainer.ref_model, SharedReference):
+    if isinstance(trainer.ref_model, SharedReference):
+        if trainer.ref_model.policy is not trainer.accelerator.unwrap_model(trainer.model):
+            raise ValueError("the trainer's SharedReference was built for another policy model")
+    else:
         unwrap = trainer.accelerator.unwrap_model
         _check_same_weights(unwrap(trainer.model), unwrap(trainer.ref_model))
 
@@ -217,8 +303,8 @@ def check_reference_covers(trainer, mask: SubnetworkMask) -> None:
     """Refuse a :class:`SharedReference` already on the trainer (passed as ``ref_model=``) that does not store the
     starting value of every entry ``mask`` trains, or that stands for another model."""
     existing = getattr(trainer, "ref_model", None)
-    if not isinstance(existing, SharedReference):
-        return
+    if not isinstance(existing, SharedReference) or not existing.is_bound:
+        return  # an unbound one is bound to ``mask`` by install_shared_reference
     if existing.policy is not trainer.accelerator.unwrap_model(trainer.model):
         raise ValueError("the trainer's SharedReference was built for another policy model")
     outside = sum(int((s & ~existing.mask[n]).sum()) if n in existing.mask else int(s.sum()) for n, s in mask.items())
@@ -231,11 +317,12 @@ def install_shared_reference(trainer, mask: SubnetworkMask) -> SharedReference:
     """Replace the trainer's reference model by a :class:`SharedReference` of its policy and free the copy; what
     ``SparseConfig(shared_reference=True)`` does. ``sparsify`` runs :func:`check_shared_reference_possible` and
     :func:`check_reference_covers` before changing anything; the existing reference must equal the policy entry for
-    entry (it does when TRL built it from the policy's checkpoint)."""
+    entry (it does when TRL built it from the policy's checkpoint). An unbound :class:`SharedReference` (TRL never
+    built a copy) is bound to ``mask`` here, before any training step."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     existing = trainer.ref_model
     if isinstance(existing, SharedReference):  # passed as ref_model= and checked by check_reference_covers
-        return existing
+        return existing if existing.is_bound else existing.bind(mask)
 
     shared = SharedReference(policy, mask)
     trainer.ref_model = shared

@@ -195,3 +195,13 @@ def test_bad_inputs(tmp_path, base_and_finetuned, tiny_model):
         diff_mask(base, tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
         diff_mask(base, tmp_path / "missing")
+
+
+def test_random_mask_per_tensor_equals_selecting_from_all_scores(tiny_model):
+    """random_mask selects each tensor as its scores are drawn; the mask is the one mask_from_scores gives from the
+    same scores drawn all at once."""
+    from sparse_rl.discovery.strategies import mask_from_scores, trainable_parameters
+
+    generator = torch.Generator().manual_seed(3)
+    scores = {name: torch.rand(param.shape, generator=generator) for name, param in trainable_parameters(tiny_model)}
+    assert random_mask(tiny_model, 0.15, seed=3) == mask_from_scores(scores, 0.15)

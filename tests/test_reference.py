@@ -71,13 +71,60 @@ def test_reference_equals_base_copy_after_training(tied):
     assert not reference_logits.requires_grad
 
 
-def test_extra_memory_is_the_selected_values_int32_indices_and_one_scratch():
+def test_extra_memory_is_the_selected_values_and_int32_indices():
+    """On CPU the swap runs in place (no scratch), so the reference holds 8 bytes per selected fp32 entry."""
     policy = make_tiny_model()
     mask = random_mask(policy, 0.1)
     reference = SharedReference(policy, mask)
-    largest = max(int(s.sum()) for s in mask.selections.values())
-    assert reference.extra_bytes() == mask.num_selected * (4 + 4) + largest * (8 + 4)
+    assert reference.extra_bytes() == mask.num_selected * (4 + 4)
+    reference(input_ids=_inputs())
+    assert reference.extra_bytes() == mask.num_selected * (4 + 4), "a swap allocated scratch memory"
     assert list(reference.parameters()) == [], "the policy must not be a submodule of the reference"
+
+
+def test_indices_are_shared_with_compact_gradient_hooks():
+    """The reference and the compact gradient hooks keep one int32 index tensor per parameter, not one each."""
+    from sparse_rl.restrict.compact import shared_selected_indices
+
+    policy = make_tiny_model()
+    mask = random_mask(policy, 0.1)
+    restriction = restrict_gradients(policy, mask, compact=True)
+    reference = SharedReference(policy, mask)
+    for slot, name in enumerate(reference._names):
+        assert getattr(reference, f"index_{slot}") is shared_selected_indices(mask[name], "cpu")
+    assert reference.extra_bytes() - reference.value_bytes() == 4 * mask.num_selected
+    assert restriction.held_bytes == 4 * mask.num_selected
+    restriction.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_swap_equals_the_torch_swap(dtype, monkeypatch):
+    """The numba swap and the scratch-buffer torch swap (other devices) exchange the same bits."""
+    from sparse_rl import reference as module
+
+    results = []
+    for in_place in (True, False):
+        policy = make_tiny_model().to(dtype)
+        mask = random_mask(policy, 0.3, seed=2)
+        reference = SharedReference(policy, mask)
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.add_(1.0)  # the "trained" values differ from the stored ones everywhere
+        trained = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        if not in_place:
+            monkeypatch.setattr(module, "_swap_in_place", lambda *args: False)
+        with reference.swapped():
+            results.append({n: p.detach().clone() for n, p in policy.named_parameters()})
+        for name, param in policy.named_parameters():
+            assert torch.equal(param.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               trained[name].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), name
+        monkeypatch.undo()
+    base = make_tiny_model().to(dtype)
+    for name, param in base.named_parameters():
+        assert torch.equal(results[0][name], results[1][name]), name
+        selected = mask[name] if name in mask else torch.zeros_like(param, dtype=torch.bool)
+        assert torch.equal(results[0][name][selected], param.detach()[selected]), f"{name}: not the starting values"
+        assert torch.equal(results[0][name][~selected], param.detach()[~selected] + 1.0), f"{name}: unselected moved"
 
 
 def test_policy_restored_when_reference_forward_raises():

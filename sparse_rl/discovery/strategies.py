@@ -152,10 +152,16 @@ def random_mask(
 ) -> SubnetworkMask:
     """Exactly ``ceil(density * n)`` uniformly random entries of every trainable tensor (or of all of them pooled)."""
     check_density(density)
+    check_budget(budget)
     generator = torch.Generator().manual_seed(seed)
-    scores = {}
-    for name, param in tqdm(trainable_parameters(model, exclude, include), desc="random mask", leave=False):
-        scores[name] = torch.rand(param.shape, generator=generator)
+    named = tqdm(trainable_parameters(model, exclude, include), desc="random mask", leave=False)
+    if budget == "per_tensor":  # select as the scores are drawn: one tensor's fp32 scores alive at a time, not all
+        selections = {name: _top_k_selection(torch.rand(param.shape, generator=generator), density)
+                      for name, param in named}
+        if not selections:
+            raise ValueError("no scores given: the mask would select nothing")
+        return SubnetworkMask(selections)
+    scores = {name: torch.rand(param.shape, generator=generator) for name, param in named}
     return mask_from_scores(scores, density, budget)
 
 

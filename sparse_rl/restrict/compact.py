@@ -20,6 +20,7 @@ which this frees.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -41,12 +42,30 @@ def selected_indices(selection: torch.Tensor, device: torch.device | str) -> tor
     return selection.reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)
 
 
+_SHARED_INDICES: dict[int, dict[torch.device, torch.Tensor]] = {}
+
+
+def shared_selected_indices(selection: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """:func:`selected_indices`, computed once per selection tensor and device and shared by its users (the compact
+    gradient hook and :class:`~sparse_rl.reference.SharedReference` need the same int32 positions, 4 bytes per
+    selected entry). Entries live as long as ``selection`` (a mask's tensor): they are dropped when it is freed."""
+    key = id(selection)
+    per_device = _SHARED_INDICES.get(key)
+    if per_device is None:
+        per_device = _SHARED_INDICES[key] = {}
+        weakref.finalize(selection, _SHARED_INDICES.pop, key, None)
+    device = torch.device(device)
+    if device not in per_device:
+        per_device[device] = selected_indices(selection, device)
+    return per_device[device]
+
+
 def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor):
     """Install the hook on ``param`` (see module docstring); returns its removable handle."""
     if selection.shape != param.shape:
         raise ValueError(f"selection of shape {tuple(selection.shape)} does not fit the parameter of shape "
                          f"{tuple(param.shape)}")
-    indices = selected_indices(selection, param.device)
+    indices = shared_selected_indices(selection, param.device)
     setattr(param, ATTRIBUTE, None)
 
     def hook(param: torch.Tensor) -> None:

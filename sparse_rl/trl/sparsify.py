@@ -17,6 +17,7 @@ Every check runs before anything is changed: a refused ``sparsify`` leaves the t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,10 +108,16 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     refuse_incompatible_libraries(trainer, use)
     refuse_unsupported(trainer)
     site = entropy_site(trainer) if use.entropy else None
+    unbound = _unbound_reference(trainer)
+    if unbound is not None and not config.shared_reference:
+        raise UnsupportedTrainerSetup("the trainer's ref_model is an unbound SharedReference (no reference copy was "
+                                      "built), which only a shared reference can fill in; pass "
+                                      "SparseConfig(shared_reference=True)")
     if config.shared_reference:
         check_shared_reference_possible(trainer)
     compact = resolve_compact_grads(trainer, config.compact_grads)
-    mask = _resolve_mask(trainer, config)
+    with unbound.standing_in() if unbound is not None else contextlib.nullcontext():
+        mask = _resolve_mask(trainer, config)  # a loss probe may call the reference: the untrained policy is it
     # every process trains the same entries: the probe scored the global batch, and every mask is checked to agree
     mask = agree_on_mask(mask, discovered=use.probe)
     check_reference_covers(trainer, mask)  # a SharedReference passed as ref_model= must store every trained entry
@@ -139,6 +146,11 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     if config.shared_reference:
         install_shared_reference(trainer, mask)
     return sparse
+
+
+def _unbound_reference(trainer: Trainer) -> SharedReference | None:
+    reference = getattr(trainer, "ref_model", None)
+    return reference if isinstance(reference, SharedReference) and not reference.is_bound else None
 
 
 def _resolve_mask(trainer: Trainer, config: SparseConfig) -> SubnetworkMask:
