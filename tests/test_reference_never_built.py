@@ -12,30 +12,39 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTr
 from sparse_rl import SparseConfig, UnsupportedTrainerSetup, _compat, sparsify
 from sparse_rl.reference import SharedReference
 from sparse_rl.trl import IncompatibleLibraryVersion, build_trainer
-from tests.test_reference import _COMMON, _make_trainer, _preference_dataset, _unpaired_dataset
 from tests.tiny import length_reward, make_tiny_model, make_tiny_tokenizer, prompt_dataset
+from tests.trl_cases import kto_dataset, preference_dataset
 
 MODULES = {"dpo": trl.trainer.dpo_trainer, "kto": trl.trainer.kto_trainer, "grpo": trl.trainer.grpo_trainer,
            "rloo": trl.trainer.rloo_trainer}
 CONFIG = dict(discovery="random", density=0.2, shared_reference=True)
+_COMMON = dict(per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2, use_cpu=True, bf16=False,
+               report_to="none", logging_steps=1, save_strategy="no", seed=0)
 
 
 def _kwargs(kind, checkpoint, tmp_path, **overrides):
-    """The same construction arguments as tests.test_reference._make_trainer, for build_trainer."""
+    """Construction arguments of a 3-step trainer with a reference (beta 0.5 for DPO/KTO, 0.2 for GRPO/RLOO), shared
+    by build_trainer and the TRL-built trainer it is compared with."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     common = dict(_COMMON, output_dir=str(tmp_path / f"out-{kind}"), **overrides)
     tokenizer = make_tiny_tokenizer()
     if kind == "dpo":
-        return DPOTrainer, dict(model=model, args=DPOConfig(beta=0.5, **common), train_dataset=_preference_dataset(),
+        return DPOTrainer, dict(model=model, args=DPOConfig(beta=0.5, **common), train_dataset=preference_dataset(),
                                 processing_class=tokenizer)
     if kind == "kto":
-        return KTOTrainer, dict(model=model, args=KTOConfig(beta=0.5, **common), train_dataset=_unpaired_dataset(),
+        return KTOTrainer, dict(model=model, args=KTOConfig(beta=0.5, **common), train_dataset=kto_dataset(),
                                 processing_class=tokenizer)
     online = dict(num_generations=4, max_completion_length=6, temperature=1.0, **common)
     online.setdefault("beta", 0.2)
     config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
     return trainer_cls, dict(model=model, reward_funcs=length_reward, args=config(**online),
                              train_dataset=prompt_dataset(), processing_class=tokenizer)
+
+
+def _make_trainer(kind, checkpoint, tmp_path, ref_model=None, **overrides):
+    """The trainer as TRL builds it (loading its reference copy unless ``ref_model`` is given)."""
+    trainer_cls, kwargs = _kwargs(kind, checkpoint, tmp_path, **overrides)
+    return trainer_cls(**kwargs, **({"ref_model": ref_model} if ref_model is not None else {}))
 
 
 def _count_loads(monkeypatch, kind):
@@ -112,7 +121,7 @@ def test_unbound_reference_needs_shared_reference(tiny_checkpoint, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     trainer = DPOTrainer(model=model, ref_model=SharedReference(model),
                          args=DPOConfig(beta=0.5, output_dir=str(tmp_path / "out"), **_COMMON),
-                         train_dataset=_preference_dataset(), processing_class=make_tiny_tokenizer())
+                         train_dataset=preference_dataset(), processing_class=make_tiny_tokenizer())
     with pytest.raises(UnsupportedTrainerSetup, match="unbound SharedReference"):
         sparsify(trainer, SparseConfig(discovery="random", density=0.2))
     assert getattr(trainer, "sparse_training", None) is None and not trainer.ref_model.is_bound
