@@ -171,7 +171,7 @@ def sweep(args, argv) -> int:
                 print(f"failed runs: {sorted(failed)}", flush=True)
             print("nothing left to start" + ("" if todo else f"; waiting: {len(plan.waiting)}"), flush=True)
             return 1 if failed else 0
-        time.sleep(15)
+        time.sleep(5)
 
 
 def _running_elsewhere(work: Path, run_id: str) -> bool:

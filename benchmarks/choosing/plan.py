@@ -95,7 +95,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
 
     # A: sweeps
     for i in range(3):
-        for name, (method, kw, family) in rows.items():
+        for method, kw, family in rows.values():
             plan.ready.append(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
     for name, (method, kw, family) in rows.items():
         results = [done(config(main_task, method, lr, 0, **kw)) for lr in SWEEPS[family]]
@@ -129,7 +129,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
             plan.ready.append(Planned(c, stage, source))
 
     # B: the decisive rows with more seeds
-    for name, (method, kw, family) in rows.items():
+    for name, (method, kw, _) in rows.items():
         add_seeds(main_task, "B seeds", method, name, seeds=seeds[1:], **kw)
     # C: the other masks at 10%
     for mask in ("fisher", "magnitude", "posthoc"):

@@ -131,9 +131,9 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
     ``posthoc_source`` is the final-weights file of the full-finetuning run whose bf16 diff, cut to ``density`` of
     every tensor, is the post-hoc mask (``mask="posthoc"``). ``weights_dir`` receives a full run's final weights.
     """
+    from _common import peak_rss_mib, reset_peak, status_mib
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from _common import peak_rss_mib, reset_peak, status_mib
     from choosing.evaluate import held_out_correct
     from choosing.tasks import make_task
 
@@ -165,7 +165,7 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
         evaluate(model, 0)
         return _finish(record, config, runs_dir, started)
 
-    from sparse_rl import SparseConfig, sparsify
+    from sparse_rl import sparsify
     from sparse_rl.demo import DemoConfig, build_demo_trainer
     from sparse_rl.optim import unwrap_optimizer
 

@@ -16,8 +16,8 @@ Every prompt of a task starts with the same few-shot text, which the evaluation 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 TASKS = ("addition", "subtraction")
 SUBTRACTION_FEW_SHOT = "9 - 4 = 5\n17 - 8 = 9\n23 - 11 = 12\n"
