@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` and `choosing` when imported from tests
 
-from choosing.runs import RunConfig, load_result, run_one  # noqa: E402
+from choosing.runs import RunConfig, load_result, run_one, running_pid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "choose_by"
@@ -102,15 +102,6 @@ def worker(job_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
-
-
 def sweep(args, argv) -> int:
     from choosing.plan import build_plan
 
@@ -121,7 +112,8 @@ def sweep(args, argv) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     protocol = protocol_of(args)
     command = sweep_command(argv)
-    (args.results / "command.txt").write_text(command + "\n")
+    if not args.dry_run:
+        (args.results / "command.txt").write_text(command + "\n")
     running: dict[str, tuple[subprocess.Popen, object, float]] = {}
     failed: set[str] = set()
     started_runs = 0
@@ -139,10 +131,10 @@ def sweep(args, argv) -> int:
         plan = build_plan(protocol, runs_dir, work / "weights", model_dir, tasks, args.extra_seeds)
         todo = [p for p in plan.ready if p.config.run_id() not in running and p.config.run_id() not in failed
                 and load_result(runs_dir, p.config) is None]
-        todo = [p for p in todo if not _running_elsewhere(work, p.config.run_id())]
+        todo = [p for p in todo if running_pid(work, p.config.run_id()) in (None, os.getpid())]
         if args.dry_run:
-            done = len(plan.ready) - len(todo)
-            print(f"{done} done, {len(todo)} ready to run, {len(plan.waiting)} waiting")
+            done = sum(load_result(runs_dir, p.config) is not None for p in plan.ready)
+            print(f"{done} done, {len(todo)} ready to run (others running), {len(plan.waiting)} waiting")
             for p in todo:
                 print(f"  ready  [{p.stage}] {p.config.run_id()}")
             for w in plan.waiting:
@@ -172,20 +164,6 @@ def sweep(args, argv) -> int:
             print("nothing left to start" + ("" if todo else f"; waiting: {len(plan.waiting)}"), flush=True)
             return 1 if failed else 0
         time.sleep(5)
-
-
-def _running_elsewhere(work: Path, run_id: str) -> bool:
-    """Another sweep process is training this run (its pid file names a live process running a worker)."""
-    pid_file = work / "jobs" / f"{run_id}.pid"
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text())
-    if pid == os.getpid() or not _alive(pid):
-        return False
-    try:
-        return run_id in Path(f"/proc/{pid}/cmdline").read_text()
-    except OSError:
-        return False
 
 
 def main(argv=None) -> int:

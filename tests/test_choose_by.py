@@ -116,3 +116,51 @@ def test_run_config_refuses_incomplete_rows():
     assert a.run_id() != a.replace(steps=61).run_id() != a.replace(seed=1).run_id()
     assert RunConfig(method="base").run_id() == RunConfig(method="base", steps=99).run_id()
     assert math.isclose(a.replace(method="sparse", mask="random", density=0.05).density, 0.05)
+
+
+def _fake_run(runs: Path, config: RunConfig, correct: list[int], entries: int = 100) -> None:
+    """A finished run's JSON with given per-prompt correct counts (what run_one writes, without training)."""
+    evals = [{"step": config.steps, "reward": sum(correct) / (len(correct) * config.eval_samples), "correct": correct}]
+    record = {"id": config.run_id(), "row": config.row, "config": config.to_dict(), "cpu": "test", "evals": evals,
+              "final_reward": evals[-1]["reward"], "trained_entries": entries, "optimizer_state_bytes": 8 * entries,
+              "peak_rss_train_mib": 100.0, "median_step_seconds": 1.0, "seconds": 60.0, "load_average_start": 0.0}
+    result_path(runs, config).parent.mkdir(parents=True, exist_ok=True)
+    result_path(runs, config).write_text(json.dumps(record))
+
+
+def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
+    from choosing.plan import SWEEPS
+
+    results = tmp_path / "choose_by"
+    runs = results / "runs"
+    protocol = _protocol()
+    rank = matched_lora_rank(tiny_checkpoint)
+    base = [0] * 4 + [1] * 4  # 8 prompts, 2 samples each: reward 0.25
+    full = [2] * 4 + [1] * 4  # 0.75
+    _fake_run(runs, protocol, base)
+    rows = {"full": dict(method="full"), "random": dict(method="sparse", mask="random", density=0.1),
+            "gradient": dict(method="sparse", mask="gradient", density=0.1),
+            "lora": dict(method="lora", lora_rank=rank)}
+    family = {"full": "full", "random": "sparse", "gradient": "sparse", "lora": "lora"}
+    best = {name: SWEEPS[family[name]][0] for name in rows}
+    for name, kw in rows.items():
+        for lr in SWEEPS[family[name]]:  # the first lr of each sweep is the best: the others score 0
+            _fake_run(runs, protocol.replace(learning_rate=lr, **kw), full if lr == best[name] else [0] * 8)
+        for seed in (1, 2):
+            # gradient matches full finetuning; random recovers half of its gain; LoRA recovers none of it
+            correct = {"full": full, "gradient": full, "random": [1] * 4 + [1] * 4, "lora": base}[name]
+            _fake_run(runs, protocol.replace(learning_rate=best[name], seed=seed, **kw), correct)
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(tmp_path / "w"),
+                  "--report"]
+    assert choose_by.main(args) == 0
+    text = results.with_suffix(".md").read_text()
+    assert results.with_suffix(".png").exists()
+    assert f"**{best['full']:g}: 0.750" in text  # the best lr of the sweep, bold
+    lines = text.splitlines()
+    full_row = next(line for line in lines if line.startswith(f"| full | {best['full']:g} |"))
+    assert "| 3 | 0.750 [" in full_row  # seed 0 from the sweep plus seeds 1, 2
+    gradient_row = next(line for line in lines if line.startswith(f"| sparse-gradient-0.1 | {best['gradient']:g} |"))
+    assert "| 1.00 [1.00, 1.00] |" in gradient_row  # recovers all of full finetuning's gain
+    lora_row = next(line for line in lines if line.startswith(f"| lora-r{rank} | {best['lora']:g} |"))
+    assert "| 3 |" in lora_row  # seed 0 (0.75) plus two seeds at the base reward
+    assert "Recovering >= 95% of full finetuning's gain with the whole interval: sparse-gradient-0.1" in text

@@ -112,6 +112,21 @@ def weights_path(weights_dir: Path, config: RunConfig) -> Path:
     return Path(weights_dir) / f"{config.run_id()}.safetensors"
 
 
+def running_pid(work: Path, run_id: str) -> int | None:
+    """The pid of a live worker training ``run_id`` (its pid file under ``work/jobs`` names a process whose command
+    line holds the run's id), or None."""
+    pid_file = Path(work) / "jobs" / f"{run_id}.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text())
+    try:
+        alive = run_id in Path(f"/proc/{pid}/cmdline").read_text()
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return None
+    return pid if alive and state != "Z" else None
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
