@@ -196,8 +196,11 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
         def on_step_end(self, args, state, control, **kwargs):
             record["step_seconds"].append(time.perf_counter() - self.start)
             if state.global_step % config.eval_every == 0 or state.global_step == config.steps:
-                record["peak_rss_train_mib"] = status_mib("VmHWM")  # before evaluation adds its own buffers
+                # training's peak since the last evaluation; the peak is reset after each evaluation so its
+                # buffers (cache, logits of every sample) never count as training memory
+                record["peak_rss_train_mib"] = max(record.get("peak_rss_train_mib", 0.0), status_mib("VmHWM"))
                 evaluate(holder["trainer"].model, state.global_step)
+                reset_peak()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
