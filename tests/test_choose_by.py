@@ -150,6 +150,8 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
             # gradient matches full finetuning; random recovers half of its gain; LoRA recovers none of it
             correct = {"full": full, "gradient": full, "random": [1] * 4 + [1] * 4, "lora": base}[name]
             _fake_run(runs, protocol.replace(learning_rate=best[name], seed=seed, **kw), correct)
+    # a run of another protocol (more steps) is not part of this report
+    _fake_run(runs, protocol.replace(method="full", learning_rate=best["full"], seed=3, steps=9), [0] * 8)
     args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(tmp_path / "w"),
                   "--report"]
     assert choose_by.main(args) == 0

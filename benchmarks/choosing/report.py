@@ -19,8 +19,10 @@ from choosing.stats import difference_interval, gain_share_interval, mean_interv
 
 
 def _protocol_matches(record: dict, protocol: RunConfig) -> bool:
+    """The run used the sizes of ``protocol`` (a base evaluation: its evaluation settings)."""
+    sizes = protocol.replace(method="full", learning_rate=1.0).protocol()  # every size, whatever protocol's method
     config = RunConfig(**record["config"])
-    return config.protocol() == config.replace(**protocol.protocol()).protocol()
+    return config.protocol() == config.replace(**sizes).protocol()
 
 
 def load_runs(runs_dir: Path, protocol: RunConfig) -> list[dict]:
