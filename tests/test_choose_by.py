@@ -120,7 +120,8 @@ def test_run_config_refuses_incomplete_rows():
 
 def _fake_run(runs: Path, config: RunConfig, correct: list[int], entries: int = 100) -> None:
     """A finished run's JSON with given per-prompt correct counts (what run_one writes, without training)."""
-    evals = [{"step": config.steps, "reward": sum(correct) / (len(correct) * config.eval_samples), "correct": correct}]
+    evals = [{"step": config.steps - 1, "reward": 0.0, "correct": [0] * len(correct)},
+             {"step": config.steps, "reward": sum(correct) / (len(correct) * config.eval_samples), "correct": correct}]
     record = {"id": config.run_id(), "row": config.row, "config": config.to_dict(), "cpu": "test", "evals": evals,
               "final_reward": evals[-1]["reward"], "trained_entries": entries, "optimizer_state_bytes": 8 * entries,
               "peak_rss_train_mib": 100.0, "median_step_seconds": 1.0, "seconds": 60.0, "load_average_start": 0.0}
@@ -166,3 +167,4 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     lora_row = next(line for line in lines if line.startswith(f"| lora-r{rank} | {best['lora']:g} |"))
     assert "| 3 |" in lora_row  # seed 0 (0.75) plus two seeds at the base reward
     assert "Recovering >= 95% of full finetuning's gain with the whole interval: sparse-gradient-0.1" in text
+    assert "Full finetuning's held-out reward from step 1 to 2: 0.750 [" in text and "still rising" in text

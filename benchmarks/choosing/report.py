@@ -168,6 +168,8 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
             figure_rows.append((task, key[1], cost["trained_entries"], reward, len(runs)))
         lines += ["", _verdict(rows, base_matrix, full_key), ""]
+        if full_key:
+            lines += [_still_rising(rows[full_key]), ""]
 
     # every finished run
     lines += ["## Every finished run", "", "| run | final held-out reward [95% CI over prompts] | curve (step: reward) "
@@ -214,6 +216,19 @@ def _verdict(rows: dict, base_matrix, full_key) -> str:
                 "gain yet.")
     return (f"Recovering >= 95% of full finetuning's gain with the whole interval: {', '.join(clear) or 'none'}; "
             f"interval includes 95% but cannot resolve it: {', '.join(unresolved) or 'none'}.")
+
+
+def _still_rising(runs: list[dict]) -> str:
+    """Whether full finetuning's held-out reward still rose over its last evaluation interval (issue 18: train
+    longer if it does), as a paired difference over the same seeds and prompts."""
+    steps = [e["step"] for e in runs[0]["evals"]]
+    if len(steps) < 2:
+        return ""
+    last, before = steps[-1], steps[-2]
+    change = difference_interval(success_matrix(runs, last), success_matrix(runs, before))
+    verdict = ("still rising: a longer run (`--steps`) would change the comparison" if change.low > 0 else
+               "not resolvably rising any more")
+    return (f"Full finetuning's held-out reward from step {before} to {last}: {_ci(change)} ({verdict}).")
 
 
 def _plot(trained: list[dict], figure_rows: list, base: dict, path: Path) -> bool:
