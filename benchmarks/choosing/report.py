@@ -74,7 +74,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         f"(the same sampling seed for every model), every {protocol.eval_every} steps. Intervals: 95% bootstrap over "
         "seeds and prompts (prompts shared by all rows, so comparisons are paired; `benchmarks/choosing/stats.py`). "
         "Costs come from the same runs: peak resident memory while training, median time per step (the machine is "
-        "shared, so times vary with its load), optimizer-state bytes, trained entries.", "",
+        "shared, so times vary with its load), optimizer-state bytes, trained entries. With 3 seeds a bootstrap "
+        "over seeds has only 10 distinct draws and its intervals are somewhat too narrow; the seed SD column shows "
+        "the raw spread. A difference is resolved when its paired interval excludes 0.", "",
         f"Sweep command (resumable: finished runs are skipped): `{command}`; report: "
         "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
         f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
@@ -109,8 +111,12 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
 
     # learning-rate sweeps
     lines += ["## Learning-rate sweeps (seed 0)", "",
-              "Final held-out reward [95% CI over prompts]; the best lr of each row (bold) is used for its other seeds "
-              "and for the rows of its family.", "",
+              "Final held-out reward [95% CI over prompts]; the best lr of each row (bold: highest final held-out "
+              "reward of seed 0) is used for its other seeds and for the rows of its family (sparse rows: the 10% "
+              "gradient probe's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they restrict). The "
+              "second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
+              "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
+              "below).", "",
               "| row | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | best |", "|---|---|---|---|---|"]
     main_task = tasks[0]
     swept_rows = sorted({row for (task, row, lr) in groups if task == main_task and _is_swept(row)})
