@@ -118,9 +118,11 @@ def sweep(args, argv) -> int:
     failed: set[str] = set()
     started_runs = 0
     while True:
+        reaped = False
         for run_id, (process, log, start) in list(running.items()):
             if process.poll() is None:
                 continue
+            reaped = True
             log.close()
             del running[run_id]
             if process.returncode:
@@ -128,6 +130,9 @@ def sweep(args, argv) -> int:
                 print(f"[{run_id}] FAILED (exit {process.returncode}), log {work / 'logs' / run_id}.log", flush=True)
             else:
                 print(f"[{run_id}] done in {time.time() - start:.0f}s", flush=True)
+        if running and len(running) >= args.parallel and not reaped:  # every slot busy: nothing to plan
+            time.sleep(5)
+            continue
         plan = build_plan(protocol, runs_dir, work / "weights", model_dir, tasks, args.extra_seeds)
         todo = [p for p in plan.ready if p.config.run_id() not in running and p.config.run_id() not in failed
                 and load_result(runs_dir, p.config) is None]
