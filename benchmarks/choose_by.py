@@ -5,7 +5,7 @@ runs whose JSON exists are skipped, so the sweep resumes where it stopped. Which
 ``benchmarks/choosing/plan.py`` (learning-rate sweeps of the decisive rows first). ``--report`` writes
 ``benchmarks/results/choose_by.md`` and the plot from whatever runs exist.
 
-    # the sweep (resumable; one process because the machine is shared)
+    # the sweep (resumable; one process because the machine is shared; `kill <its pid>` stops it and its runs)
     nohup env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1 \\
         > outputs/choose_by/sweep.log 2>&1 &
     # the report from the finished runs
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +117,13 @@ def sweep(args, argv) -> int:
         (args.results / "command.txt").write_text(command + "\n")
     running: dict[str, tuple[subprocess.Popen, object, float]] = {}
     failed: set[str] = set()
+
+    def stop(signum, frame):  # `kill <sweep pid>` stops its runs too (an unfinished run leaves no JSON)
+        for process, _, _ in running.values():
+            process.terminate()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     started_runs = 0
     while True:
         reaped = False
