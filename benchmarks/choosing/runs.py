@@ -248,7 +248,8 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
                   str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
         record["final_weights"] = str(path)
-    record["peak_rss_mib"] = peak_rss_mib()
+    # clearing the peak (reset_peak) also resets what getrusage reports, so the process peak is the larger of both
+    record["peak_rss_mib"] = max(peak_rss_mib(), record.get("peak_rss_train_mib", 0.0))
     return _finish(record, config, runs_dir, started)
 
 
