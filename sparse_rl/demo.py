@@ -97,12 +97,16 @@ def sampled_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, se
     return correct / len(rows)
 
 
-def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[dict]):
-    """The demo's GRPOTrainer (dense until ``sparsify``): benchmarks build the same trainer to compare against it."""
+def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[dict], *, reward_funcs=None,
+                       peft_config=None, callbacks=None, **grpo_args):
+    """The demo's GRPOTrainer (dense until ``sparsify``): benchmarks build the same trainer to compare against it.
+
+    ``reward_funcs`` (default: the addition reward), ``peft_config`` and ``callbacks`` go to ``GRPOTrainer``;
+    ``grpo_args`` override ``GRPOConfig`` fields (e.g. ``top_entropy_quantile``, ``logging_steps``)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(
+    args = dict(
         output_dir=config.output_dir, max_steps=config.steps,
         per_device_train_batch_size=config.num_generations * config.prompts_per_step,
         num_generations=config.num_generations, max_completion_length=config.max_completion_length,
@@ -112,8 +116,10 @@ def build_demo_trainer(config: DemoConfig, model, tokenizer, train_rows: list[di
         # GRPOConfig's default, under transformers' new name (the old one, gradient_checkpointing, is deprecated)
         activation_checkpointing=True,
     )
-    return GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
-                       train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+    args.update(grpo_args)
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs or addition_reward, args=GRPOConfig(**args),
+                       train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
+                       peft_config=peft_config, callbacks=callbacks)
 
 
 def quiet_third_party_notices() -> None:

@@ -1,0 +1,185 @@
+"""Which runs the experiment needs, in the order that decides the most first.
+
+The plan is recomputed from the finished runs every time a process slot frees up, because later runs depend on
+earlier ones: a row's seeds 1.. use the learning rate its sweep found best, post-hoc masks need the full run of the
+same seed, the second task uses the two best masks at 10%. Stages, in order:
+
+A. learning-rate sweep, seed 0, for the four rows that decide the choice: full finetuning, sparse 10% random,
+   sparse 10% gradient probe, LoRA at sparse 10%'s trained count (the middle lr of every row first);
+B. those four rows at their best lr with seeds 1, 2;
+C. the other masks at 10% (Fisher probe, smallest |w|, post-hoc diff of the full run), 3 seeds;
+D. gradient probe and random at 1, 5 and 30%, 3 seeds;
+E. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10%, 3 seeds;
+F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, 3 seeds;
+G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds.
+
+Rows without a sweep of their own take the best lr of their family's swept row (sparse: the 10% gradient probe;
+LoRA: the matched-count LoRA; entropy rows: the row they restrict). ``extra_seeds`` adds seeds to every main row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from choosing.runs import MASKS, RunConfig, load_result, weights_path
+
+SWEEPS = {"full": (1e-5, 3e-5, 3e-6), "sparse": (3e-5, 1e-4, 1e-5), "lora": (3e-4, 1e-3, 1e-4)}  # middle first
+DENSITIES = (0.01, 0.05, 0.1, 0.3)
+MAIN_DENSITY = 0.1
+SEEDS = (0, 1, 2)
+
+
+@dataclass
+class Planned:
+    config: RunConfig
+    stage: str
+    posthoc_source: Path | None = None
+
+
+@dataclass
+class Plan:
+    ready: list[Planned] = field(default_factory=list)  # runnable now, in priority order (done ones included)
+    waiting: list[str] = field(default_factory=list)  # what cannot be scheduled yet, and why
+    best_lr: dict[tuple[str, str], float] = field(default_factory=dict)  # (task, swept row) -> lr
+    lora_rank: int = 0
+
+
+def trained_count(model_dir, density: float) -> int:
+    """Entries a per-tensor mask of ``density`` selects (``ceil(density * numel)`` of every tensor)."""
+    from sparse_rl.discovery import WeightSource
+
+    with WeightSource(model_dir) as source:
+        return sum(max(1, math.ceil(density * math.prod(source.shape(n)))) for n in source.names)
+
+
+def lora_entries_per_rank(model_dir) -> int:
+    """LoRA parameters per unit of rank on every linear projection of the blocks (peft's ``all-linear``)."""
+    from sparse_rl.discovery import WeightSource
+
+    with WeightSource(model_dir) as source:
+        return sum(sum(source.shape(n)) for n in source.names
+                   if n.endswith("proj.weight") and len(source.shape(n)) == 2)
+
+
+def matched_lora_rank(model_dir, density: float = MAIN_DENSITY) -> int:
+    return max(1, round(trained_count(model_dir, density) / lora_entries_per_rank(model_dir)))
+
+
+def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir, tasks=("addition", "subtraction"),
+               extra_seeds: int = 0) -> Plan:
+    """Every run the experiment needs that can be scheduled given the finished runs in ``runs_dir``, in priority
+    order. ``protocol`` carries the sizes (steps, prompts, evaluation); its other fields are ignored."""
+    plan = Plan(lora_rank=matched_lora_rank(model_dir))
+    seeds = tuple(range(len(SEEDS) + extra_seeds))
+    main_task = tasks[0]
+
+    def config(task: str, method: str, lr: float, seed: int, **kw) -> RunConfig:
+        return protocol.replace(task=task, method=method, learning_rate=lr, seed=seed, density=kw.get("density"),
+                                mask=kw.get("mask"), lora_rank=kw.get("lora_rank"),
+                                entropy_quantile=kw.get("entropy_quantile", 1.0))
+
+    def done(c: RunConfig) -> dict | None:
+        return load_result(runs_dir, c)
+
+    rows = {  # swept rows: (method, extra fields, sweep family)
+        "full": ("full", {}, "full"),
+        f"sparse-random-{MAIN_DENSITY:g}": ("sparse", {"mask": "random", "density": MAIN_DENSITY}, "sparse"),
+        f"sparse-gradient-{MAIN_DENSITY:g}": ("sparse", {"mask": "gradient", "density": MAIN_DENSITY}, "sparse"),
+        f"lora-r{plan.lora_rank}": ("lora", {"lora_rank": plan.lora_rank}, "lora"),
+    }
+    stage = "0 base"
+    for task in tasks:  # the base reward of every task first (cheap; a task outside 0.1-0.8 gives GRPO no signal)
+        plan.ready.append(Planned(config(task, "base", 0.0, 0), stage))
+
+    # A: sweeps
+    for i in range(3):
+        for method, kw, family in rows.values():
+            plan.ready.append(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
+    for name, (method, kw, family) in rows.items():
+        results = [done(config(main_task, method, lr, 0, **kw)) for lr in SWEEPS[family]]
+        if all(results):
+            plan.best_lr[(main_task, name)] = max(results, key=lambda r: r["final_reward"])["config"]["learning_rate"]
+        else:
+            plan.waiting.append(f"{main_task} {name}: seeds 1+ wait for its lr sweep "
+                                f"({sum(map(bool, results))}/3 done)")
+
+    def lr_of(row: str) -> float | None:
+        return plan.best_lr.get((main_task, row))
+
+    sparse_row, lora_row = f"sparse-gradient-{MAIN_DENSITY:g}", f"lora-r{plan.lora_rank}"
+
+    def add_seeds(task: str, stage: str, method: str, lr_row: str, seeds=seeds, **kw) -> None:
+        lr = lr_of(lr_row)
+        if lr is None:
+            plan.waiting.append(f"{task} {config(task, method, 1.0, 0, **kw).row} ({stage}): waits for the lr "
+                                f"sweep of {lr_row}")
+            return
+        for seed in seeds:
+            c = config(task, method, lr, seed, **kw)
+            source = None
+            if kw.get("mask") == "posthoc":
+                full = done(config(task, "full", lr_of("full"), seed)) if lr_of("full") else None
+                if full is None or not weights_path(weights_dir, config(task, "full", lr_of("full"), seed)).exists():
+                    plan.waiting.append(f"{c.row} seed {seed} ({stage}): waits for the full run of seed {seed} at "
+                                        "its best lr (its final weights give the post-hoc mask)")
+                    continue
+                source = weights_path(weights_dir, config(task, "full", lr_of("full"), seed))
+            plan.ready.append(Planned(c, stage, source))
+
+    # B: the decisive rows with more seeds
+    for name, (method, kw, _) in rows.items():
+        add_seeds(main_task, "B seeds", method, name, seeds=seeds[1:], **kw)
+    # C: the other masks at 10%
+    for mask in ("fisher", "magnitude", "posthoc"):
+        add_seeds(main_task, "C masks at 10%", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
+    # D: density axis for the probe and random
+    for density in DENSITIES:
+        if density != MAIN_DENSITY:
+            for mask in ("gradient", "random"):
+                add_seeds(main_task, "D densities", "sparse", sparse_row, mask=mask, density=density)
+    # E: second task
+    for task in tasks[1:]:
+        best_masks = _best_masks(plan, protocol, runs_dir, main_task, lr_of(sparse_row), seeds)
+        add_seeds(task, "E second task", "full", "full")
+        add_seeds(task, "E second task", "lora", lora_row, lora_rank=plan.lora_rank)
+        if best_masks is None:
+            plan.waiting.append(f"{task} sparse 10%: waits for every 10% mask of {main_task} to have "
+                                f"{len(seeds)} seeds (it uses the best two)")
+        else:
+            for mask in best_masks:
+                add_seeds(task, "E second task", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
+    # F: the other masks at the other densities
+    for density in DENSITIES:
+        if density != MAIN_DENSITY:
+            for mask in ("fisher", "magnitude", "posthoc"):
+                add_seeds(main_task, "F densities", "sparse", sparse_row, mask=mask, density=density)
+    # G: LoRA rank 16, high-entropy tokens
+    add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
+    add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
+    add_seeds(main_task, "G", "sparse", sparse_row, mask="gradient", density=MAIN_DENSITY, entropy_quantile=0.2)
+    return plan
+
+
+def _best_masks(plan: Plan, protocol: RunConfig, runs_dir: Path, task: str, lr: float | None, seeds) -> list | None:
+    """The two masks with the highest mean final held-out reward at 10% on ``task`` once all have every seed."""
+    if lr is None:
+        return None
+    means = {}
+    for mask in MASKS:
+        results = [load_result(runs_dir, protocol.replace(task=task, method="sparse", learning_rate=lr, seed=s,
+                                                          density=MAIN_DENSITY, mask=mask, lora_rank=None,
+                                                          entropy_quantile=1.0)) for s in seeds]
+        if not all(results):
+            return None
+        means[mask] = sum(r["final_reward"] for r in results) / len(results)
+    return sorted(means, key=means.get, reverse=True)[:2]
+
+
+def grid_size(tasks=("addition", "subtraction"), extra_seeds: int = 0) -> int:
+    """Runs of the whole experiment (every stage, sweeps complete), base evaluations included."""
+    s = len(SEEDS) + extra_seeds
+    others = len(DENSITIES) - 1
+    return (len(tasks) + 12 + 4 * (s - 1) + 3 * s + others * 2 * s + (len(tasks) - 1) * 4 * s + others * 3 * s
+            + 3 * s)

@@ -1,0 +1,287 @@
+"""``choose_by.py --report``: the markdown report and plot from whatever runs have finished.
+
+Rows are aggregated at the learning rate the plan chose for them (the best of their family's sweep); until a sweep is
+complete its runs appear only in the sweep table and the per-run table. Intervals come from ``stats.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from choosing.plan import MAIN_DENSITY, SWEEPS, build_plan, grid_size
+from choosing.runs import RunConfig, running_pid
+from choosing.stats import difference_interval, gain_share_interval, mean_interval, seed_sd, success_matrix
+
+
+def _protocol_matches(record: dict, protocol: RunConfig) -> bool:
+    """The run used the sizes of ``protocol`` (a base evaluation: its evaluation settings)."""
+    sizes = protocol.replace(method="full", learning_rate=1.0).protocol()  # every size, whatever protocol's method
+    config = RunConfig(**record["config"])
+    return config.protocol() == config.replace(**sizes).protocol()
+
+
+def load_runs(runs_dir: Path, protocol: RunConfig) -> list[dict]:
+    records = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        if _protocol_matches(record, protocol):
+            records.append(record)
+    return records
+
+
+def _ci(interval, digits: int = 3) -> str:
+    if interval is None:
+        return "-"
+    return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _family(row: str) -> str:
+    return row.split("-")[0]
+
+
+def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_seeds: int, work: Path) -> Path:
+    runs_dir = Path(results) / "runs"
+    records = load_runs(runs_dir, protocol)
+    plan = build_plan(protocol, runs_dir, Path(work) / "weights", model_dir, tasks, extra_seeds)
+    base = {r["config"]["task"]: r for r in records if r["config"]["method"] == "base"}
+    trained = [r for r in records if r["config"]["method"] != "base"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in trained:
+        groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
+    chosen = {(p.config.task, p.config.row, p.config.learning_rate) for p in plan.ready
+              if p.stage not in ("0 base", "A lr sweep")}
+    command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
+        "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
+    seconds = [r["seconds"] for r in trained]
+    remaining = grid_size(tasks, extra_seeds) - len(records)
+    per_run = statistics.mean(seconds) if seconds else None
+
+    lines = [
+        "# The table a user chooses by: full finetuning vs LoRA vs sparse_rl (issue 18)", "",
+        f"GRPO on SmolLM2-135M-Instruct (fp32, CPU, one torch thread per run), {protocol.steps} steps of "
+        f"{protocol.prompts_per_step} prompts x {protocol.num_generations} completions of "
+        f"{protocol.max_completion_length} tokens, constant lr, no weight decay. Held-out reward: "
+        f"{protocol.eval_pairs} prompts never trained on x {protocol.eval_samples} samples at temperature 1 "
+        f"(the same sampling seed for every model), every {protocol.eval_every} steps. Intervals: 95% bootstrap over "
+        "seeds and prompts (prompts shared by all rows, so comparisons are paired; `benchmarks/choosing/stats.py`). "
+        "Costs come from the same runs: peak resident memory while training, median time per step (the machine is "
+        "shared, so times vary with its load), optimizer-state bytes, trained entries. With 3 seeds a bootstrap "
+        "over seeds has only 10 distinct draws and its intervals are somewhat too narrow; the seed SD column shows "
+        "the raw spread. A difference is resolved when its paired interval excludes 0.", "",
+        f"Sweep command (resumable: finished runs are skipped): `{command}`; report: "
+        "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
+        f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
+        "## Status", "",
+        f"{len(records)} of {grid_size(tasks, extra_seeds)} planned runs finished "
+        f"({len(trained)} trained, {len(base)} base evaluations)."
+        + (f" Mean wall time per finished training run {per_run / 60:.0f} min; the remaining {remaining} runs "
+           f"need about {remaining * per_run / 3600:.0f} h of one process at that pace." if per_run else ""), "",
+    ]
+    pending = [p for p in plan.ready if not any(r["id"] == p.config.run_id() for r in records)]
+    if pending:
+        def state(p) -> str:
+            pid = running_pid(work, p.config.run_id())
+            return f"`{p.config.run_id()}`" + (f" (running, pid {pid})" if pid else "")
+
+        lines.append(f"Next runs, in order ({len(pending)} schedulable now): "
+                     + ", ".join(state(p) for p in pending[:6]) + (" ..." if len(pending) > 6 else ""))
+        lines.append("")
+    if plan.waiting:
+        lines += ["Waiting for earlier runs:", ""] + [f"- {w}" for w in plan.waiting] + [""]
+
+    # base rewards
+    lines += ["## Base model", "",
+              "| task | held-out reward of the untrained model [95% CI over prompts] | in 0.1-0.8 |", "|---|---|---|"]
+    for task in tasks:
+        if task in base:
+            interval = mean_interval(success_matrix([base[task]]))
+            lines.append(f"| {task} | {_ci(interval)} | {'yes' if 0.1 <= interval.estimate <= 0.8 else 'NO'} |")
+        else:
+            lines.append(f"| {task} | pending | - |")
+    lines.append("")
+
+    # learning-rate sweeps
+    lines += ["## Learning-rate sweeps (seed 0)", "",
+              "Final held-out reward [95% CI over prompts]; the best lr of each row (bold: highest final held-out "
+              "reward of seed 0) is used for its other seeds and for the rows of its family (sparse rows: the 10% "
+              "gradient probe's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they restrict). The "
+              "second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
+              "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
+              "below).", "",
+              "| row | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | best |", "|---|---|---|---|---|"]
+    main_task = tasks[0]
+    swept_rows = sorted({row for (task, row, lr) in groups if task == main_task and _is_swept(row)})
+    for row in swept_rows:
+        family = _family(row)
+        cells = []
+        best = plan.best_lr.get((main_task, row))
+        for lr in sorted(SWEEPS[family]):
+            runs = [r for r in groups.get((main_task, row, lr), []) if r["config"]["seed"] == 0]
+            if runs:
+                text = f"{lr:g}: {_ci(mean_interval(success_matrix(runs)))}"
+                cells.append(f"**{text}**" if lr == best else text)
+            else:
+                cells.append(f"{lr:g}: pending")
+        note = "-" if best is None else f"{best:g}" + (" (edge of the grid: widen the sweep)"
+                                                     if best in (min(SWEEPS[family]), max(SWEEPS[family])) else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {note} |")
+    lines.append("")
+
+    # main table per task
+    figure_rows = []
+    for task in tasks:
+        # seed 0 of a swept row ran in the sweep, at the lr now chosen: it is part of the row's group
+        rows = {(t, row, lr): g for (t, row, lr), g in groups.items() if t == task and (t, row, lr) in chosen}
+        if not rows:
+            lines += [f"## {task}: rows at their chosen lr", "", "No row has its learning rate chosen yet "
+                      "(the sweeps are not complete).", ""]
+            continue
+        lines += [f"## {task}: rows at their chosen lr", "",
+                  "| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD "
+                  "| share of full FT's gain [95% CI] | vs random, same density [95% CI] | trained entries "
+                  "| optimizer state (MiB) | peak RSS (MiB) | median step (s) |", "|---" * 12 + "|"]
+        full_key = next((k for k in rows if k[1] == "full"), None)
+        base_matrix = success_matrix([base[task]]) if task in base else None
+        for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
+            runs = sorted(rows[key], key=lambda r: r["config"]["seed"])
+            matrix = success_matrix(runs)
+            reward = mean_interval(matrix)
+            share = None
+            if full_key and base_matrix is not None and key != full_key:
+                share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix)
+            versus = None
+            config = runs[0]["config"]
+            if config["method"] == "sparse" and config["mask"] != "random":
+                ref = next((g for (t, row, lr), g in rows.items()
+                            if row == f"sparse-random-{config['density']:g}"), None)
+                if ref:
+                    versus = difference_interval(matrix, success_matrix(ref),
+                                                 same_seeds=len(ref) == len(runs))
+            cost = runs[-1]
+            lines.append(
+                f"| {key[1]} | {key[2]:g} | {len(runs)} | {_ci(reward)} | {reward.width:.3f} | {seed_sd(matrix):.3f} "
+                f"| {_ci(share, 2)} | {_ci(versus)} | {cost['trained_entries']:,} | "
+                f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
+                f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
+            figure_rows.append((task, key[1], cost["trained_entries"], reward, len(runs)))
+        lines += ["", _verdict(rows, base_matrix, full_key), ""]
+        if full_key:
+            lines += [_still_rising(rows[full_key]), ""]
+
+    # every finished run
+    lines += ["## Every finished run", "", "| run | final held-out reward [95% CI over prompts] | curve (step: reward) "
+              "| trained entries | optimizer state (MiB) | peak RSS (MiB) | median step (s) | load avg |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(trained, key=lambda r: r["id"]):
+        curve = ", ".join(f"{e['step']}: {e['reward']:.3f}" for e in r["evals"])
+        lines.append(f"| `{r['id']}` | {_ci(mean_interval(success_matrix([r])))} | {curve} | "
+                     f"{r['trained_entries']:,} | {_mib(r['optimizer_state_bytes'])} | "
+                     f"{r.get('peak_rss_train_mib', 0):.0f} | {r.get('median_step_seconds', 0):.1f} | "
+                     f"{r['load_average_start']:.1f} |")
+    lines.append("")
+    figure = Path(results).with_suffix(".png")
+    if _plot(trained, figure_rows, base, figure):
+        lines += [f"![held-out reward against trained entries]({figure.name})", ""]
+    out = Path(results).with_suffix(".md")
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+    return out
+
+
+def _is_swept(row: str) -> bool:
+    return row == "full" or row in (f"sparse-random-{MAIN_DENSITY:g}", f"sparse-gradient-{MAIN_DENSITY:g}") or (
+        row.startswith("lora-r") and not row.endswith("r16"))
+
+
+def _verdict(rows: dict, base_matrix, full_key) -> str:
+    """Which mask at <= 10% density recovers at least 95% of full finetuning's gain (issue 18's target)."""
+    if full_key is None or base_matrix is None:
+        return "Share of full finetuning's gain: pending (full finetuning or the base evaluation is missing)."
+    full = success_matrix(rows[full_key])
+    clear, unresolved = [], []
+    for (_, row, _), runs in rows.items():
+        config = runs[0]["config"]
+        if config["method"] != "sparse" or config["density"] > MAIN_DENSITY or len(runs) < 3:
+            continue
+        share = gain_share_interval(success_matrix(runs), full, base_matrix)
+        if share.low >= 0.95:
+            clear.append(f"{row} ({_ci(share, 2)})")
+        elif share.high >= 0.95:
+            unresolved.append(f"{row} ({_ci(share, 2)})")
+    if not clear and not unresolved:
+        return ("No sparse row at <= 10% density with 3 seeds has an interval reaching 95% of full finetuning's "
+                "gain yet.")
+    return (f"Recovering >= 95% of full finetuning's gain with the whole interval: {', '.join(clear) or 'none'}; "
+            f"interval includes 95% but cannot resolve it: {', '.join(unresolved) or 'none'}.")
+
+
+def _still_rising(runs: list[dict]) -> str:
+    """Whether full finetuning's held-out reward still rose over its last evaluation interval (issue 18: train
+    longer if it does), as a paired difference over the same seeds and prompts."""
+    steps = [e["step"] for e in runs[0]["evals"]]
+    if len(steps) < 2:
+        return ""
+    last, before = steps[-1], steps[-2]
+    change = difference_interval(success_matrix(runs, last), success_matrix(runs, before))
+    verdict = ("still rising: a longer run (`--steps`) would change the comparison" if change.low > 0 else
+               "not resolvably rising any more")
+    return (f"Full finetuning's held-out reward from step {before} to {last}: {_ci(change)} ({verdict}).")
+
+
+def _plot(trained: list[dict], figure_rows: list, base: dict, path: Path) -> bool:
+    if not trained:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    ax = axes[0]
+    colors = {"full": "C0", "lora": "C1", "sparse": "C2"}
+    for r in trained:  # every run, faint
+        ax.scatter(r["trained_entries"], r["final_reward"], color=colors[r["config"]["method"]], alpha=0.25, s=14)
+    for task, row, entries, reward, seeds in figure_rows:
+        method = row.split("-")[0]
+        label = row if task == figure_rows[0][0] else f"{task}: {row}"
+        ax.errorbar(entries, reward.estimate, yerr=[[reward.estimate - reward.low], [reward.high - reward.estimate]],
+                    fmt="o", color=colors.get(method, "C3"), capsize=3)
+        ax.annotate(f"{label} ({seeds})", (entries, reward.estimate), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    for task, record in base.items():
+        ax.axhline(record["final_reward"], color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"base ({task})", (1, record["final_reward"]), xycoords=("axes fraction", "data"), fontsize=7,
+                    ha="right", va="bottom", color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("trained entries")
+    ax.set_ylabel("final held-out reward")
+    ax.set_title("Held-out reward vs trained entries (bars: 95% CI, rows at their chosen lr; dots: every run)")
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for r in sorted(trained, key=lambda r: r["id"]):
+        task = r["config"]["task"]
+        steps = [0] + [e["step"] for e in r["evals"]]
+        values = [base[task]["final_reward"] if task in base else np.nan] + [e["reward"] for e in r["evals"]]
+        ax.plot(steps, values, marker="o", markersize=3, color=colors[r["config"]["method"]], alpha=0.7,
+                label=r["id"].split("__")[1] + f" lr{r['config']['learning_rate']:g} s{r['config']['seed']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out reward")
+    ax.set_title("Held-out reward over steps (every run)")
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    if len(trained) <= 16:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

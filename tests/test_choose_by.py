@@ -1,0 +1,170 @@
+"""The choose-by experiment's machinery on a tiny model: one run -> one JSON, the sweep skips finished runs, the
+held-out sampler agrees with ``generate``."""
+
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import choose_by  # noqa: E402
+from choosing.evaluate import sample_completions  # noqa: E402
+from choosing.plan import build_plan, matched_lora_rank, trained_count  # noqa: E402
+from choosing.runs import RunConfig, load_result, result_path, run_one, weights_path  # noqa: E402
+from choosing.tasks import make_task  # noqa: E402
+
+CLI = ["--steps", "2", "--prompts", "2", "--generations", "4", "--tokens", "3", "--probe-steps", "1",
+       "--eval-pairs", "8", "--eval-samples", "2", "--eval-every", "1", "--tasks", "addition"]
+
+
+def _protocol() -> RunConfig:
+    return choose_by.protocol_of(choose_by.parse_args(CLI))
+
+
+def test_sampler_matches_generate_greedy_on_prompts_of_different_lengths(tiny_model, tiny_tokenizer):
+    prompts = ["1 + 2 =", "3 + 4 = 7 1 + 1 =", "1 + 2 = 3 5 + 5 =", "9 =", "1 + 2 = 3 5 + 5 = 1"]
+    ours = sample_completions(tiny_model, tiny_tokenizer, prompts, samples=2, max_new_tokens=4, seed=0, greedy=True,
+                              batch_prompts=2)
+    for prompt, texts in zip(prompts, ours):
+        enc = tiny_tokenizer(prompt, return_tensors="pt")
+        out = tiny_model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=1)
+        assert texts == [tiny_tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)] * 2
+    # sampling draws from its own generator: same seed, same completions; the global RNG is untouched
+    state = torch.random.get_rng_state()
+    a = sample_completions(tiny_model, tiny_tokenizer, prompts, 3, 4, seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert a == sample_completions(tiny_model, tiny_tokenizer, prompts, 3, 4, seed=7)
+
+
+def test_tasks_hold_out_fixed_prompts_never_trained_on():
+    for name in ("addition", "subtraction"):
+        task = make_task(name, steps=10, prompts_per_step=4, eval_pairs=64)
+        assert task.held_out == make_task(name, steps=30, prompts_per_step=2, eval_pairs=64).held_out
+        assert len(task.held_out) == len({r["prompt"] for r in task.held_out}) == 64
+        assert not {r["prompt"] for r in task.train_rows} & {r["prompt"] for r in task.held_out}
+        assert len(task.train_rows) == 10 * 4 + 64
+        assert task.reward([" 7\n", " 8"], answer=[7, 7]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("division", 1, 1, 1)
+
+
+def test_runs_write_their_json_and_the_sweep_skips_them(tmp_path, tiny_checkpoint):
+    runs, work = tmp_path / "results" / "runs", tmp_path / "work"
+    protocol = _protocol()
+    kw = dict(model_dir=tiny_checkpoint, work_dir=work, weights_dir=work / "weights", command="pytest")
+    base = run_one(protocol, runs, **kw)
+    assert [e["step"] for e in base["evals"]] == [0] and len(base["evals"][0]["correct"]) == 8
+
+    full_config = protocol.replace(method="full", learning_rate=1e-5)
+    full = run_one(full_config, runs, **kw)
+    saved = json.loads(result_path(runs, full_config).read_text())
+    assert saved["config"] == full_config.to_dict() and saved["command"] == "pytest"
+    assert [e["step"] for e in saved["evals"]] == [1, 2] and len(saved["step_seconds"]) == 2
+    assert all(0 <= c <= 2 for e in saved["evals"] for c in e["correct"]) and len(saved["evals"][1]["correct"]) == 8
+    assert saved["final_reward"] == sum(saved["evals"][-1]["correct"]) / 16
+    assert full["trained_entries"] == full["total_entries"]
+    assert full["optimizer_state_bytes"] == 2 * 4 * full["total_entries"]  # AdamW: two fp32 moments per entry
+    assert full["peak_rss_train_mib"] > 0 and full["peak_rss_mib"] >= full["peak_rss_train_mib"] - 1
+    assert weights_path(work / "weights", full_config).exists()
+
+    sparse_config = protocol.replace(method="sparse", mask="random", density=0.1, learning_rate=3e-5)
+    sparse = run_one(sparse_config, runs, **kw)
+    assert sparse["trained_entries"] == trained_count(tiny_checkpoint, 0.1) < full["trained_entries"]
+    assert sparse["optimizer"] == "MaskedAdamW" and sparse["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    posthoc = run_one(protocol.replace(method="sparse", mask="posthoc", density=0.1, learning_rate=3e-5), runs,
+                      posthoc_source=weights_path(work / "weights", full_config), **kw)
+    assert posthoc["trained_entries"] == sparse["trained_entries"]
+    rank = matched_lora_rank(tiny_checkpoint)
+    lora = run_one(protocol.replace(method="lora", lora_rank=rank, learning_rate=3e-4), runs, **kw)
+    assert lora["trained_entries"] == rank * sum(
+        (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]) * 2
+
+    # resume: the plan lists the finished runs as done, and the sweep would start none of them again
+    plan = build_plan(protocol, runs, work / "weights", tiny_checkpoint, ("addition",))
+    finished = {p.config.run_id() for p in plan.ready if load_result(runs, p.config)}
+    assert {protocol.run_id(), full_config.run_id(), sparse_config.run_id()} <= finished
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(tmp_path / "results"), "--work", str(work),
+                  "--dry-run"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert choose_by.main(args) == 0
+    printed = buffer.getvalue()
+    assert f"{len(finished)} done" in printed
+    for run_id in finished:
+        assert run_id not in printed
+    # a file holding another config under the same name is not taken as done
+    record = json.loads(result_path(runs, full_config).read_text())
+    record["config"]["seed"] = 5
+    result_path(runs, full_config).write_text(json.dumps(record))
+    assert load_result(runs, full_config) is None
+
+
+def test_run_config_refuses_incomplete_rows():
+    with pytest.raises(ValueError, match="needs mask"):
+        RunConfig(method="sparse", learning_rate=1e-5)
+    with pytest.raises(ValueError, match="lora_rank"):
+        RunConfig(method="lora", learning_rate=1e-5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        RunConfig(method="full")
+    a = RunConfig(method="full", learning_rate=1e-5)
+    assert a.run_id() != a.replace(steps=61).run_id() != a.replace(seed=1).run_id()
+    assert RunConfig(method="base").run_id() == RunConfig(method="base", steps=99).run_id()
+    assert math.isclose(a.replace(method="sparse", mask="random", density=0.05).density, 0.05)
+
+
+def _fake_run(runs: Path, config: RunConfig, correct: list[int], entries: int = 100) -> None:
+    """A finished run's JSON with given per-prompt correct counts (what run_one writes, without training)."""
+    evals = [{"step": config.steps - 1, "reward": 0.0, "correct": [0] * len(correct)},
+             {"step": config.steps, "reward": sum(correct) / (len(correct) * config.eval_samples), "correct": correct}]
+    record = {"id": config.run_id(), "row": config.row, "config": config.to_dict(), "cpu": "test", "evals": evals,
+              "final_reward": evals[-1]["reward"], "trained_entries": entries, "optimizer_state_bytes": 8 * entries,
+              "peak_rss_train_mib": 100.0, "median_step_seconds": 1.0, "seconds": 60.0, "load_average_start": 0.0}
+    result_path(runs, config).parent.mkdir(parents=True, exist_ok=True)
+    result_path(runs, config).write_text(json.dumps(record))
+
+
+def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
+    from choosing.plan import SWEEPS
+
+    results = tmp_path / "choose_by"
+    runs = results / "runs"
+    protocol = _protocol()
+    rank = matched_lora_rank(tiny_checkpoint)
+    base = [0] * 4 + [1] * 4  # 8 prompts, 2 samples each: reward 0.25
+    full = [2] * 4 + [1] * 4  # 0.75
+    _fake_run(runs, protocol, base)
+    rows = {"full": dict(method="full"), "random": dict(method="sparse", mask="random", density=0.1),
+            "gradient": dict(method="sparse", mask="gradient", density=0.1),
+            "lora": dict(method="lora", lora_rank=rank)}
+    family = {"full": "full", "random": "sparse", "gradient": "sparse", "lora": "lora"}
+    best = {name: SWEEPS[family[name]][0] for name in rows}
+    for name, kw in rows.items():
+        for lr in SWEEPS[family[name]]:  # the first lr of each sweep is the best: the others score 0
+            _fake_run(runs, protocol.replace(learning_rate=lr, **kw), full if lr == best[name] else [0] * 8)
+        for seed in (1, 2):
+            # gradient matches full finetuning; random recovers half of its gain; LoRA recovers none of it
+            correct = {"full": full, "gradient": full, "random": [1] * 4 + [1] * 4, "lora": base}[name]
+            _fake_run(runs, protocol.replace(learning_rate=best[name], seed=seed, **kw), correct)
+    # a run of another protocol (more steps) is not part of this report
+    _fake_run(runs, protocol.replace(method="full", learning_rate=best["full"], seed=3, steps=9), [0] * 8)
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(tmp_path / "w"),
+                  "--report"]
+    assert choose_by.main(args) == 0
+    text = results.with_suffix(".md").read_text()
+    assert results.with_suffix(".png").exists()
+    assert f"**{best['full']:g}: 0.750" in text  # the best lr of the sweep, bold
+    lines = text.splitlines()
+    full_row = next(line for line in lines if line.startswith(f"| full | {best['full']:g} |"))
+    assert "| 3 | 0.750 [" in full_row  # seed 0 from the sweep plus seeds 1, 2
+    gradient_row = next(line for line in lines if line.startswith(f"| sparse-gradient-0.1 | {best['gradient']:g} |"))
+    assert "| 1.00 [1.00, 1.00] |" in gradient_row  # recovers all of full finetuning's gain
+    lora_row = next(line for line in lines if line.startswith(f"| lora-r{rank} | {best['lora']:g} |"))
+    assert "| 3 |" in lora_row  # seed 0 (0.75) plus two seeds at the base reward
+    assert "Recovering >= 95% of full finetuning's gain with the whole interval: sparse-gradient-0.1" in text
+    assert "Full finetuning's held-out reward from step 1 to 2: 0.750 [" in text and "still rising" in text
