@@ -255,11 +255,12 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
 
 def _sparse_config(config: RunConfig, trainer, model_dir, posthoc_source) -> object:
     from sparse_rl import SparseConfig
-    from sparse_rl.discovery import diff_mask, magnitude_mask
+    from sparse_rl.discovery import ProbeOptions, diff_mask, magnitude_mask
 
     common = dict(density=config.density, compact_grads=True, seed=config.seed)
     if config.mask in ("gradient", "fisher"):
-        return SparseConfig(discovery="gradient", probe_score=config.mask, probe_steps=config.probe_steps, **common)
+        return SparseConfig(discovery="gradient", probe=ProbeOptions(steps=config.probe_steps, score=config.mask),
+                            **common)
     if config.mask == "random":
         return SparseConfig(discovery="random", **common)
     if config.mask == "magnitude":  # smallest |w| first: where a bf16 checkpoint diff shows updates first
