@@ -1,6 +1,6 @@
 """The drop-in for TRL (and plain transformers) trainers: ``sparsify(trainer, SparseConfig(...))``.
 
-- :mod:`.sparsify`: the entry point and :class:`SparseTraining` (what it attached, and its undo);
+- :mod:`.training`: the entry point `sparsify` and :class:`SparseTraining` (what it attached, and its undo);
 - :mod:`.refusals`: every setup ``sparsify`` refuses, checked before anything changes;
 - :mod:`.patches`: the trainer/model/accelerator attributes it replaces (optimizer factory, checkpoint loaders, log,
   the entropy forward restriction, compact-gradient clipping);
@@ -11,7 +11,7 @@
 from .build import build_trainer
 from .callbacks import MASK_FILE_NAME
 from .refusals import IncompatibleLibraryVersion, UnsupportedTrainerSetup
-from .sparsify import SparseTraining, sparsify
+from .training import SparseTraining, sparsify
 
 __all__ = ["MASK_FILE_NAME", "IncompatibleLibraryVersion", "SparseTraining", "UnsupportedTrainerSetup", "build_trainer",
            "sparsify"]

@@ -37,7 +37,7 @@ from .. import _compat
 from ..config import SparseConfig
 from ..reference import SharedReference
 from .refusals import IncompatibleLibraryVersion, UnsupportedTrainerSetup
-from .sparsify import sparsify
+from .training import sparsify
 
 
 def build_trainer(trainer_cls: type[Trainer], config: SparseConfig, /, **trainer_kwargs) -> Trainer:

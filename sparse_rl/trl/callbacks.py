@@ -14,7 +14,7 @@ from ..optim import unwrap_optimizer
 from ..restrict.sharded import is_sharded, restrict_sharded_gradients
 
 if TYPE_CHECKING:
-    from .sparsify import SparseTraining
+    from .training import SparseTraining
 
 MASK_FILE_NAME = "sparse_mask.safetensors"
 

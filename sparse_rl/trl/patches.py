@@ -34,7 +34,7 @@ from .callbacks import MASK_FILE_NAME
 from .refusals import UnsupportedTrainerSetup
 
 if TYPE_CHECKING:
-    from .sparsify import SparseTraining
+    from .training import SparseTraining
 
 
 def patch_attribute(obj: object, name: str, value: object) -> Callable[[], None]:
