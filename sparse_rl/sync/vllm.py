@@ -238,8 +238,14 @@ class SparsePatchWorkerExtension:
     ``vllm/v1/worker/worker_base.py``), refusing names the worker already has; hence the ``sparse_rl_`` prefix.
     """
 
+    def _sparse_rl_model(self) -> torch.nn.Module:
+        """The worker's model: ``Worker.get_model()`` (``GPUModelRunner.get_model`` unwraps a ``CUDAGraphWrapper``),
+        else ``model_runner.model`` (vLLM's Worker holds its GPUModelRunner as ``model_runner``)."""
+        get_model = getattr(self, "get_model", None)
+        return get_model() if callable(get_model) else self.model_runner.model
+
     def sparse_rl_init(self, mask_path: str) -> str:
-        model = self.model_runner.model  # vLLM's Worker holds its GPUModelRunner as model_runner
+        model = self._sparse_rl_model()
         hf_config = self.model_runner.model_config.hf_config
         self._sparse_rl_receiver = VLLMPatchReceiver(model, SubnetworkMask.load(mask_path), hf_config=hf_config)
         return self._sparse_rl_receiver.receiver.base_fingerprint
@@ -248,7 +254,7 @@ class SparsePatchWorkerExtension:
         """:func:`weight_digests` of the Hugging Face tensors cut out of the worker's fused parameters (what the
         trainer's weights cast to the server dtype must equal; ``benchmarks/gpu_check.py`` compares them)."""
         layout = FusedLayout.from_config(self.model_runner.model_config.hf_config)
-        return weight_digests(layout.hf_views(dict(self.model_runner.model.named_parameters())))
+        return weight_digests(layout.hf_views(dict(self._sparse_rl_model().named_parameters())))
 
     def sparse_rl_apply(self, patch_base64: str) -> str:
         receiver = getattr(self, "_sparse_rl_receiver", None)
