@@ -110,23 +110,29 @@ class WeightComparison:
     tensors: int
     entries: int
     differing: list[str]  # one line per problem, naming the Hugging Face tensor
+    uncovered: list[str] = field(default_factory=list)  # vLLM parameters of no Hugging Face tensor (not synced)
 
     @property
     def passed(self) -> bool:
         return not self.differing and self.tensors > 0
 
     def detail(self) -> str:
+        extra = ""
+        if self.uncovered:
+            extra = f"; not compared, vLLM-only parameters: {', '.join(self.uncovered[:3])}"
+            extra += f" and {len(self.uncovered) - 3} more" if len(self.uncovered) > 3 else ""
         if self.passed:
-            return f"{self.tensors} tensors, {self.entries:,} entries equal bit for bit"
-        return f"{len(self.differing)} problem(s) in {self.tensors} tensors: " + "; ".join(self.differing[:4])
+            return f"{self.tensors} tensors, {self.entries:,} entries equal bit for bit{extra}"
+        return f"{len(self.differing)} problem(s) in {self.tensors} tensors: " + "; ".join(self.differing[:4]) + extra
 
 
 def compare_runtime_weights(runtime_params: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                             layout) -> WeightComparison:
     """vLLM's runtime (fused) parameters, cut into Hugging Face tensors with ``layout``, against ``expected`` (Hugging
     Face names, already in the server dtype, as ``named_parameters()`` gives them: a tied ``lm_head`` is not among
-    them): dtypes, shapes and every bit. A tensor vLLM does not hold counts as a problem; so does a runtime parameter
-    the layout does not cover, or a fused parameter of another size than its shards."""
+    them): dtypes, shapes and every bit. A tensor vLLM does not hold counts as a problem, and so does a fused
+    parameter of another size than its shards; runtime parameters no Hugging Face tensor maps to are listed, not
+    compared (they are not synced)."""
     differing, misshapen = [], set()
     for runtime, shape in layout.runtime_shapes.items():
         if runtime in runtime_params:
@@ -136,8 +142,7 @@ def compare_runtime_weights(runtime_params: dict[str, torch.Tensor], expected: d
                 differing.append(f"{runtime}: shape {actual} in vLLM, the shards make {shape}")
                 misshapen.add(runtime)
     covered = {t.runtime_name for t in layout.targets.values()}
-    differing += [f"{name}: a vLLM parameter no Hugging Face tensor maps to" for name in sorted(set(runtime_params)
-                                                                                              - covered)]
+    uncovered = sorted(set(runtime_params) - covered)  # e.g. kv-cache scales of a quantized engine: never synced
     views = dict(layout.hf_views({n: p for n, p in runtime_params.items() if n not in misshapen}))
     entries = tensors = 0
     for name, want in expected.items():
@@ -158,7 +163,7 @@ def compare_runtime_weights(runtime_params: dict[str, torch.Tensor], expected: d
             first = int(unequal.nonzero()[0, 0])
             differing.append(f"{name}: {int(unequal.sum()):,} entries differ, first at flat index {first} (vLLM "
                              f"{got.reshape(-1)[first].item()!r}, expected {want.reshape(-1)[first].item()!r})")
-    return WeightComparison(tensors, entries, differing)
+    return WeightComparison(tensors, entries, differing, uncovered)
 
 
 def _cpu_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -243,6 +243,9 @@ def test_vllm_read_back_comparison_catches_corrupted_weights():
     missing = {n: t for n, t in runtime.items() if n != "model.norm.weight"}
     assert check.compare_runtime_weights(missing, expected, layout).differing == [
         "model.norm.weight: not in vLLM's parameters"]
+    extra = {**runtime, "model.layers.0.self_attn.attn.k_scale": torch.ones(())}  # listed, not synced, not failed
+    comparison = check.compare_runtime_weights(extra, expected, layout)
+    assert comparison.passed and "vLLM-only parameters: model.layers.0.self_attn.attn.k_scale" in comparison.detail()
     short = dict(runtime)
     short["model.layers.0.self_attn.qkv_proj.weight"] = runtime["model.layers.0.self_attn.qkv_proj.weight"][:-2]
     problems = check.compare_runtime_weights(short, expected, layout).differing
