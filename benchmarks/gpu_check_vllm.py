@@ -610,8 +610,8 @@ def vllm_section(device, dry_run: bool, load_tests_module, server_gpu_choice: tu
         except Exception as error:  # ImportError, or a vLLM that does not load with this torch
             message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
             section = VllmSection(f"vllm not installed (`import vllm` failed: {message})")
-            section.notes.append("Nothing of this section ran. `pip install vllm` (TRL 1.16 supports vLLM 0.22.0 to "
-                                 "0.31.0) and run `make gpu-check` again.")
+            section.notes.append('Nothing of this section ran. `pip install "trl[vllm]"` (TRL 1.16 supports vLLM '
+                                 "0.22.0 to 0.31.0) and run `make gpu-check` again.")
             print(f"  vllm not installed (`import vllm` failed: {message}): section skipped", flush=True)
             return section
     with tempfile.TemporaryDirectory(prefix="gpu_check_vllm_") as workdir:
