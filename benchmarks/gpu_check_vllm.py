@@ -166,6 +166,19 @@ def compare_runtime_weights(runtime_params: dict[str, torch.Tensor], expected: d
     return WeightComparison(tensors, entries, differing, uncovered)
 
 
+def digest_check(label: str, server: dict[str, str], trainer: dict[str, str]) -> Check:
+    """The server's :func:`~sparse_rl.sync.vllm.weight_digests` against the trainer's: every trainer tensor must have
+    the same digest on the server (dtype and SHA-256 of the bytes)."""
+    wrong = sorted(name for name in trainer if server.get(name) != trainer[name])
+    if not trainer:
+        return Check(label, False, "the trainer has no tensors to compare")
+    if wrong:
+        missing = sum(name not in server for name in wrong)
+        return Check(label, False, f"{len(wrong)} of {len(trainer)} tensors differ ({missing} missing on the server): "
+                                   + ", ".join(wrong[:4]))
+    return Check(label, True, f"{len(trainer)} tensors, dtype and SHA-256 of the bytes equal")
+
+
 def _cpu_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()}
 
@@ -554,11 +567,7 @@ def server_check(device, sizes: VllmSizes, workdir: Path, gpu: str) -> tuple[lis
             return weight_digests((n, p.detach().to(torch.bfloat16)) for n, p in trained.named_parameters())
 
         def compare(label: str) -> None:
-            ours, theirs = server_digests(), expected_digests()
-            wrong = sorted(n for n in theirs if ours.get(n) != theirs[n])
-            checks.append(Check(label, not wrong and bool(ours),
-                                f"{len(ours)} tensors, SHA-256 of the bf16 bytes equal" if not wrong else
-                                f"{len(wrong)} tensors differ: {', '.join(wrong[:4])}"))
+            checks.append(digest_check(label, server_digests(), expected_digests()))
             print(f"  [{'pass' if checks[-1].passed else 'FAIL'}] {label}: {checks[-1].detail}", flush=True)
 
         compare("server: vLLM's weights as loaded equal the trainer's in bf16 (layout check, digests)")

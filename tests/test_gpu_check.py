@@ -286,3 +286,35 @@ def test_vllm_section_without_vllm_says_so_and_fails_nothing(monkeypatch):
     assert section.available.startswith("vllm not installed (`import vllm` failed: ") and section.failed == []
     lines = check.render(section, check.GPU_VLLM_SIZES)
     assert lines[0].startswith("- vLLM: vllm not installed") and not any(line.startswith("|") for line in lines)
+
+
+def test_vllm_server_check_parts_that_run_without_a_server(tmp_path):
+    """The server-mode check's digest comparison (fed by the worker extension over the emulated engine), its choice
+    of GPU, and its wait for the server, which reports a server that died with the end of its log."""
+    from sparse_rl.sync.vllm import SparsePatchWorkerExtension, weight_digests
+    from tests.tiny import make_tiny_model
+    from tests.vllm_emulation import as_module, emulated_runtime_tensors
+
+    check = _gpu_check_vllm()
+    model = make_tiny_model()
+    worker = SparsePatchWorkerExtension()
+    worker.model_runner = SimpleNamespace(model=as_module(emulated_runtime_tensors(model)),
+                                          model_config=SimpleNamespace(hf_config=model.config))
+    trainer = weight_digests((n, p.detach().to(torch.bfloat16)) for n, p in model.named_parameters())
+    assert check.digest_check("x", worker.sparse_rl_weight_digests(), trainer).passed
+    with torch.no_grad():
+        worker.model_runner.model.get_parameter("model.layers.0.mlp.gate_up_proj.weight").view(-1)[0] += 1
+    failed = check.digest_check("x", worker.sparse_rl_weight_digests(), trainer)
+    assert not failed.passed and failed.detail.endswith("model.layers.0.mlp.gate_proj.weight")
+    assert not check.digest_check("x", {}, trainer).passed
+
+    assert check.server_gpu("3", None) == ("3", "--vllm-server-gpu 3")
+    gpu, why = check.server_gpu(None, "0")
+    assert gpu is None and "--vllm-server-gpu" in why
+
+    log = tmp_path / "server.log"
+    log.write_text("address already in use\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 4.*address already in use"):
+        check._wait_for_server(dead, "http://127.0.0.1:9", 30, log)
