@@ -14,7 +14,9 @@ replacing TRL's ``VLLMGeneration.sync_weights``; a few GRPO steps, with TRL call
   once before training (vLLM's own loader against the layout), once after the last step's sync, once after TRL's own
   full syncs. The comparison is shown not to be vacuous in the same run: training must have changed bf16 entries, and
   one flipped bit in a copy of the read-back must be caught.
-- Greedy generations of vLLM and of the trainer's model cast to vLLM's dtype (Hugging Face, KV cache) on a few prompts.
+- Greedy generations of vLLM and of the trained weights cast to vLLM's dtype in a fresh Hugging Face model (argmax
+  over the whole sequence per token) on a few of the task's prompts; attention kernels differ, so the check asks for
+  every first token and at least half the sequences to agree.
 - Per sync: time (device synchronised) and bytes of the sparse patches against TRL's own full sync
   (``VLLMGeneration.sync_weights`` as TRL wrote it, ``load_weights`` of every parameter) in the same process.
 
@@ -23,7 +25,8 @@ sparse_rl.sync.vllm.SparsePatchWorkerExtension`` on a free loopback port and ano
 opens for its own weight transfer, does not put two ranks of one group on one device), patches through vLLM's
 ``POST /collective_rpc`` (``vllm/entrypoints/serve/dev/rpc/api_router.py``: string arguments, dict/list results passed
 through), and the same bit-for-bit check through SHA-256 digests of the server's un-fused tensors
-(``SparsePatchWorkerExtension.sparse_rl_weight_digests``).
+(``SparsePatchWorkerExtension.sparse_rl_weight_digests``) before training, after it and after TRL's own full sync (its
+NCCL broadcast), whose time and bytes the patches are measured against.
 
 The dry run has no vLLM: ``tests/vllm_emulation.py`` stands in for it (``FakeLLM``: vLLM's fused runtime parameters and
 ``load_weights``, written from vLLM's loaders independently of ``FusedLayout``), TRL's real
