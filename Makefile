@@ -27,7 +27,8 @@ lint: setup
 bench: setup
 	TRITON_INTERPRET=1 $(PY) benchmarks/bench_optimizer_step.py
 
-# On a CUDA machine: kernel/optimizer checks on the device, optimizer step on 1B shapes, GRPO on SmolLM2-135M;
+# On a CUDA machine: kernel/optimizer checks on the device, optimizer step on 1B shapes, GRPO on SmolLM2-135M, and
+# (with vLLM installed) the sparse weight sync into vLLM under GRPO with use_vllm=True, checked bit for bit;
 # writes benchmarks/results/gpu_check.md. `make gpu-check ARGS=--dry-run` (or gpu-check-dry) runs it on CPU, tiny.
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py $(ARGS)

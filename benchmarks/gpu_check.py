@@ -1,6 +1,6 @@
 """``make gpu-check``: validate and benchmark sparse_rl on one CUDA GPU in one command, with nothing downloaded.
 
-Three sections, one report (``benchmarks/results/gpu_check.md``):
+Four sections, one report (``benchmarks/results/gpu_check.md``):
 
 1. **Device checks.** ``MaskedAdamW(backend="triton")`` steps tensors on the device and is compared with the plain
    PyTorch reference of the CPU tests (``tests/test_optim_reference.py``: every fp32 operation computed in float64 and
@@ -23,6 +23,11 @@ Three sections, one report (``benchmarks/results/gpu_check.md``):
    with bf16 weights and gradient checkpointing on the demo's addition task: full finetuning, a 10% random subnetwork
    with compact gradients and the shared reference, and LoRA on all linear layers at the same trained count. Peak GPU
    memory (``torch.cuda.max_memory_allocated`` during ``train()``), median step time, reward.
+4. **vLLM end to end** (``benchmarks/gpu_check_vllm.py``, whose docstring says how): GRPO with ``use_vllm=True`` in
+   colocate mode and the sparse weight sync; vLLM's weights read back and compared bit for bit with the trainer's,
+   greedy generations of vLLM and Hugging Face, per-sync time and bytes against TRL's own full sync; server mode
+   (``trl vllm-serve`` with the worker extension) when a second GPU is available. Without vLLM the section says
+   "vllm not installed" and the others run as usual.
 
 Bytes a step must move (DRAM moves 32-byte sectors): a dense AdamW step reads and writes every parameter and moment
 and reads every gradient (28 B per fp32 parameter; 14 in bf16 with bf16 moments; bitsandbytes' 8-bit AdamW 16 B plus
@@ -37,7 +42,8 @@ may change (hooks, compact gradients, the shared reference's swaps); one that do
 
 ``--dry-run`` runs the same code on CPU at tiny sizes: the Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors,
 a tiny Llama from a config (the tests' word-level tokenizer) instead of SmolLM2, 2 GRPO steps, CPU timers and peak RSS
-instead of CUDA events and ``max_memory_allocated``. It writes to a temporary file unless ``--output`` is given; the
+instead of CUDA events and ``max_memory_allocated``, and vLLM replaced by the PyTorch emulation of
+``tests/vllm_emulation.py``. It writes to a temporary file unless ``--output`` is given; the
 test suite runs it (``tests/test_gpu_check.py``). Without CUDA and without ``--dry-run`` the script says so and exits
 with code 3. It uses one GPU: the first one, unless ``CUDA_VISIBLE_DEVICES`` says otherwise. It runs from a checkout
 of the repository: the device checks load the tests' reference (``tests/test_optim_reference.py``).
@@ -55,6 +61,7 @@ import sys
 # Triton reads TRITON_INTERPRET when the kernels are decorated, so it is settled before anything imports triton: the
 # dry run interprets the kernels on CPU tensors, the real run must compile them for the GPU.
 DRY_RUN = "--dry-run" in sys.argv[1:]
+USER_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # the vLLM server check looks for another GPU
 if DRY_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 else:
@@ -87,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "gpu_check.md"
 EXIT_FAILED = 1  # a check failed or a section raised; the report says which
 EXIT_NO_CUDA = 3  # no CUDA device and no --dry-run: nothing was measured, no report written
-SECTIONS = ("checks", "bench", "grpo")
+SECTIONS = ("checks", "bench", "grpo", "vllm")
 DENSITIES = (0.01, 0.05, 0.10, 0.30)
 GRPO_DENSITY = 0.10
 GRPO_BETA = 0.04  # > 0, so that full finetuning keeps TRL's reference copy and sparse_rl can share it instead
@@ -207,6 +214,12 @@ def _common():
     import _common  # benchmarks/_common.py: this script runs with benchmarks/ on sys.path
 
     return _common
+
+
+def _vllm():
+    import gpu_check_vllm  # benchmarks/gpu_check_vllm.py: section 4
+
+    return gpu_check_vllm
 
 
 def _load_tests_module(name: str):
@@ -909,6 +922,20 @@ def render_report(*, device: Device, sizes: Sizes, command: str, started: str, s
                     f"{r.peak_mib:.0f} | {_fmt(r.peak_mib / full.peak_mib if full else float('nan'), '.2f')}x | "
                     f"{r.step_seconds:.3f} | {_fmt(mean_reward, '.3f')} | {first_last} | {_changed(r)} | {r.note} |")
             lines.append("")
+    vllm_section = sections.get("vllm")
+    if vllm_section is not None or "vllm" in errors:
+        lines += ["## 4. vLLM end to end: sparse weight sync under TRL's GRPOTrainer (`use_vllm=True`)", ""]
+        if vllm_section is not None:
+            sizes_vllm = _vllm().DRY_VLLM_SIZES if device.dry_run else _vllm().GPU_VLLM_SIZES
+            model = "a tiny Llama from a config" if device.dry_run else "SmolLM2-135M-Instruct (cached conversion)"
+            lines += [f"{sizes_vllm.grpo_steps} GRPO steps of {model}, fp32 weights, a random "
+                      f"{_vllm().DENSITY:.0%} mask, `attach_weight_sync` in place of TRL's `sync_weights`; vLLM's "
+                      "weights read back (`LLM.apply_model`), cut into Hugging Face tensors with `FusedLayout` and "
+                      "compared bit for bit (module docstring of `benchmarks/gpu_check_vllm.py`)."
+                      + (" **Dry run: vLLM is emulated** (`tests/vllm_emulation.py`'s `FakeLLM` under TRL's own "
+                         "`VLLMGeneration.sync_weights`; a callback syncs where TRL's generation would)."
+                         if device.dry_run else ""), ""]
+            lines += _vllm().render(vllm_section, sizes_vllm)
     if errors:
         lines += ["## Errors", ""]
         for name, text in errors.items():
@@ -930,6 +957,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="parameter shapes of the optimizer step (default: llama-3.2-1b; tiny in a dry run)")
     parser.add_argument("--grpo-steps", type=int, default=None,
                         help="GRPO steps per setup (default: 20; 2 in a dry run)")
+    parser.add_argument("--vllm-server-gpu", default=None,
+                        help="GPU (index as nvidia-smi counts) for the vLLM server of the server-mode check (default: "
+                             "the second GPU when CUDA_VISIBLE_DEVICES is unset and there are several, else skipped)")
     return parser.parse_args(argv)
 
 
@@ -960,7 +990,11 @@ def main(argv: list[str] | None = None) -> int:
     sections, errors, seconds = {}, {}, {}
     runners = {"checks": lambda: device_checks(device, sizes),
                "bench": lambda: optimizer_benchmark(device, sizes, args.bench_model or sizes.bench_model, errors),
-               "grpo": lambda: grpo_comparison(device, sizes, errors)}
+               "grpo": lambda: grpo_comparison(device, sizes, errors),
+               "vllm": lambda: _vllm().vllm_section(
+                   device, args.dry_run, _load_tests_module,
+                   (None, "dry run") if args.dry_run else _vllm().server_gpu(args.vllm_server_gpu,
+                                                                              USER_CUDA_VISIBLE_DEVICES))}
     for name in SECTIONS:
         if name not in args.sections:
             continue
@@ -981,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c.name for c in sections.get("checks", []) if not c.passed]
     failed += [f"GRPO {r.setup}: entries outside the mask changed" for r in sections.get("grpo", [])
                if r.unselected_changed]
+    if "vllm" in sections:
+        failed += sections["vllm"].failed
     if failed or errors:
         print(f"gpu_check: {len(failed)} check(s) failed, {len(errors)} section(s) raised: see {output}",
               file=sys.stderr)

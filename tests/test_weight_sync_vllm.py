@@ -1,15 +1,5 @@
-"""Sparse patches into vLLM's fused parameters, against a pure-PyTorch emulation of vLLM's weight loading.
-
-vLLM is not installed here (it needs CUDA). The emulation builds the runtime parameters the way vLLM's loaders fill
-them with tensor parallelism 1 (written out independently of sparse_rl.sync.vllm.FusedLayout):
-
-- ``qkv_proj`` = ``torch.cat([q_proj, k_proj, v_proj])`` along dim 0 (``QKVParallelLinear``: q at row 0, k at
-  ``num_heads * head_size``, v at ``(num_heads + num_kv_heads) * head_size``), biases likewise;
-- ``gate_up_proj`` = ``torch.cat([gate_proj, up_proj])`` (``MergedColumnParallelLinear``, shard i at
-  ``sum(output_sizes[:i])``);
-- ``embed_tokens`` padded with zero rows to a multiple of 64 (``VocabParallelEmbedding``'s ``pad_vocab_size``);
-- every other tensor as it is; a tied ``lm_head`` is not a separate parameter.
-"""
+"""Sparse patches into vLLM's fused parameters, against a pure-PyTorch emulation of vLLM's weight loading
+(``tests/vllm_emulation.py``: vLLM is not installed here, it needs CUDA)."""
 
 from __future__ import annotations
 
@@ -31,42 +21,10 @@ from sparse_rl.sync.vllm import (
     runtime_patches,
 )
 from tests.tiny import make_tiny_model
+from tests.vllm_emulation import as_module as _as_module
+from tests.vllm_emulation import emulated_runtime_tensors as _emulated_runtime_tensors
 
 BF16 = torch.bfloat16
-PADDING = 64
-
-
-def _emulated_runtime_tensors(hf_model, dtype=BF16) -> dict[str, torch.Tensor]:
-    hf = {name: p.detach().to(dtype) for name, p in hf_model.named_parameters()}
-    runtime = {}
-    for name, tensor in hf.items():
-        if ".q_proj." in name:
-            runtime[name.replace(".q_proj.", ".qkv_proj.")] = torch.cat(
-                [tensor, hf[name.replace(".q_proj.", ".k_proj.")], hf[name.replace(".q_proj.", ".v_proj.")]])
-        elif ".gate_proj." in name:
-            runtime[name.replace(".gate_proj.", ".gate_up_proj.")] = torch.cat(
-                [tensor, hf[name.replace(".gate_proj.", ".up_proj.")]])
-        elif any(part in name for part in (".k_proj.", ".v_proj.", ".up_proj.")):
-            continue
-        elif "embed_tokens" in name:
-            rows = -(-tensor.shape[0] // PADDING) * PADDING
-            runtime[name] = torch.cat([tensor, torch.zeros(rows - tensor.shape[0], *tensor.shape[1:], dtype=dtype)])
-        else:
-            runtime[name] = tensor.clone()
-    return runtime
-
-
-def _as_module(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    root = torch.nn.Module()
-    for name, tensor in tensors.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.register_module(part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(tensor.clone(), requires_grad=False))
-    return root
 
 
 def _model(**overrides):
@@ -245,3 +203,22 @@ def test_grpo_steps_reach_the_emulated_vllm_model_through_attach_weight_sync(tin
     assert [h["anchor"] for h in weight_sync.history] == [True, False, False]
     assert all(h["values"] > 0 for h in weight_sync.history), "training did not move any bf16 value"
     _assert_runtime_equal(runtime_model, _emulated_runtime_tensors(trainer.model))
+
+
+def test_worker_extension_digests_are_the_hugging_face_tensors_in_bf16():
+    """``sparse_rl_weight_digests`` (what the server-mode check of ``make gpu-check`` compares) cuts the worker's fused
+    parameters into Hugging Face tensors: equal to the digests of the model's own weights in bf16, and a single changed
+    entry of the ``v_proj`` part of ``qkv_proj`` changes exactly that tensor's digest."""
+    from sparse_rl.sync.vllm import weight_digests
+
+    model = _model()
+    worker = SparsePatchWorkerExtension()
+    runtime_model = _as_module(_emulated_runtime_tensors(model))
+    worker.model_runner = SimpleNamespace(model=runtime_model, model_config=SimpleNamespace(hf_config=model.config))
+    expected = weight_digests((n, p.detach().to(BF16)) for n, p in model.named_parameters())
+    assert worker.sparse_rl_weight_digests() == expected
+    assert all(value.startswith("bfloat16:") for value in expected.values())
+    with torch.no_grad():
+        runtime_model.get_parameter("model.layers.1.self_attn.qkv_proj.weight").view(-1)[-1] += 1
+    answer = worker.sparse_rl_weight_digests()
+    assert [n for n in expected if answer[n] != expected[n]] == ["model.layers.1.self_attn.v_proj.weight"]

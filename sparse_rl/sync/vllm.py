@@ -205,6 +205,19 @@ class VLLMPatchReceiver:
         return self.receiver.apply_to(patch, self.writer)
 
 
+def weight_digests(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """``{name: "dtype:sha256"}`` of each tensor's bytes in row-major order: two sides hold the same weights bit for bit
+    exactly when their digests are equal (used to compare a vLLM server's weights with the trainer's)."""
+    import hashlib
+
+    digests = {}
+    for name, tensor in named_tensors:
+        data = tensor.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        digests[name] = f"{str(tensor.dtype).removeprefix('torch.')}:{digest}"
+    return digests
+
+
 def _numel(shape) -> int:
     total = 1
     for size in shape:
@@ -219,14 +232,29 @@ class SparsePatchWorkerExtension:
 
     ``sparse_rl_init(mask_path)`` loads the trainer's mask file and fingerprints the base the worker holds;
     ``sparse_rl_apply(patch_base64)`` validates and applies one patch and returns ``"ok <sequence>"``,
-    ``"anchor <message>"`` (the trainer answers with an anchor) or ``"refused <message>"``. Tensor parallelism 1.
+    ``"anchor <message>"`` (the trainer answers with an anchor) or ``"refused <message>"``;
+    ``sparse_rl_weight_digests()`` returns a SHA-256 per Hugging Face tensor of the weights the worker holds. Tensor
+    parallelism 1. vLLM adds the class to its worker's bases (``WorkerWrapperBase.init_worker`` in
+    ``vllm/v1/worker/worker_base.py``), refusing names the worker already has; hence the ``sparse_rl_`` prefix.
     """
 
+    def _sparse_rl_model(self) -> torch.nn.Module:
+        """The worker's model: ``Worker.get_model()`` (``GPUModelRunner.get_model`` unwraps a ``CUDAGraphWrapper``),
+        else ``model_runner.model`` (vLLM's Worker holds its GPUModelRunner as ``model_runner``)."""
+        get_model = getattr(self, "get_model", None)
+        return get_model() if callable(get_model) else self.model_runner.model
+
     def sparse_rl_init(self, mask_path: str) -> str:
-        model = self.model_runner.model  # vLLM's Worker holds its GPUModelRunner as model_runner
+        model = self._sparse_rl_model()
         hf_config = self.model_runner.model_config.hf_config
         self._sparse_rl_receiver = VLLMPatchReceiver(model, SubnetworkMask.load(mask_path), hf_config=hf_config)
         return self._sparse_rl_receiver.receiver.base_fingerprint
+
+    def sparse_rl_weight_digests(self) -> dict[str, str]:
+        """:func:`weight_digests` of the Hugging Face tensors cut out of the worker's fused parameters (what the
+        trainer's weights cast to the server dtype must equal; ``benchmarks/gpu_check.py`` compares them)."""
+        layout = FusedLayout.from_config(self.model_runner.model_config.hf_config)
+        return weight_digests(layout.hf_views(dict(self._sparse_rl_model().named_parameters())))
 
     def sparse_rl_apply(self, patch_base64: str) -> str:
         receiver = getattr(self, "_sparse_rl_receiver", None)
