@@ -357,7 +357,9 @@ def attach_to_vllm_generation(vllm_generation, producer: PatchProducer, mask: Su
     hf_config = vllm_generation.model.config
     dtype = dtype_from_name(producer.dtype_name)
     if vllm_generation.mode == "colocate":
-        runtime_model = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        worker = vllm_generation.llm.llm_engine.model_executor.driver_worker
+        get_model = getattr(worker, "get_model", None)  # Worker.get_model unwraps a CUDAGraphWrapper
+        runtime_model = get_model() if callable(get_model) else worker.model_runner.model
         sink = VLLMPatchReceiver(runtime_model, mask, hf_config=hf_config).apply
     elif transport == "sparse_nccl":
         sink = SparseNCCLSink(vllm_generation.vllm_client, FusedLayout.from_config(hf_config), mask, dtype,
