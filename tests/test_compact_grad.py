@@ -174,6 +174,23 @@ def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model):
     assert compact.held_bytes == 4 * sum(int(mask[n].sum()) for n in partly) < 0.5 * dense_bytes(mask, partly)
 
 
+def test_no_bool_per_entry_is_kept_with_compact_gradients_and_shared_reference(tiny_checkpoint, tmp_path):
+    """With compact gradients and a shared reference, nothing sparse_rl keeps for training holds a bool per entry:
+    the mask is packed, the hooks and the reference index with int32 positions of the selected entries only."""
+    import gc
+
+    trainer = build_trainer("dpo", tiny_checkpoint, tmp_path)
+    sizes = {p.numel() for p in trainer.model.parameters()}
+    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery="random", compact_grads=True,
+                                            shared_reference=True))
+    gc.collect()
+    kept = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.numel() in sizes]
+    assert kept == []
+    assert sparse.mask.nbytes <= sum((n + 7) // 8 for n in (p.numel() for p in trainer.model.parameters()))
+    assert sparse.restriction.held_bytes == 4 * sum(sparse.mask.count(n) for n, p in trainer.model.named_parameters()
+                                                    if 0 < sparse.mask.count(n) < p.numel())
+
+
 def dense_bytes(mask, names):
     return sum(mask[n].numel() for n in names)
 

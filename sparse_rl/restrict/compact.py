@@ -6,7 +6,8 @@ post-accumulate-grad hook copies the selected entries of each gradient, in flat 
 optimizer's compact state), into ``param.compact_grad`` as soon as autograd has finished that parameter, and sets
 ``param.grad = None``. Only one parameter's dense gradient is alive at a time, and the optimizer reads the compact
 gradient contiguously. Gradient accumulation adds into ``compact_grad`` in the gradient's dtype, as autograd would
-into ``.grad``.
+into ``.grad``. (A parameter used twice in the forward, a tied embedding and output head, still has its first dense
+contribution held by autograd's input buffer until the second arrives: the engine sums them before any hook runs.)
 
 Anything else that reads ``.grad`` must know: :func:`clip_grad_norm_` clips dense and compact gradients together
 (``sparsify`` routes the trainer's clipping to it). ``model.zero_grad()`` resets ``.grad`` only and leaves
@@ -20,10 +21,11 @@ which this frees.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
+
+from ..mask import SubnetworkMask
 
 ATTRIBUTE = "compact_grad"
 
@@ -42,30 +44,15 @@ def selected_indices(selection: torch.Tensor, device: torch.device | str) -> tor
     return selection.reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)
 
 
-_SHARED_INDICES: dict[int, dict[torch.device, torch.Tensor]] = {}
-
-
-def shared_selected_indices(selection: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """:func:`selected_indices`, computed once per selection tensor and device and shared by its users (the compact
-    gradient hook and :class:`~sparse_rl.reference.SharedReference` need the same int32 positions, 4 bytes per
-    selected entry). Entries live as long as ``selection`` (a mask's tensor): they are dropped when it is freed."""
-    key = id(selection)
-    per_device = _SHARED_INDICES.get(key)
-    if per_device is None:
-        per_device = _SHARED_INDICES[key] = {}
-        weakref.finalize(selection, _SHARED_INDICES.pop, key, None)
-    device = torch.device(device)
-    if device not in per_device:
-        per_device[device] = selected_indices(selection, device)
-    return per_device[device]
-
-
-def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor):
-    """Install the hook on ``param`` (see module docstring); returns its removable handle."""
-    if selection.shape != param.shape:
-        raise ValueError(f"selection of shape {tuple(selection.shape)} does not fit the parameter of shape "
-                         f"{tuple(param.shape)}")
-    indices = shared_selected_indices(selection, param.device)
+def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor | SubnetworkMask, name: str = ""):
+    """Install the hook on ``param`` (see module docstring); returns its removable handle. ``selection`` is a bool
+    tensor, or a mask with the parameter's ``name``, whose shared int32 positions the hook then holds
+    (:meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`, the same tensor a shared reference indexes with)."""
+    from_mask = isinstance(selection, SubnetworkMask)
+    shape = selection.shape_of(name) if from_mask else tuple(selection.shape)
+    if shape != tuple(param.shape):
+        raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
+    indices = selection.selected_indices(name, param.device) if from_mask else selected_indices(selection, param.device)
     setattr(param, ATTRIBUTE, None)
 
     def hook(param: torch.Tensor) -> None:
