@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..mask import SubnetworkMask
-from .compact import register_compact_gradient
+from .compact import compact_tied_input_embedding, register_compact_gradient
 from .sharded import is_sharded, restrict_sharded_gradient
 
 
@@ -45,6 +45,7 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
     named = list(model.named_parameters())
     mask.check_matches(named)
     restriction = GradientRestriction()
+    compact_handles = {}
     for name, param in named:
         if not param.requires_grad:
             continue
@@ -62,12 +63,15 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
             restriction.handles.append(restrict_sharded_gradient(param, mask[name]))
             continue
         if compact:
-            restriction.handles.append(register_compact_gradient(param, mask, name))
+            compact_handles[param] = register_compact_gradient(param, mask, name)
+            restriction.handles.append(compact_handles[param])
             restriction.held_bytes += 4 * count
             continue
         keep = mask[name].to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))
         restriction.held_bytes += keep.numel() * keep.element_size()
+    if compact_handles:  # a tied embedding's lookup then never builds a dense gradient of the whole matrix
+        compact_tied_input_embedding(model, compact_handles)
     return restriction
 
 
