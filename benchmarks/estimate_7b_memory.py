@@ -148,10 +148,10 @@ def main() -> None:
         "and keep a bool per entry to do it. With `compact_grads=True` (one process) a gradient holds its selected "
         "entries only and the hooks keep their int32 flat indices; one parameter's dense gradient is alive at a "
         "time during backward (not counted above; the largest is the embedding matrix's: 57 MB in bf16 for SmolLM2, "
-        "0.26 GB for a 7B Llama's 131M-entry embedding), except for a tied embedding and output head, whose two "
-        "dense contributions meet at the end of backward (autograd sums them before any hook runs; TRL's fused LM "
-        "head accumulates its part in fp32): 2 x 108 MiB for SmolLM2-135M in fp32, measured in "
-        "`train_step_memory.md`. Full finetuning holds the same contribution on top of its dense gradients.",
+        "0.26 GB for a 7B Llama's 131M-entry embedding). A tied embedding and output head gets two gradients: "
+        "the lookup's is compact (its rows only), the output head's is dense and lives through the backward (TRL's "
+        "fused LM head accumulates it in fp32: 108 MiB for SmolLM2-135M, 0.5 GB for a 131M-entry head), as in full "
+        "finetuning.",
         "",
         "Reproduce: `python benchmarks/estimate_7b_memory.py`",
         "",
