@@ -75,6 +75,12 @@ class SubnetworkMask:
         self._packed, self._shapes, self._counts = packed, shapes, counts
         self._indices: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
+    def __getstate__(self) -> dict:  # pickling (e.g. to worker processes): the shared index tensors stay behind
+        return {"packed": self._packed, "shapes": self._shapes, "counts": self._counts}
+
+    def __setstate__(self, state: dict) -> None:
+        self._init_packed(state["packed"], state["shapes"], state["counts"])
+
     @classmethod
     def _from_packed(cls, packed: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> SubnetworkMask:
         """A mask of already packed bits (``np.packbits`` of each flattened selection, zero padding bits)."""

@@ -105,3 +105,14 @@ def test_selected_indices_are_shared_while_held():
     assert mask.selected_indices("w") is held  # one tensor for every holder
     del held
     assert len(mask._indices) == 0  # freed with its last holder, not kept by the mask
+
+
+def test_pickles_and_copies_without_its_shared_indices(tiny_model):
+    import copy
+    import pickle
+
+    mask = random_mask(tiny_model, 0.2)
+    held = mask.selected_indices(next(iter(mask)))
+    for twin in (pickle.loads(pickle.dumps(mask)), copy.deepcopy(mask)):
+        assert twin == mask and twin.num_selected == mask.num_selected
+        assert torch.equal(twin.selected_indices(next(iter(mask))), held)
