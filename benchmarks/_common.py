@@ -49,6 +49,24 @@ def release_memory() -> None:
         pass
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_free_mib() -> float | None:
+    """Bytes glibc's malloc holds free inside its heaps (``mallinfo2().fordblks``): memory the process freed but did
+    not hand back to the OS, so it still counts in RSS once touched (fragmentation, allocator slack). None without
+    glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc.mallinfo2().fordblks / 2**20
+    except (OSError, AttributeError):
+        return None
+
+
 def reset_peak() -> bool:
     """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``); False where the kernel does not allow it."""
     try:

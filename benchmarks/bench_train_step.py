@@ -50,6 +50,7 @@ from _common import (
     RESULTS_DIR,
     child_command,
     emit_result,
+    heap_free_mib,
     load_average,
     peak_rss_mib,
     preference_dataset,
@@ -138,12 +139,16 @@ def _build_dpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, 
 def lora_config_matching(model, density: float):
     """LoRA on every linear layer (PEFT's ``"all-linear"``: all ``nn.Linear`` but the output head) with the rank whose
     trainable count is closest to a ``density`` subnetwork's; returns ``(LoraConfig, target count)``."""
+    import math
+
     import torch
     from peft import LoraConfig
 
-    from sparse_rl.discovery import random_mask
+    from sparse_rl.discovery.strategies import trainable_parameters
 
-    target = random_mask(model, density, seed=0).num_selected
+    # what random_mask(model, density) selects, ceil(density * n) entries per tensor, counted without drawing the
+    # mask: its scores and top-k would set this row's construction peak (about 0.6 GB here), which LoRA never needs
+    target = sum(max(1, math.ceil(density * p.numel())) for _, p in trainable_parameters(model))
     output_head = model.get_output_embeddings()
     per_rank = sum(m.in_features + m.out_features for m in model.modules()
                    if isinstance(m, torch.nn.Linear) and m is not output_head)
@@ -263,6 +268,7 @@ class RssTimeline:
 
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
+        self.heap_free: list[float] = []  # malloc's free bytes inside its heaps at each sample (MiB)
         self.marks: list[tuple[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -276,6 +282,7 @@ class RssTimeline:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append((time.perf_counter() - self._start, self._rss()))
+            self.heap_free.append(heap_free_mib() or 0.0)
             self._stop.wait(self.interval)
 
     def start(self) -> None:
@@ -290,15 +297,15 @@ class RssTimeline:
         self._stop.set()
         self._thread.join()
         self.samples.append((time.perf_counter() - self._start, self._rss()))
+        self.heap_free.append(heap_free_mib() or 0.0)
 
 
 def _mask_and_hook_bytes(sparse) -> int:
-    """The SubnetworkMask's bool selections (1 byte per entry of every listed parameter) and what the gradient hooks
+    """The SubnetworkMask's packed selections (1 bit per entry of every listed parameter) and what the gradient hooks
     keep (a bool per entry with dense hooks, an int32 per selected entry with compact gradients)."""
     if sparse is None:
         return 0
-    mask = sum(v.numel() * v.element_size() for v in sparse.mask.selections.values())
-    return mask + sparse.restriction.held_bytes
+    return sparse.mask.nbytes + sparse.restriction.held_bytes
 
 
 def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) -> dict:
@@ -311,6 +318,7 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
     torch.manual_seed(0)
     release_memory()
     rss_baseline = status_mib("VmRSS")
+    heap_free_baseline = heap_free_mib() or 0.0
     model, tokenizer = load_smollm2()
     with torch.no_grad():  # the checkpoint is memory-mapped: read every weight so it is resident in every row,
         for param in model.parameters():  # as after a copy to the GPU, not only once a row first touches it
@@ -358,11 +366,13 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
                            f"{recorder.compact_grad_bytes} bytes of compact gradients")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     timeline = recorder.timeline
-    step_peak = max(rss for _, rss in timeline.samples)
+    peak_at = max(range(len(timeline.samples)), key=lambda i: timeline.samples[i][1])
+    step_peak = timeline.samples[peak_at][1]
     master_bytes = 0  # fp32 weights: MaskedAdamW keeps no master copy (bf16/fp16 weights would)
     breakdown = {"weights": weight_bytes, "gradients": recorder.grad_bytes, "optimizer state": state_bytes,
                  "master copy": master_bytes, "reference": reference_bytes, "mask and hooks": mask_bytes}
     breakdown = {k: v / MIB for k, v in breakdown.items()}
+    breakdown["allocator free"] = timeline.heap_free[peak_at] - heap_free_baseline
     breakdown["rest"] = step_peak - rss_baseline - sum(breakdown.values())
     trainer_args = trainer.args
     del trainer
@@ -508,7 +518,8 @@ def to_markdown(rows: list[dict], args, loads: tuple[float, float | None], comma
     return "\n".join(lines)
 
 
-BREAKDOWN = ("weights", "gradients", "optimizer state", "master copy", "reference", "mask and hooks", "rest")
+BREAKDOWN = ("weights", "gradients", "optimizer state", "master copy", "reference", "mask and hooks", "allocator free",
+             "rest")
 
 
 def breakdown_markdown(rows: list[dict]) -> list[str]:
@@ -521,10 +532,16 @@ def breakdown_markdown(rows: list[dict]) -> list[str]:
         "*weights* = the policy's parameters (LoRA: base + adapters); *gradients* = `.grad` and `compact_grad` bytes "
         "at the optimizer step; *optimizer state* as above; *master copy* = fp32 copies of bf16/fp16 weights (none: "
         "the weights are fp32); *reference* = TRL's copy or the shared reference's values and indices; *mask and "
-        "hooks* = the `SubnetworkMask` (a bool per entry) plus what the gradient hooks keep; *rest* = the step's peak "
-        "RSS minus the process's RSS before the model was loaded (Python, torch, transformers, TRL: *base*) minus "
-        "all of the above: activations, logits, generation caches, allocator slack. Timelines: "
-        "`<name>_timeline.png` beside this file.", "",
+        "hooks* = the `SubnetworkMask` (packed, 1 bit per entry) plus what the gradient hooks keep (int32 positions of "
+        "the selected entries with compact gradients, shared with the shared reference); *allocator free* = bytes "
+        "glibc's malloc held free inside its heaps at the peak sample (`mallinfo2().fordblks`, over the same reading "
+        "at *base*): freed memory that still counts in RSS once touched (heap fragmentation; an upper bound, as pages "
+        "`malloc_trim` returned stay counted until reused); *rest* = the step's peak RSS minus "
+        "the process's RSS before the model was loaded (Python, torch, transformers, TRL: *base*) minus all of the "
+        "above: activations, logits, generation caches, transient dense gradients (one base matrix's at a time; a "
+        "trained tied embedding's output-head gradient, 108 MiB here in fp32 from TRL's fused LM head, lives through "
+        "the backward, its lookup's is compact), libraries loaded during training. "
+        "Timelines: `<name>_timeline.png` beside this file.", "",
         "| trainer | setup | base MiB | " + " | ".join(f"{k} MiB" for k in BREAKDOWN) + " | step peak MiB |",
         "|---|---|" + "---:|" * (len(BREAKDOWN) + 2),
     ]

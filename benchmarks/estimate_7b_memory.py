@@ -16,7 +16,7 @@ compact gradient hooks' own with compact gradients (then only ``value_bytes()`` 
 ``sparse_rl.trl.build_trainer`` the copy is never built, so it does not set a construction peak either. Not included
 (the same for the rows of a dtype): activations (they depend on batch and sequence length), DDP's gradient buckets
 (one more gradient-sized buffer unless ``gradient_as_bucket_view=True``), the CUDA context, and the
-``SubnetworkMask`` (a bool per entry, kept in host memory, not on the GPU).
+``SubnetworkMask`` (packed, 1 bit per entry, kept in host memory, not on the GPU: its own column).
 
     python benchmarks/estimate_7b_memory.py     # writes benchmarks/results/estimate_7b_memory.md
 """
@@ -51,12 +51,13 @@ def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32, com
     model, tokenizer = load_smollm2(dtype=dtype)
     model.train()
     num_parameters = sum(p.numel() for p in model.parameters())
-    hook_bytes = 0
+    hook_bytes = mask_bytes = 0
     if density is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         reference = tensor_bytes(model.parameters())  # TRL's copy
     else:
         mask = random_mask(model, density)
+        mask_bytes = mask.nbytes
         hook_bytes = restrict_gradients(model, mask, compact=compact).held_bytes
         if density >= 1.0:  # full finetuning measured as MaskedAdamW: TRL keeps its copy
             reference = tensor_bytes(model.parameters())
@@ -78,6 +79,7 @@ def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32, com
         "hooks": hook_bytes,
         "state": state,
         "reference": reference,
+        "mask": mask_bytes,
     }
     return {"num_parameters": num_parameters, **{k: v / num_parameters for k, v in measured.items()}}
 
@@ -126,25 +128,30 @@ def main() -> None:
         "it. *reference*: TRL's copy for full finetuning, the shared reference for sparse_rl (starting values of the "
         "selected entries, plus their int32 indices unless the compact gradient hooks already hold them); the last "
         "two columns add it (DPO, KL-regularised GRPO/RLOO). Not included, the same for the rows of one dtype: "
-        "activations, DDP's gradient buckets, the CUDA context, the mask (host memory).",
+        "activations, DDP's gradient buckets, the CUDA context. *mask (host)*: the `SubnetworkMask` sparse_rl keeps in "
+        "host memory (packed, 1 bit per entry), not on the GPU.",
         "",
         "| weights | optimizer | weights B/param | grads B/param | gradient hooks B/param | optimizer state B/param "
         "| total B/param | 7B per GPU (GiB) | vs first row of the dtype | reference B/param | 7B with reference "
-        "(GiB) | vs first row |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(GiB) | vs first row | mask (host) B/param |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for weights, optimizer, result, total, ratio, with_reference, ratio_reference in rows:
         lines.append(f"| {weights} | {optimizer} | {result['weights']:.2f} | {result['gradients']:.2f} | "
                      f"{result['hooks']:.2f} | {result['state']:.3f} | {total:.2f} | "
                      f"{total * PARAMETERS_7B / GIB:.1f} | {ratio:.2f} | {result['reference']:.2f} | "
-                     f"{with_reference * PARAMETERS_7B / GIB:.1f} | {ratio_reference:.2f} |")
+                     f"{with_reference * PARAMETERS_7B / GIB:.1f} | {ratio_reference:.2f} | "
+                     f"{result['mask']:.3f} |")
     lines += [
         "",
         "Without compact gradients, gradients stay dense: the hooks zero unselected entries of a full-size `.grad` "
         "and keep a bool per entry to do it. With `compact_grads=True` (one process) a gradient holds its selected "
         "entries only and the hooks keep their int32 flat indices; one parameter's dense gradient is alive at a "
         "time during backward (not counted above; the largest is the embedding matrix's: 57 MB in bf16 for SmolLM2, "
-        "0.26 GB for a 7B Llama's 131M-entry embedding).",
+        "0.26 GB for a 7B Llama's 131M-entry embedding). A tied embedding and output head gets two gradients: "
+        "the lookup's is compact (its rows only), the output head's is dense and lives through the backward (TRL's "
+        "fused LM head accumulates it in fp32: 108 MiB for SmolLM2-135M, 0.5 GB for a 131M-entry head), as in full "
+        "finetuning.",
         "",
         "Reproduce: `python benchmarks/estimate_7b_memory.py`",
         "",

@@ -1,8 +1,11 @@
 """``SubnetworkMask``: which entries of which parameters are trained.
 
 A mask is a boolean tensor per parameter, keyed by the parameter's name in ``model.named_parameters()``. Parameters
-absent from the mask are frozen. Masks are saved as safetensors with the bits packed (1 bit per entry), so a mask for
-SmolLM2-135M is ~17 MB whatever its density.
+absent from the mask are frozen. A mask holds its selections packed, 1 bit per entry (a mask for SmolLM2-135M is ~17 MB
+whatever its density, in memory and as safetensors on disk), with each tensor's selected count; ``mask[name]`` and
+``mask.items()`` unpack a fresh bool tensor on each access. Masks are immutable: combine them (``|``, ``&``) or build
+a new one from bool tensors. The int32 positions that compact gradient hooks and the shared reference index with come
+from :meth:`SubnetworkMask.selected_indices`, one tensor per parameter shared by its holders.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -44,44 +48,114 @@ def module_type(name: str) -> str:
 class SubnetworkMask:
     """Boolean selection per parameter name.
 
-    ``selections[name][i] is True`` means entry ``i`` of parameter ``name`` is trained; everything else stays
-    bit-identical. Tensors are kept on CPU; consumers move them where they need them.
+    ``mask[name][i] is True`` means entry ``i`` of parameter ``name`` is trained; everything else stays
+    bit-identical. Stored packed on CPU (1 bit per entry, see the module docstring); consumers unpack or index what
+    they need and move it where they need it.
     """
 
-    def __init__(self, selections: Mapping[str, torch.Tensor]):
-        checked: dict[str, torch.Tensor] = {}
-        for name, selection in selections.items():
+    def __init__(self, selections: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
+        """``selections``: bool tensor per parameter name, as a mapping or as ``(name, tensor)`` pairs (a generator
+        lets each tensor be packed and freed before the next one is made)."""
+        packed: dict[str, np.ndarray] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        counts: dict[str, int] = {}
+        pairs = selections.items() if isinstance(selections, Mapping) else selections
+        for name, selection in pairs:
             if not isinstance(selection, torch.Tensor):
                 raise TypeError(f"mask entry {name!r} must be a torch.Tensor, got {type(selection).__name__}")
             if selection.dtype != torch.bool:
                 raise TypeError(f"mask entry {name!r} must be a bool tensor, got dtype {selection.dtype}")
-            checked[name] = selection.detach().to("cpu").contiguous()
-        self.selections = checked
+            flat = selection.detach().to("cpu").reshape(-1).numpy()
+            packed[name], shapes[name], counts[name] = np.packbits(flat), tuple(selection.shape), int(
+                np.count_nonzero(flat))
+        self._init_packed(packed, shapes, counts)
+
+    def _init_packed(self, packed: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                     counts: dict[str, int]) -> None:
+        self._packed, self._shapes, self._counts = packed, shapes, counts
+        self._indices: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __getstate__(self) -> dict:  # pickling (e.g. to worker processes): the shared index tensors stay behind
+        return {"packed": self._packed, "shapes": self._shapes, "counts": self._counts}
+
+    def __setstate__(self, state: dict) -> None:
+        self._init_packed(state["packed"], state["shapes"], state["counts"])
+
+    @classmethod
+    def _from_packed(cls, packed: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> SubnetworkMask:
+        """A mask of already packed bits (``np.packbits`` of each flattened selection, zero padding bits)."""
+        mask = cls.__new__(cls)
+        counts = {name: int(np.bitwise_count(bits).sum()) if hasattr(np, "bitwise_count")
+                  else int(np.unpackbits(bits).sum()) for name, bits in packed.items()}
+        mask._init_packed(dict(packed), {n: tuple(s) for n, s in shapes.items()}, counts)
+        return mask
+
+    @property
+    def selections(self) -> Mapping[str, torch.Tensor]:
+        """Read-only mapping of parameter name to its bool selection, unpacked on each access."""
+        return _Selections(self)
+
+    def _unpack(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        bits = np.unpackbits(self._packed[name], count=math.prod(shape))
+        return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """Shape of parameter ``name``'s selection, without unpacking it."""
+        if name not in self._shapes:
+            self[name]  # raises the KeyError naming the mask's parameters
+        return self._shapes[name]
+
+    def count(self, name: str) -> int:
+        """Selected entries of parameter ``name`` (counted once, when the mask was built)."""
+        if name not in self._counts:
+            self[name]
+        return self._counts[name]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed selections this mask holds (1 bit per entry, rounded up to a byte per tensor)."""
+        return sum(bits.nbytes for bits in self._packed.values())
+
+    def selected_indices(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Flat positions of ``name``'s selected entries as int32 on ``device``: 4 bytes per *selected* entry.
+
+        Computed once and shared: while anyone holds the tensor (the compact gradient hook, the shared reference),
+        every caller gets that same tensor, so holders of the same parameter's positions pay for them once; it is
+        freed with its last holder. Tensors of 2**31 entries or more do not fit int32 positions (ValueError)."""
+        numel = math.prod(self.shape_of(name))
+        if numel >= 2**31:
+            raise ValueError(f"int32 positions need tensors of fewer than 2**31 entries, {name!r} has {numel}")
+        key = (name, str(torch.device(device)))
+        indices = self._indices.get(key)
+        if indices is None:
+            indices = self._unpack(name).reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)
+            self._indices[key] = indices
+        return indices
 
     # ------------------------------------------------------------------ container protocol
     def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            return self.selections[name]
-        except KeyError:
-            raise KeyError(f"parameter {name!r} is not in this mask; it holds {len(self.selections)} parameters, "
-                           f"e.g. {list(self.selections)[:3]}") from None
+        if name not in self._packed:
+            raise KeyError(f"parameter {name!r} is not in this mask; it holds {len(self._packed)} parameters, "
+                           f"e.g. {list(self._packed)[:3]}") from None
+        return self._unpack(name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.selections
+        return name in self._packed
 
     def __iter__(self):
-        return iter(self.selections)
+        return iter(self._packed)
 
     def __len__(self) -> int:
-        return len(self.selections)
+        return len(self._packed)
 
     def items(self):
         return self.selections.items()
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SubnetworkMask) or self.selections.keys() != other.selections.keys():
+        if not isinstance(other, SubnetworkMask) or self._shapes != other._shapes:
             return False
-        return all(torch.equal(v, other.selections[k]) for k, v in self.selections.items())
+        return all(np.array_equal(bits, other._packed[name]) for name, bits in self._packed.items())
 
     def __repr__(self) -> str:
         return (f"SubnetworkMask({len(self)} tensors, {self.num_selected:,}/{self.num_total:,} entries, "
@@ -90,11 +164,11 @@ class SubnetworkMask:
     # ------------------------------------------------------------------ statistics
     @property
     def num_selected(self) -> int:
-        return int(sum(int(v.sum()) for v in self.selections.values()))
+        return sum(self._counts.values())
 
     @property
     def num_total(self) -> int:
-        return int(sum(v.numel() for v in self.selections.values()))
+        return sum(math.prod(shape) for shape in self._shapes.values())
 
     @property
     def density(self) -> float:
@@ -108,7 +182,8 @@ class SubnetworkMask:
         return self.num_selected / total if total else 0.0
 
     def per_tensor_density(self) -> dict[str, float]:
-        return {name: (float(v.float().mean()) if v.numel() else 0.0) for name, v in self.selections.items()}
+        return {name: (self._counts[name] / math.prod(shape) if math.prod(shape) else 0.0)
+                for name, shape in self._shapes.items()}
 
     def flat_indices(self, name: str) -> torch.Tensor:
         """Sorted int64 positions of the selected entries of ``name`` in its flattened tensor."""
@@ -118,10 +193,10 @@ class SubnetworkMask:
         """Selected share of the entries of each :func:`module_type` present in the mask."""
         selected: dict[str, int] = {}
         total: dict[str, int] = {}
-        for name, selection in self.selections.items():
+        for name, shape in self._shapes.items():
             kind = module_type(name)
-            selected[kind] = selected.get(kind, 0) + int(selection.sum())
-            total[kind] = total.get(kind, 0) + selection.numel()
+            selected[kind] = selected.get(kind, 0) + self._counts[name]
+            total[kind] = total.get(kind, 0) + math.prod(shape)
         return {kind: selected[kind] / total[kind] for kind in MODULE_TYPES if total.get(kind)}
 
     # ------------------------------------------------------------------ algebra
@@ -129,8 +204,9 @@ class SubnetworkMask:
         if not isinstance(other, SubnetworkMask):
             raise TypeError(f"can only combine a SubnetworkMask with another one, got {type(other).__name__}")
         selections = {}
-        for name in list(self.selections) + [n for n in other.selections if n not in self.selections]:
-            mine, theirs = self.selections.get(name), other.selections.get(name)
+        for name in list(self) + [n for n in other if n not in self]:
+            mine = self[name] if name in self else None
+            theirs = other[name] if name in other else None
             if mine is not None and theirs is not None:
                 if mine.shape != theirs.shape:
                     raise ValueError(f"cannot combine masks: {name!r} has shape {tuple(mine.shape)} in one and "
@@ -161,16 +237,15 @@ class SubnetworkMask:
     def check_matches(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Raise a ``ValueError`` naming the first unknown parameter or shape mismatch."""
         shapes = {name: tuple(p.shape) for name, p in named_parameters}
-        unknown = [name for name in self.selections if name not in shapes]
+        unknown = [name for name in self._shapes if name not in shapes]
         if unknown:
             close = [n for n in shapes if n.endswith(unknown[0].split(".")[-1])][:3]
             raise ValueError(f"mask names parameter {unknown[0]!r} which the model does not have "
                              f"({len(unknown)} unknown in all); model parameters look like "
                              f"{close or list(shapes)[:3]}")
-        for name, selection in self.selections.items():
-            if tuple(selection.shape) != shapes[name]:
-                raise ValueError(f"mask for {name!r} has shape {tuple(selection.shape)} but the parameter has shape "
-                                 f"{shapes[name]}")
+        for name, shape in self._shapes.items():
+            if shape != shapes[name]:
+                raise ValueError(f"mask for {name!r} has shape {shape} but the parameter has shape {shapes[name]}")
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -182,17 +257,17 @@ class SubnetworkMask:
         """SHA-256 hex digest of each tensor's name, shape and packed selection bits: what ranks compare under DDP,
         what optimizer state and weight-sync patches carry to prove which mask they belong to."""
         digests = {}
-        for name, selection in self.selections.items():
-            digest = hashlib.sha256(f"{name}:{tuple(selection.shape)}:".encode())
-            digest.update(_packed_bits(selection).tobytes())
+        for name, bits in self._packed.items():
+            digest = hashlib.sha256(f"{name}:{self._shapes[name]}:".encode())
+            digest.update(bits.tobytes())
             digests[name] = digest.hexdigest()
         return digests
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file with one uint8 tensor of packed bits per parameter (checksummed, atomically)."""
-        packed = {name: torch.from_numpy(_packed_bits(v)) for name, v in self.selections.items()}
-        shapes = {name: list(v.shape) for name, v in self.selections.items()}
+        packed = {name: torch.from_numpy(bits) for name, bits in self._packed.items()}
+        shapes = {name: list(shape) for name, shape in self._shapes.items()}
         save_checked(packed, path, metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
 
     @classmethod
@@ -204,7 +279,7 @@ class SubnetworkMask:
         if set(shapes) != set(packed):
             raise CorruptFileError(f"mask file {path}: its header lists {len(shapes)} tensors but it holds "
                                    f"{len(packed)}")
-        selections = {}
+        bits_of = {}
         for name, shape in shapes.items():
             count = math.prod(shape)
             bits = packed[name].numpy()
@@ -212,12 +287,27 @@ class SubnetworkMask:
                 raise CorruptFileError(f"mask file {path}: {name!r} has shape {shape} in the header ({count} bits) "
                                        f"but {bits.size} packed bytes of {bits.dtype} in the payload (or padding bits "
                                        "set)")
-            selections[name] = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).reshape(shape)
-        return cls(selections)
+            bits_of[name] = bits
+        return cls._from_packed(bits_of, shapes)
 
 
-def _packed_bits(selection: torch.Tensor) -> np.ndarray:
-    return np.packbits(selection.reshape(-1).numpy())
+class _Selections(Mapping):
+    """``SubnetworkMask.selections``: a read-only view that unpacks each selection when it is read."""
+
+    def __init__(self, mask: SubnetworkMask):
+        self._mask = mask
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._mask[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mask)
+
+    def __len__(self) -> int:
+        return len(self._mask)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._mask
 
 
 def packed_bits_fit(packed: np.ndarray, count: int) -> bool:

@@ -51,7 +51,6 @@ import gc
 import torch
 
 from .mask import SubnetworkMask
-from .restrict.compact import shared_selected_indices
 
 
 class SharedReference(torch.nn.Module):
@@ -100,15 +99,15 @@ class SharedReference(torch.nn.Module):
         mask.check_matches(named)
         params = dict(named)
         with torch.no_grad():
-            for name, selection in mask.items():
-                if not bool(selection.any()):
+            for name in mask:
+                if mask.count(name) == 0:
                     continue
                 param = params[name]
                 if not param.is_contiguous():
                     raise ValueError(f"parameter {name!r} is not contiguous; the shared reference swaps entries "
                                      "through a flat view")
                 if param.numel() < 2**31:  # the compact gradient hook's int32 positions, shared with it
-                    index = shared_selected_indices(selection, param.device)
+                    index = mask.selected_indices(name, param.device)
                 else:
                     index = mask.flat_indices(name).to(param.device)
                 slot = len(self._names)
@@ -125,7 +124,7 @@ class SharedReference(torch.nn.Module):
 
     def extra_bytes(self) -> int:
         """Bytes this reference holds: the original selected values and their int32 indices (the same index
-        tensors as the compact gradient hooks', :func:`~sparse_rl.restrict.compact.shared_selected_indices`). CPU
+        tensors as the compact gradient hooks', :meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`). CPU
         tensors are swapped in place; other devices reuse a scratch buffer of the largest tensor's entries, grown on
         first use."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -174,6 +174,23 @@ def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model):
     assert compact.held_bytes == 4 * sum(int(mask[n].sum()) for n in partly) < 0.5 * dense_bytes(mask, partly)
 
 
+def test_no_bool_per_entry_is_kept_with_compact_gradients_and_shared_reference(tiny_checkpoint, tmp_path):
+    """With compact gradients and a shared reference, nothing sparse_rl keeps for training holds a bool per entry:
+    the mask is packed, the hooks and the reference index with int32 positions of the selected entries only."""
+    import gc
+
+    trainer = build_trainer("dpo", tiny_checkpoint, tmp_path)
+    sizes = {p.numel() for p in trainer.model.parameters()}
+    sparse = sparsify(trainer, SparseConfig(density=0.1, discovery="random", compact_grads=True,
+                                            shared_reference=True))
+    gc.collect()
+    kept = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.numel() in sizes]
+    assert kept == []
+    assert sparse.mask.nbytes <= sum((n + 7) // 8 for n in (p.numel() for p in trainer.model.parameters()))
+    assert sparse.restriction.held_bytes == 4 * sum(sparse.mask.count(n) for n, p in trainer.model.named_parameters()
+                                                    if 0 < sparse.mask.count(n) < p.numel())
+
+
 def dense_bytes(mask, names):
     return sum(mask[n].numel() for n in names)
 
@@ -198,3 +215,64 @@ def test_on_by_default_where_supported_and_off_where_refused(tiny_checkpoint, tm
     trainer.args.fp16 = False
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
     assert not sparsified_with_default()
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_tied_embedding_matches_dense_bit_for_bit_without_its_dense_lookup_gradient(padding):
+    """A tied input embedding / output head: the compact gradient equals the dense masked gradient bit for bit
+    (accumulated over micro-batches, repeated tokens, padding rows), and the lookup never builds a dense gradient of
+    the whole matrix (torch's embedding_dense_backward does not run)."""
+    from tests.tiny import make_tiny_model
+
+    model = make_tiny_model(tie_word_embeddings=True, vocab_size=40)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    if padding:
+        model.get_input_embeddings().padding_idx = 0
+    mask = random_mask(model, 0.3, seed=1)
+    dense, compact = _dense_and_compact(model, mask)
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    ids[:, 2] = ids[:, 5] = 7  # repeated tokens: a row summed from several positions
+    ids[0, :3] = 0  # padding tokens
+    counter = _CountOps()
+    for micro_batch in (ids[:, :6], ids[:, 2:], ids):
+        _backward(dense, micro_batch)
+        with counter:
+            _backward(compact, micro_batch)
+    assert not any("embedding_dense_backward" in call for call in counter.calls)
+    name = next(n for n, p in compact.named_parameters() if p is compact.get_input_embeddings().weight)
+    for (n, p_dense), (_, p_compact) in zip(dense.named_parameters(), compact.named_parameters()):
+        expected = p_dense.grad[mask[n]]
+        got = compact_grad_of(p_compact)
+        assert got.view(torch.int32).equal(expected.view(torch.int32)), n  # bits, signed zeros included
+    assert compact_grad_of(dict(compact.named_parameters())[name]).abs().sum() > 0
+    with torch.no_grad():  # the reference forward and generation take the ordinary lookup
+        assert torch.equal(compact(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["dpo", "grpo"])
+def test_trainers_with_a_tied_embedding_match_dense_masked_gradients_bit_for_bit(name, tmp_path):
+    """DPO and GRPO on a model whose embedding is tied to the output head: compact gradients (with the compact
+    lookup backward) train exactly the weights dense masked gradients train."""
+    from tests.tiny import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    trained = {}
+    for compact in (False, True):
+        trainer = build_trainer(name, checkpoint, tmp_path / str(compact))
+        assert trainer.model.get_input_embeddings().weight is trainer.model.get_output_embeddings().weight
+        mask = random_mask(trainer.model, 0.3, seed=3)
+        sparsify(trainer, SparseConfig(mask=mask, compact_grads=compact))
+        trainer.train()
+        trained[compact] = dict(trainer.model.named_parameters())
+    for n, dense in trained[False].items():
+        assert torch.equal(trained[True][n], dense), n

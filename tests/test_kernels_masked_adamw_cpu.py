@@ -10,7 +10,7 @@ import pytest
 import torch
 from sparse_rl.kernels.layout import TILE
 
-from sparse_rl import MaskedAdamW
+from sparse_rl import MaskedAdamW, SubnetworkMask
 from tests.test_kernels_masked_adamw import _assert_matches_reference, _run_both
 from tests.test_optim_reference import ReferenceMaskedAdamW, random_grads, random_problem
 
@@ -42,8 +42,9 @@ def two_threads():
                                                   (torch.float16, False)], ids=str)
 def test_parallel_launch_matches_reference(two_threads, cpu_path, dtype, master_weights):
     params, mask = random_problem(SHAPES, 0.1, dtype)
-    for name, density in (("sparse", 0.01), ("dense", 0.6)):
-        mask.selections[name] = torch.rand(SHAPES[name], generator=torch.Generator().manual_seed(3)) < density
+    mask = SubnetworkMask({**mask.selections, **{
+        name: torch.rand(SHAPES[name], generator=torch.Generator().manual_seed(3)) < density
+        for name, density in (("sparse", 0.01), ("dense", 0.6))}})
     start = {n: p.clone() for n, p in params.items()}
     ours, theirs, opt, ref = _run_both(params, mask, random_grads(params, 2), backend="cpu",
                                        master_weights=master_weights, lrs=[1e-2, 3e-3])

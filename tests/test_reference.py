@@ -84,14 +84,12 @@ def test_extra_memory_is_the_selected_values_and_int32_indices():
 
 def test_indices_are_shared_with_compact_gradient_hooks():
     """The reference and the compact gradient hooks keep one int32 index tensor per parameter, not one each."""
-    from sparse_rl.restrict.compact import shared_selected_indices
-
     policy = make_tiny_model()
     mask = random_mask(policy, 0.1)
     restriction = restrict_gradients(policy, mask, compact=True)
     reference = SharedReference(policy, mask)
     for slot, name in enumerate(reference._names):
-        assert getattr(reference, f"index_{slot}") is shared_selected_indices(mask[name], "cpu")
+        assert getattr(reference, f"index_{slot}") is mask.selected_indices(name, "cpu")
     assert reference.extra_bytes() - reference.value_bytes() == 4 * mask.num_selected
     assert restriction.held_bytes == 4 * mask.num_selected
     restriction.remove()

@@ -155,12 +155,13 @@ def random_mask(
     check_budget(budget)
     generator = torch.Generator().manual_seed(seed)
     named = tqdm(trainable_parameters(model, exclude, include), desc="random mask", leave=False)
-    if budget == "per_tensor":  # select as the scores are drawn: one tensor's fp32 scores alive at a time, not all
-        selections = {name: _top_k_selection(torch.rand(param.shape, generator=generator), density)
-                      for name, param in named}
-        if not selections:
+    if budget == "per_tensor":  # select as the scores are drawn: one tensor's fp32 scores (and bool selection, which
+        # the mask packs to bits as it arrives) alive at a time, not all
+        mask = SubnetworkMask((name, _top_k_selection(torch.rand(param.shape, generator=generator), density))
+                              for name, param in named)
+        if not len(mask):
             raise ValueError("no scores given: the mask would select nothing")
-        return SubnetworkMask(selections)
+        return mask
     scores = {name: torch.rand(param.shape, generator=generator) for name, param in named}
     return mask_from_scores(scores, density, budget)
 

@@ -6,7 +6,8 @@ post-accumulate-grad hook copies the selected entries of each gradient, in flat 
 optimizer's compact state), into ``param.compact_grad`` as soon as autograd has finished that parameter, and sets
 ``param.grad = None``. Only one parameter's dense gradient is alive at a time, and the optimizer reads the compact
 gradient contiguously. Gradient accumulation adds into ``compact_grad`` in the gradient's dtype, as autograd would
-into ``.grad``.
+into ``.grad``. (A parameter used twice in the forward, a tied embedding and output head, still has its first dense
+contribution held by autograd's input buffer until the second arrives: the engine sums them before any hook runs.)
 
 Anything else that reads ``.grad`` must know: :func:`clip_grad_norm_` clips dense and compact gradients together
 (``sparsify`` routes the trainer's clipping to it). ``model.zero_grad()`` resets ``.grad`` only and leaves
@@ -20,10 +21,11 @@ which this frees.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
+
+from ..mask import SubnetworkMask
 
 ATTRIBUTE = "compact_grad"
 
@@ -42,31 +44,17 @@ def selected_indices(selection: torch.Tensor, device: torch.device | str) -> tor
     return selection.reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)
 
 
-_SHARED_INDICES: dict[int, dict[torch.device, torch.Tensor]] = {}
-
-
-def shared_selected_indices(selection: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """:func:`selected_indices`, computed once per selection tensor and device and shared by its users (the compact
-    gradient hook and :class:`~sparse_rl.reference.SharedReference` need the same int32 positions, 4 bytes per
-    selected entry). Entries live as long as ``selection`` (a mask's tensor): they are dropped when it is freed."""
-    key = id(selection)
-    per_device = _SHARED_INDICES.get(key)
-    if per_device is None:
-        per_device = _SHARED_INDICES[key] = {}
-        weakref.finalize(selection, _SHARED_INDICES.pop, key, None)
-    device = torch.device(device)
-    if device not in per_device:
-        per_device[device] = selected_indices(selection, device)
-    return per_device[device]
-
-
-def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor):
-    """Install the hook on ``param`` (see module docstring); returns its removable handle."""
-    if selection.shape != param.shape:
-        raise ValueError(f"selection of shape {tuple(selection.shape)} does not fit the parameter of shape "
-                         f"{tuple(param.shape)}")
-    indices = shared_selected_indices(selection, param.device)
+def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor | SubnetworkMask, name: str = ""):
+    """Install the hook on ``param`` (see module docstring); returns its removable handle. ``selection`` is a bool
+    tensor, or a mask with the parameter's ``name``, whose shared int32 positions the hook then holds
+    (:meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`, the same tensor a shared reference indexes with)."""
+    from_mask = isinstance(selection, SubnetworkMask)
+    shape = selection.shape_of(name) if from_mask else tuple(selection.shape)
+    if shape != tuple(param.shape):
+        raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
+    indices = selection.selected_indices(name, param.device) if from_mask else selected_indices(selection, param.device)
     setattr(param, ATTRIBUTE, None)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, values) added by compact_embedding_rows
 
     def hook(param: torch.Tensor) -> None:
         nonlocal indices
@@ -76,6 +64,9 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
         if indices.device != grad.device:  # the model was moved after the hook was installed
             indices = indices.to(grad.device)
         selected = torch.index_select(grad.reshape(-1), 0, indices)
+        for slots, values in pending:  # the input embedding's rows, in the order autograd produced them
+            selected.index_add_(0, slots, values)
+        pending.clear()
         current = compact_grad_of(param)
         if current is None:
             setattr(param, ATTRIBUTE, selected)
@@ -84,19 +75,116 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
         param.grad = None
 
     handle = param.register_post_accumulate_grad_hook(hook)
-    return _Handle(handle, param)
+    return _Handle(handle, param, indices, pending)
 
 
 class _Handle:
     """Removes the hook and the parameter's compact gradient."""
 
-    def __init__(self, handle, param: torch.Tensor):
+    def __init__(self, handle, param: torch.Tensor, indices: torch.Tensor, pending: list):
         self._handle, self._param = handle, param
+        self.indices, self.pending = indices, pending
+        self._undo: list = []
 
     def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
         self._handle.remove()
         if hasattr(self._param, ATTRIBUTE):
             delattr(self._param, ATTRIBUTE)
+
+
+# ---------------------------------------------------------------------------------------------- tied embedding
+def compact_tied_input_embedding(model: torch.nn.Module, handles: dict[torch.nn.Parameter, _Handle]) -> bool:
+    """Give a tied input embedding (the same matrix as the output head) a compact backward, so its dense gradient
+    is never built; True if installed. The undo is kept by the weight's compact-gradient handle.
+
+    The weight of a tied embedding gets two dense gradients, the output head's and the lookup's, which autograd sums
+    before any hook runs: both are alive at the end of backward (2 x 108 MiB for SmolLM2-135M in fp32). The lookup's
+    gradient is only a handful of rows (one per distinct token), so the embedding's forward is rerouted through
+    :class:`_CompactEmbeddingBackward`: it sums the rows exactly as torch's dense CPU backward does (zero-started, in
+    token order) and hands the compact hook the selected entries of those rows, which it adds to the head's
+    gradient; autograd gets a zero that takes no memory. Installed on CPU weights only, where the row sums are
+    checked bit for bit against torch's kernel; only for a plain ``nn.Embedding`` (no ``max_norm``,
+    ``scale_grad_by_freq`` or sparse gradients, no subclass forward such as a scaled embedding). Exact as long as the
+    head's gradient reaches the weight before the lookup's, as in one forward per backward.
+    """
+    get_input, get_output = (getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings"))
+    if get_input is None or get_output is None:
+        return False
+    embedding, head = get_input(), get_output()
+    if not isinstance(embedding, torch.nn.Embedding) or type(embedding).forward is not torch.nn.Embedding.forward:
+        return False
+    weight = embedding.weight
+    if head is None or getattr(head, "weight", None) is not weight or weight not in handles:
+        return False
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        return False
+    if weight.device.type != "cpu":
+        return False
+    handle = handles[weight]
+    had_own = "forward" in embedding.__dict__
+    original = embedding.forward
+
+    def forward(input: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and embedding.weight.requires_grad) or embedding.weight.device.type != "cpu":
+            return original(input)
+        return _CompactEmbeddingBackward.apply(input, embedding.weight, embedding.padding_idx, handle)
+
+    def undo() -> None:
+        if had_own:
+            embedding.forward = original
+        else:
+            del embedding.forward
+
+    embedding.forward = forward
+    handle._undo.append(undo)
+    return True
+
+
+class _CompactEmbeddingBackward(torch.autograd.Function):
+    """``F.embedding`` whose backward gives the weight's compact hook the selected entries of the looked-up rows'
+    gradient instead of a dense gradient of the whole matrix."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, handle: _Handle):
+        ctx.save_for_backward(input)
+        ctx.padding_idx, ctx.handle, ctx.weight_shape = padding_idx, handle, weight.shape
+        return torch.nn.functional.embedding(input, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (input,) = ctx.saved_tensors
+        ctx.handle.pending.append(_selected_row_gradient(input, grad_output, ctx.padding_idx, ctx.handle.indices,
+                                                         ctx.weight_shape[1]))
+        # A defined zero keeps the weight's gradient accumulator, and so the compact hook, in the graph; it takes no
+        # memory. Autograd adds it to the head's gradient (+0.0, as the dense gradient's zero rows would).
+        return None, grad_output.new_zeros(()).expand(ctx.weight_shape), None, None
+
+
+def _selected_row_gradient(input: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None,
+                           indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, values): the embedding gradient at the selected flat positions ``indices`` (sorted int32) that lie in
+    looked-up rows. Each row is summed from zero in token order with ``index_add_`` (one add per token, as
+    ``embedding_dense_backward_cpu`` does); rows of ``padding_idx`` get no gradient."""
+    tokens = input.reshape(-1)
+    grad = grad_output.reshape(-1, width)
+    if padding_idx is not None:
+        keep = tokens != padding_idx
+        tokens, grad = tokens[keep], grad[keep]
+    rows, row_of_token = torch.unique(tokens, sorted=True, return_inverse=True)
+    row_sums = torch.zeros((rows.numel(), width), dtype=grad.dtype, device=grad.device)
+    row_sums.index_add_(0, row_of_token, grad)
+    starts = torch.searchsorted(indices, (rows * width).to(indices.dtype))
+    ends = torch.searchsorted(indices, ((rows + 1) * width).to(indices.dtype))
+    counts = ends - starts
+    row_of_slot = torch.repeat_interleave(torch.arange(rows.numel(), device=grad.device), counts)
+    offsets = torch.arange(int(counts.sum()), device=grad.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    slots = torch.repeat_interleave(starts, counts) + offsets
+    columns = indices[slots].long() - rows[row_of_slot] * width
+    return slots, row_sums[row_of_slot, columns]
 
 
 def zero_compact_grads(params: Iterable[torch.Tensor]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..mask import SubnetworkMask
-from .compact import register_compact_gradient
+from .compact import compact_tied_input_embedding, register_compact_gradient
 from .sharded import is_sharded, restrict_sharded_gradient
 
 
@@ -45,29 +45,33 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
     named = list(model.named_parameters())
     mask.check_matches(named)
     restriction = GradientRestriction()
+    compact_handles = {}
     for name, param in named:
         if not param.requires_grad:
             continue
-        selection = mask.selections.get(name)
-        if selection is None or not bool(selection.any()):
+        count = mask.count(name) if name in mask else 0
+        if count == 0:
             param.requires_grad_(False)
             restriction.frozen.append(param)
             continue
-        if bool(selection.all()):
+        if count == param.numel():
             continue
         if is_sharded(param):  # FSDP2 writes the sharded gradient itself: tensor hooks would not run
             if compact:
                 raise ValueError(f"compact gradients are single-process only, but {name!r} is sharded by FSDP2, "
                                  "which reduces the dense gradient")
-            restriction.handles.append(restrict_sharded_gradient(param, selection))
+            restriction.handles.append(restrict_sharded_gradient(param, mask[name]))
             continue
         if compact:
-            restriction.handles.append(register_compact_gradient(param, selection))
-            restriction.held_bytes += 4 * int(selection.sum())
+            compact_handles[param] = register_compact_gradient(param, mask, name)
+            restriction.handles.append(compact_handles[param])
+            restriction.held_bytes += 4 * count
             continue
-        keep = selection.to(param.device)
+        keep = mask[name].to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))
         restriction.held_bytes += keep.numel() * keep.element_size()
+    if compact_handles:  # a tied embedding's lookup then never builds a dense gradient of the whole matrix
+        compact_tied_input_embedding(model, compact_handles)
     return restriction
 
 
