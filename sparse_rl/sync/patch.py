@@ -34,6 +34,7 @@ import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,13 +114,20 @@ class WeightPatch:
 
 
 # ---------------------------------------------------------------------------------------------- positions
-def encode_positions(changed: torch.Tensor, num_selected: int, selected_flat: torch.Tensor,
+def _flat_bytes(selected_flat, ranks: torch.Tensor) -> bytes:
+    flat = selected_flat(ranks) if callable(selected_flat) else selected_flat[ranks]
+    return flat.to(torch.int32).numpy().tobytes()
+
+
+def encode_positions(changed: torch.Tensor, num_selected: int,
+                     selected_flat: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
                      index_encoding: str) -> tuple[str, bytes]:
     """Encode the sorted ranks ``changed`` (positions among the ``num_selected`` selected entries, whose flat indices
-    are ``selected_flat``) in the smallest allowed form; ``index_encoding`` is ``"auto"`` or ``"flat_i32"``."""
+    are ``selected_flat``, or the function giving the flat indices of ranks) in the smallest allowed form;
+    ``index_encoding`` is ``"auto"`` or ``"flat_i32"``."""
     count = changed.numel()
     if index_encoding == "flat_i32":
-        return "flat_i32", selected_flat[changed].to(torch.int32).numpy().tobytes()
+        return "flat_i32", _flat_bytes(selected_flat, changed)
     if count == num_selected:
         return "all", b""
     ranks = changed.numpy()
@@ -130,7 +138,7 @@ def encode_positions(changed: torch.Tensor, num_selected: int, selected_flat: to
         sizes["rank_u16"] = 2 * count
     encoding = min(sizes, key=lambda key: (sizes[key], key != "flat_i32"))
     if encoding == "flat_i32":
-        return encoding, selected_flat[changed].to(torch.int32).numpy().tobytes()
+        return encoding, _flat_bytes(selected_flat, changed)
     if encoding == "rank_u16":
         return encoding, ranks.astype(np.uint16).tobytes()
     if encoding == "rank_gaps":
