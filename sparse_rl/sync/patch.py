@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .scan import gap_varints
+
 PATCH_FORMAT = "sparse_rl.weight_patch.v1"
 MAGIC = b"SRLP"
 ENCODINGS = ("all", "flat_i32", "rank_u16", "rank_bits", "rank_gaps")
@@ -131,9 +133,14 @@ def encode_positions(changed: torch.Tensor, num_selected: int,
     if count == num_selected:
         return "all", b""
     ranks = changed.numpy()
-    gaps = np.diff(ranks, prepend=-1) - 1
-    gap_lengths = _varint_lengths(gaps)
-    sizes = {"flat_i32": 4 * count, "rank_bits": (num_selected + 7) // 8, "rank_gaps": int(gap_lengths.sum())}
+    if gap_varints is not None:  # numba: one pass, no temporaries (same bytes as the numpy code below)
+        gaps, gap_lengths = None, None
+        gap_bytes = int(gap_varints.total_bytes(ranks))
+    else:
+        gaps = np.diff(ranks, prepend=-1) - 1
+        gap_lengths = _varint_lengths(gaps)
+        gap_bytes = int(gap_lengths.sum())
+    sizes = {"flat_i32": 4 * count, "rank_bits": (num_selected + 7) // 8, "rank_gaps": gap_bytes}
     if num_selected <= 1 << 16:
         sizes["rank_u16"] = 2 * count
     encoding = min(sizes, key=lambda key: (sizes[key], key != "flat_i32"))
@@ -142,6 +149,8 @@ def encode_positions(changed: torch.Tensor, num_selected: int,
     if encoding == "rank_u16":
         return encoding, ranks.astype(np.uint16).tobytes()
     if encoding == "rank_gaps":
+        if gaps is None:
+            return encoding, gap_varints.encode(ranks, gap_bytes).tobytes()
         return encoding, _varint_encode(gaps.astype(np.uint64), gap_lengths)
     bits = np.zeros(num_selected, dtype=bool)
     bits[ranks] = True
