@@ -9,7 +9,9 @@ temporaries. Here each parallel work item (``prange`` over runs of tiles, on tor
 bitmasks and, for batches of up to ``_BATCH`` selected entries of one tensor, (1) decodes their flat indices,
 (2) gathers their grads and values into small buffers (independent loads, so many cache misses are in flight at
 once), (3) updates moments and values as contiguous vectors, which LLVM turns into AVX code, (4) scatters the values
-back. Each selected entry is read and written once; unselected entries are never written. numba ships wheels for every
+back. Each selected entry is read and written once; unselected entries are never written. When the launch table names
+a rounded copy (``layout.COL_ROUNDED``, the weight sync's fused scan), (5) writes the batch's new values in bf16 into
+its slots (contiguous: the batch's slots are consecutive). numba ships wheels for every
 platform PyTorch does, needs no compiler on the user's machine, and caches the compiled code on disk, so only the first
 use on a machine pays the compilation.
 

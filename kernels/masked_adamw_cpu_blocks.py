@@ -12,6 +12,10 @@ dense fused AdamW step, which streams every line once. Here the step is cut in t
    mask bits: load the 16 values, ``vexpandps`` the block's updates into the selected lanes, compute
    ``p * decay - u`` on all lanes and store the selected lanes' results with the others' old bits.
 
+When the launch table names a rounded copy (``layout.COL_ROUNDED``, the weight sync's fused scan), step 2 also packs
+the selected lanes' new values (``vcompressps``) into a buffer, and each batch ends with one vectorised pass rounding
+them to bf16 into the copy's slots.
+
 Every parameter line is read and written once, in the same iteration, and the arithmetic is the Triton kernel's in its
 order (``value * decay - step_size * (m / denom)``, IEEE, no FMA contraction), so the results are bit-identical to
 the general path and to the Triton kernel; unselected entries are stored back with the bits they were loaded with.

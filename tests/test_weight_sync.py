@@ -255,6 +255,18 @@ def _varint_bytes(values) -> bytes:
     return _varint_encode(values.astype(np.uint64), _varint_lengths(values))
 
 
+@pytest.mark.parametrize("num_selected,count", [(10, 3), (300_000, 1), (300_000, 500), (300_000, 20_000),
+                                                 (2**20, 50), (70_000, 69_999)])
+def test_compiled_position_encoder_writes_the_numpy_encoders_bytes(num_selected, count, monkeypatch):
+    from sparse_rl.sync import patch as patch_module
+
+    ranks = torch.from_numpy(np.sort(np.random.default_rng(count).choice(num_selected, count, replace=False)))
+    selected_flat = torch.arange(num_selected) * 3
+    compiled = encode_positions(ranks, num_selected, selected_flat, "auto")
+    monkeypatch.setattr(patch_module, "gap_varints", None)
+    assert encode_positions(ranks, num_selected, selected_flat, "auto") == compiled
+
+
 def test_varint_gaps_round_trip_large_values_and_refuse_garbage():
     from sparse_rl.sync.patch import _varint_decode
 
