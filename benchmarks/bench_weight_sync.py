@@ -300,7 +300,9 @@ def report(results: list[dict], cpu: str) -> str:
         "",
         f"Command: `{COMMAND}` (each run cached in `benchmarks/results/weight_sync/`). CPU: {cpu}; "
         "trainer and receiver on one thread each, gloo over loopback. Every row: mean over the run's steps "
-        "(anchors included: the first sync is an anchor).",
+        "(anchors included: the first sync is an anchor), unless it says median. The machine is shared (2 cores, "
+        "load average 4-9 during the runs, per run in the build table below): timings move by tens of percent "
+        "between runs.",
         "",
         "## Bytes per sync",
         "",
@@ -334,8 +336,8 @@ def report(results: list[dict], cpu: str) -> str:
         "",
         "## Time per sync (sender side)",
         "",
-        "| run | build patch | build whole-model diff | patch / whole diff | encode patch | send + apply patch | "
-        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
+        "| run | build patch (scan) | build whole-model diff | patch / whole diff | encode patch | "
+        "send + apply patch | send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
         "build: patch / whole diff, median of non-anchor steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
