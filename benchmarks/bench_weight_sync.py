@@ -337,8 +337,8 @@ def report(results: list[dict], cpu: str) -> str:
         "## Time per sync (sender side)",
         "",
         "| run | build patch (scan) | build whole-model diff | patch / whole diff | encode patch | "
-        "send + apply patch | send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
-        "build: patch / whole diff, median of non-anchor steps |",
+        "send + apply patch | send + apply full bf16 | send + apply: patch / full | cast full to bf16 | "
+        "all: patch / full | build: patch / whole diff, median of non-anchor steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
