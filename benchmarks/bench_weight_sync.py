@@ -4,13 +4,21 @@ Each run trains the demo's GRPO trainer (``sparse_rl.demo.build_demo_trainer``: 
 6 tokens per step, fp32 weights, compact gradients, a mask from a 2-batch gradient probe) and, after every optimizer
 step:
 
-- builds the sparse patch (``PatchProducer.build``, bf16 server dtype) and a whole-model bf16 diff with int32 indices
-  (the verl ``delta_sharded`` / PULSE scheme: an N-entry bf16 snapshot, every entry cast and compared), timing both;
+- builds the sparse patch (``PatchProducer.build``, bf16 server dtype) two ways, the *scan* (reads the selected
+  entries out of the fp32 parameters) and the *fused scan* (compares the bf16 copy ``MaskedAdamW`` keeps during its
+  step with the last-sent values), checks that both give the same bytes, and builds a whole-model bf16 diff with int32
+  indices (the verl ``delta_sharded`` / PULSE scheme: an N-entry bf16 snapshot, every entry cast and compared), timing
+  all three;
 - sends the patch to a receiver process (``python -m sparse_rl.sync.serve``, bf16 SmolLM2, gloo over loopback)
   which validates and applies it and answers, then checks that the receiver's weights equal the trainer's weights
   rounded to bf16 bit for bit (SHA-256 of both, untimed; every ``--digest-every`` steps);
 - sends the full bf16 weights to the same receiver (one gloo send per tensor, copied into its model: what TRL sends
   today), timed the same way.
+
+The fused scan moves work into the optimizer step, so its build time counts it: every optimizer step runs twice on
+the same gradients and state, once with the rounded copy and once without (the order alternating between steps,
+parameters, state and gradients restored in between, untimed), and the fused build is the median difference of the
+two step times plus the time of ``build()`` itself.
 
 Bytes per step: the encoded patch (header included; positions in the smallest encoding per tensor), the same patch
 with an int32 flat index per value, the whole-model diff (6 bytes per changed entry), and the full bf16 weights.
@@ -74,6 +82,56 @@ class WholeModelDiff:
         return patch
 
 
+class TwinSteps:
+    """Runs each ``MaskedAdamW.step`` twice on the same gradients and state, with and without the rounded copy of the
+    fused scan (order alternating), and records both times in ``times`` (``step_tracked_s``, ``step_plain_s``).
+
+    Between the two, parameters, moments, step counts and compact gradients are put back (untimed); both runs give
+    the same bits (tests/test_weight_sync.py checks that tracking leaves the step's results unchanged). The optimizer's
+    private launch-table cache is kept per mode so that neither run rebuilds its table."""
+
+    def __init__(self, optimizer, times: dict):
+        from sparse_rl.restrict.compact import ATTRIBUTE, compact_grad_of
+
+        self.optimizer, self.times, self.count = optimizer, times, 0
+        self.compact_grad_of, self.attribute = compact_grad_of, ATTRIBUTE
+        self.tables = {"tracked": optimizer._tensor_tables, "plain": {}}
+        self.step = optimizer.step
+        optimizer.step = self
+
+    def __call__(self, closure=None):
+        optimizer = self.optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None or self.compact_grad_of(p) is not None]
+        saved = {p: (p.detach().clone(), None if p.grad is None else p.grad.clone(),
+                     None if self.compact_grad_of(p) is None else self.compact_grad_of(p).clone(),
+                     {k: v.clone() for k, v in optimizer.state[p].items()}) for p in params}
+        rounded = optimizer._rounded
+        order = ("tracked", "plain") if self.count % 2 == 0 else ("plain", "tracked")
+        self.count += 1
+        for i, mode in enumerate(order):
+            if i:  # put everything back as before the first run
+                for p, (value, grad, compact, state) in saved.items():
+                    p.data.copy_(value)
+                    p.grad = grad
+                    setattr(p, self.attribute, compact)
+                    if state:  # in place: the launch tables hold the state's addresses
+                        for k, v in state.items():
+                            optimizer.state[p][k].copy_(v)
+                    else:  # the first step creates the state (and clears the tables)
+                        optimizer.state.pop(p, None)
+            optimizer._rounded = rounded if mode == "tracked" else {}
+            optimizer._tensor_tables = self.tables[mode]
+            t0 = time.perf_counter()
+            self.step(closure)
+            self.times[f"step_{mode}_s"] = time.perf_counter() - t0
+        optimizer._rounded = rounded
+        optimizer._tensor_tables = self.tables["tracked"]
+        if any(not state for *_, state in saved.values()):  # the state was created twice: forget the first's tables
+            for tables in self.tables.values():
+                tables.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,6 +145,7 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
     from sparse_rl.demo import DemoConfig, build_demo_trainer, demo_rows
     from sparse_rl.discovery import ProbeOptions
     from sparse_rl.models import smollm2_checkpoint
+    from sparse_rl.optim import unwrap_optimizer
     from sparse_rl.sync import DistributedPatchSink, PatchProducer, encode_patch, weights_digest
     from sparse_rl.sync.transport import connect
 
@@ -116,15 +175,22 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
     producer_setup = time.perf_counter() - started
     # first_sync="base": only its first patch differs from the anchor-first stream's, so only that one is measured
     base_first: dict = {"producer": PatchProducer(model, sparse.mask, server_dtype=dtype, first_sync="base")}
+    fused = PatchProducer(model, sparse.mask, server_dtype=dtype, anchor_every=anchor_every,
+                          optimizer=lambda: trainer.optimizer, fused_scan="on")
     whole = WholeModelDiff(model, dtype)
     group = connect("127.0.0.1", port, rank=0)
     sink = DistributedPatchSink(peer=1, group=group)
     params = list(model.named_parameters())
     steps_log: list[dict] = []
 
+    step_times: dict = {}
+
     class Measure(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            TwinSteps(unwrap_optimizer(trainer.optimizer), step_times)
+
         def on_step_end(self, args, state, control, **kwargs):
-            row = {"step": state.global_step}
+            row = {"step": state.global_step, **step_times}
             if "producer" in base_first:
                 first = base_first.pop("producer").build()
                 base_first.update(bytes=len(encode_patch(first)), values=first.num_values)
@@ -137,6 +203,11 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
             t0 = time.perf_counter()
             diff = whole.build()
             row["build_whole_diff_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fused_patch = fused.build()
+            row["build_fused_collect_s"] = time.perf_counter() - t0
+            fused_patch.stream = patch.stream
+            row["fused_equal"] = fused.fused and encode_patch(fused_patch) == data
             t0 = time.perf_counter()
             sink(data)
             row["send_apply_patch_s"] = time.perf_counter() - t0
@@ -171,6 +242,8 @@ def run_one(name: str, steps: int, probe_steps: int, anchor_every: int, digest_e
         "run": name, "density": density, "learning_rate": lr, "steps": steps, "probe_steps": probe_steps,
         "anchor_every": anchor_every, "num_parameters": num_parameters, "num_selected": sparse.mask.num_selected,
         "snapshot_bytes": producer.snapshot_bytes(), "index_bytes": producer.index_bytes(),
+        "fused_snapshot_bytes": fused.snapshot_bytes(), "fused_rounded_bytes": fused.rounded_bytes(),
+        "fused_index_bytes": fused.index_bytes(),
         "whole_diff_snapshot_bytes": whole.snapshot_bytes(), "model_copy_fp32_bytes": 4 * num_parameters,
         "producer_setup_s": producer_setup, "train_seconds": train_seconds, "rewards": rewards,
         "torch_threads": torch.get_num_threads(), "steps_log": steps_log,
@@ -198,6 +271,24 @@ def _median_ratio(log: list[dict]) -> str:
     return f"{patch * 1e3:.0f} / {whole * 1e3:.0f} ms = {patch / whole:.3f}x"
 
 
+def _fused_row(r: dict) -> str:
+    log = r["steps_log"]
+    rest = [s for s in log if not s["anchor"]]
+    if not rest or "build_fused_collect_s" not in rest[0]:
+        return f"| {r['run']} | not measured (run cached before the fused scan) |" + " |" * 10
+    median = lambda key: statistics.median(s[key] for s in rest)  # noqa: E731
+    whole, scan = median("build_whole_diff_s"), median("build_patch_s")
+    plain, tracked, collect = median("step_plain_s"), median("step_tracked_s"), median("build_fused_collect_s")
+    difference = statistics.median(s["step_tracked_s"] - s["step_plain_s"] for s in rest)
+    fused = max(difference, 0.0) + collect
+    loads = [s["load_average"] for s in log if s.get("load_average") is not None]
+    load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
+    ms = lambda x: f"{x * 1e3:.0f} ms"  # noqa: E731
+    return (f"| {r['run']} | {load} | {ms(whole)} | {ms(scan)} | {scan / whole:.3f}x | {ms(plain)} | {ms(tracked)} | "
+            f"{difference * 1e3:+.1f} ms | {collect * 1e3:.1f} ms | {ms(fused)} | **{fused / whole:.3f}x** | "
+            f"{sum(s.get('fused_equal') is True for s in log)}/{len(log)} |")
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -209,7 +300,9 @@ def report(results: list[dict], cpu: str) -> str:
         "",
         f"Command: `{COMMAND}` (each run cached in `benchmarks/results/weight_sync/`). CPU: {cpu}; "
         "trainer and receiver on one thread each, gloo over loopback. Every row: mean over the run's steps "
-        "(anchors included: the first sync is an anchor).",
+        "(anchors included: the first sync is an anchor), unless it says median. The machine is shared (2 cores, "
+        "load average 4-9 during the runs, per run in the build table below): timings move by tens of percent "
+        "between runs.",
         "",
         "## Bytes per sync",
         "",
@@ -243,9 +336,9 @@ def report(results: list[dict], cpu: str) -> str:
         "",
         "## Time per sync (sender side)",
         "",
-        "| run | build patch | build whole-model diff | patch / whole diff | encode patch | send + apply patch | "
-        "send + apply full bf16 | send + apply: patch / full | cast full to bf16 | all: patch / full | "
-        "build: patch / whole diff, median of non-anchor steps |",
+        "| run | build patch (scan) | build whole-model diff | patch / whole diff | encode patch | "
+        "send + apply patch | send + apply full bf16 | send + apply: patch / full | cast full to bf16 | "
+        "all: patch / full | build: patch / whole diff, median of non-anchor steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -263,6 +356,25 @@ def report(results: list[dict], cpu: str) -> str:
                      f"{cast_text} | {total} | {_median_ratio(log)} |")
     lines += [
         "",
+        "## Building a patch: scan against fused scan, against a whole-model diff (medians of non-anchor steps)",
+        "",
+        "| run | load (1 min) | whole-model diff | scan | scan / diff | step without copy | step with copy | "
+        "step difference | fused build() | fused: difference + build() | fused / diff | fused patches == scan "
+        "patches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(_fused_row(r))
+    lines += [
+        "",
+        "Scan: `PatchProducer(model, mask)`, which reads the selected entries out of the fp32 parameters. Fused scan: "
+        "`PatchProducer(model, mask, optimizer=...)` (what `attach_weight_sync` uses with a CPU `MaskedAdamW`): the "
+        "optimizer writes a bf16 copy of the selected entries during its step and `build()` compares it with the "
+        "last-sent values. Its cost counts both: every optimizer step ran twice on the same gradients and state, "
+        "with and without the copy (order alternating by step), and the step difference is the median of the "
+        "per-step differences (it can come out negative when the load moves between the two runs). Fused patches "
+        "== scan patches: steps whose encoded patches were byte-identical (stream id aside).",
+        "",
         "Send + apply: patch = send the encoded patch + the receiver's validation and in-place writes + its answer; "
         "full = send every bf16 tensor + the receiver's copy into its model + its answer. All: patch = build + encode "
         "+ send + apply; full = cast the fp32 weights to bf16 + send + apply. Means over all steps, anchors included.",
@@ -273,11 +385,28 @@ def report(results: list[dict], cpu: str) -> str:
         "diff | (values + indices) / fp32 copy | (values + indices) / bf16 snapshot |",
         "|---|---|---|---|---|---|---|",
     ]
+    fused_memory = [r for r in results if "fused_rounded_bytes" in r]
     for r in results:
         mine = r["snapshot_bytes"] + r["index_bytes"]
         lines.append(f"| {r['run']} | {r['snapshot_bytes'] / 2**20:.1f} MiB | {mine / 2**20:.1f} MiB | "
                      f"{r['model_copy_fp32_bytes'] / 2**20:.1f} MiB | {r['whole_diff_snapshot_bytes'] / 2**20:.1f} MiB "
                      f"| {mine / r['model_copy_fp32_bytes']:.3f}x | {mine / r['whole_diff_snapshot_bytes']:.3f}x |")
+    if fused_memory:
+        lines += [
+            "",
+            "With the fused scan the sender keeps no indices (a patch that needs flat indices decodes them from the "
+            "optimizer's selection bitmask, which the optimizer holds anyway); the optimizer keeps the bf16 copy:",
+            "",
+            "| run | last-sent values | + the optimizer's bf16 copy | + indices | fp32 model copy | all / fp32 copy | "
+            "all / bf16 snapshot |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in fused_memory:
+            mine = r["fused_snapshot_bytes"] + r["fused_rounded_bytes"] + r["fused_index_bytes"]
+            lines.append(f"| {r['run']} | {r['fused_snapshot_bytes'] / 2**20:.1f} MiB | "
+                         f"{r['fused_rounded_bytes'] / 2**20:.1f} MiB | {r['fused_index_bytes'] / 2**20:.1f} MiB | "
+                         f"{r['model_copy_fp32_bytes'] / 2**20:.1f} MiB | {mine / r['model_copy_fp32_bytes']:.3f}x | "
+                         f"{mine / r['whole_diff_snapshot_bytes']:.3f}x |")
     lines += ["", "## Per step", ""]
     for r in results:
         lines.append(f"### {r['run']} (density {r['density']}, lr {r['learning_rate']}; training reward by logging "

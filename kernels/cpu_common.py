@@ -77,6 +77,17 @@ def adamw_entry(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_si
     return m_j, v_j, step_size * (m_j / denom)
 
 
+@njit(inline="always", **JIT)
+def bf16_bits_as_torch_cpu(bits):
+    """bf16 bits of the fp32 number with bits ``bits`` (uint32), as ``tensor.to(torch.bfloat16)`` gives them on CPU:
+    round to nearest even, and every NaN to ``0xFFFF`` (the vectorised conversion, ATen's ``cvtfp32_bf16``, blends
+    NaNs to all ones; c10's scalar ``round_to_nearest_even`` would give ``0x7FC0``). No overflow: the largest non-NaN
+    pattern, ``0xFF800000``, plus the rounding increment stays below 2**32."""
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0xFFFF)
+    return np.uint16((bits + (((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16))
+
+
 def adamw_arguments(scalars: AdamWScalars) -> tuple[np.float32, ...]:
     """The launch's fp32 scalars in the order both CPU paths take them: beta1, beta2, 1 - beta1, 1 - beta2, decay,
     step_size, sqrt(bias correction 2), eps."""

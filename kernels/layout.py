@@ -96,7 +96,11 @@ COL_ABSMAX2 = 8
 COL_BLOCK_OFFSETS = 9
 COL_TENSOR_ID = 10
 COL_NUMEL = 11  # entries of the tensor: the CPU block path must not read or write 16-entry blocks past its end
-TABLE_COLUMNS = 12
+# Optional (0 when unused, CPU paths only): a uint16 vector of ``k`` entries that the step fills with the new selected
+# values rounded to bf16 as ``tensor.to(torch.bfloat16)`` rounds on CPU, in slot order (the weight sync's fused scan,
+# ``MaskedAdamW.track_rounded``).
+COL_ROUNDED = 12
+TABLE_COLUMNS = 13
 
 PARAM_FP32 = 0
 PARAM_BF16 = 1
@@ -119,6 +123,7 @@ def tensor_table_row(
     absmax1: torch.Tensor | None = None,
     absmax2: torch.Tensor | None = None,
     tensor_id: int = 0,
+    rounded: torch.Tensor | None = None,
 ) -> list[int]:
     row = [0] * TABLE_COLUMNS
     row[COL_PARAM] = _address(param)
@@ -133,6 +138,7 @@ def tensor_table_row(
     row[COL_BLOCK_OFFSETS] = _address(layout.block_offsets)
     row[COL_TENSOR_ID] = tensor_id
     row[COL_NUMEL] = layout.numel
+    row[COL_ROUNDED] = _address(rounded)
     return row
 
 

@@ -9,7 +9,9 @@ temporaries. Here each parallel work item (``prange`` over runs of tiles, on tor
 bitmasks and, for batches of up to ``_BATCH`` selected entries of one tensor, (1) decodes their flat indices,
 (2) gathers their grads and values into small buffers (independent loads, so many cache misses are in flight at
 once), (3) updates moments and values as contiguous vectors, which LLVM turns into AVX code, (4) scatters the values
-back. Each selected entry is read and written once; unselected entries are never written. numba ships wheels for every
+back. Each selected entry is read and written once; unselected entries are never written. When the launch table names
+a rounded copy (``layout.COL_ROUNDED``, the weight sync's fused scan), (5) writes the batch's new values in bf16 into
+its slots (contiguous: the batch's slots are consecutive). numba ships wheels for every
 platform PyTorch does, needs no compiler on the user's machine, and caches the compiled code on disk, so only the first
 use on a machine pays the compilation.
 
@@ -34,7 +36,17 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from . import layout
-from .cpu_common import CHUNK_TILES, JIT, UNBOUNDED, adamw_arguments, adamw_entry, as_pointer, lowest_bit, popcount
+from .cpu_common import (
+    CHUNK_TILES,
+    JIT,
+    UNBOUNDED,
+    adamw_arguments,
+    adamw_entry,
+    as_pointer,
+    bf16_bits_as_torch_cpu,
+    lowest_bit,
+    popcount,
+)
 from .layout import PARAM_KINDS, QUANT_BLOCK, TILE, WORDS_PER_TILE, AdamWScalars, KernelVariant
 
 _PARAM_FP32 = layout.PARAM_FP32
@@ -51,6 +63,7 @@ _COL_TENSOR_ID = layout.COL_TENSOR_ID
 _COL_ABSMAX1 = layout.COL_ABSMAX1
 _COL_ABSMAX2 = layout.COL_ABSMAX2
 _COL_BLOCK_OFFSETS = layout.COL_BLOCK_OFFSETS
+_COL_ROUNDED = layout.COL_ROUNDED
 
 
 # ---------------------------------------------------------------------------------------------------- intrinsics
@@ -334,6 +347,21 @@ def _scatter(address, indices, count, values, param_kind, stochastic, seed, stre
 
 
 @njit(inline="always", **JIT)
+def _record_rounded(address, param_address, indices, count, values, param_kind):
+    """``rounded[j]`` = bf16 bits of the new value of the batch's ``j``-th entry (``rounded`` at ``address``: the
+    batch's slots of the table's rounded copy): fp32 values rounded as torch does on CPU; a bf16 parameter's bits as
+    just stored (nearest or stochastic rounding alike). fp16 parameters are never tracked (``MaskedAdamW`` refuses)."""
+    rounded = carray(as_pointer(address), count, np.uint16)
+    if param_kind == _PARAM_FP32:
+        for j in range(count):
+            rounded[j] = bf16_bits_as_torch_cpu(_f32_to_bits(values[j]))
+    else:
+        param_bits = carray(as_pointer(param_address), UNBOUNDED, np.uint16)
+        for j in range(count):
+            rounded[j] = param_bits[indices[j]]
+
+
+@njit(inline="always", **JIT)
 def _adamw(grad, value, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, step_size,
            bias_correction2_sqrt, eps):
     """The update on contiguous fp32 vectors (vectorised by LLVM)."""
@@ -399,6 +427,8 @@ def _step_batch(table, row, first_slot, indices, count, batch_tiles, tile_starts
         _requantise(m, codes1, absmax1, qmaps[0], starts[0], block_offsets, batch_tiles, tile_starts, num_tiles)
         _requantise(v, codes2, absmax2, qmaps[1], starts[1], block_offsets, batch_tiles, tile_starts, num_tiles)
     _scatter(param_address, indices, count, value, param_kind, stochastic, seed, table[row, _COL_TENSOR_ID])
+    if table[row, _COL_ROUNDED] != 0:
+        _record_rounded(table[row, _COL_ROUNDED] + first_slot * 2, param_address, indices, count, value, param_kind)
 
 
 @njit(**JIT)

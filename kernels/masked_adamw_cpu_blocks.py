@@ -12,6 +12,10 @@ dense fused AdamW step, which streams every line once. Here the step is cut in t
    mask bits: load the 16 values, ``vexpandps`` the block's updates into the selected lanes, compute
    ``p * decay - u`` on all lanes and store the selected lanes' results with the others' old bits.
 
+When the launch table names a rounded copy (``layout.COL_ROUNDED``, the weight sync's fused scan), step 2 also packs
+the selected lanes' new values (``vcompressps``) into a buffer, and each batch ends with one vectorised pass rounding
+them to bf16 into the copy's slots.
+
 Every parameter line is read and written once, in the same iteration, and the arithmetic is the Triton kernel's in its
 order (``value * decay - step_size * (m / denom)``, IEEE, no FMA contraction), so the results are bit-identical to
 the general path and to the Triton kernel; unselected entries are stored back with the bits they were loaded with.
@@ -36,7 +40,17 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import layout
-from .cpu_common import CHUNK_TILES, JIT, UNBOUNDED, adamw_arguments, adamw_entry, as_pointer, lowest_bit, popcount
+from .cpu_common import (
+    CHUNK_TILES,
+    JIT,
+    UNBOUNDED,
+    adamw_arguments,
+    adamw_entry,
+    as_pointer,
+    bf16_bits_as_torch_cpu,
+    lowest_bit,
+    popcount,
+)
 from .layout import TILE, WORDS_PER_TILE, AdamWScalars
 
 _COL_PARAM = layout.COL_PARAM
@@ -46,6 +60,7 @@ _COL_EXP_AVG_SQ = layout.COL_EXP_AVG_SQ
 _COL_MASK_WORDS = layout.COL_MASK_WORDS
 _COL_TILE_OFFSETS = layout.COL_TILE_OFFSETS
 _COL_NUMEL = layout.COL_NUMEL
+_COL_ROUNDED = layout.COL_ROUNDED
 
 LANES = 16  # fp32 lanes of a 512-bit register: one 64-byte cache line
 BLOCKS_PER_TILE = TILE // LANES  # 64: a tile's block summary is one 64-bit word
@@ -151,6 +166,31 @@ def _update_block(typingctx, updates, params, bits, decay):
     return types.none(types.int64, types.int64, types.uint64, types.float32), codegen
 
 
+@intrinsic
+def _update_block_keep(typingctx, updates, params, bits, decay, kept):
+    """:func:`_update_block`, and the selected lanes' new values stored contiguously at ``kept`` (all 16 lanes are
+    stored, as in :func:`_compress_block`: the ones past the selected count are overwritten by the next block)."""
+
+    def codegen(context, builder, signature, args):
+        updates_address, params_address, bits, decay, kept_address = args
+        lanes = _lanes(builder, bits)
+        target = _pointer(builder, params_address, _V16)
+        old = builder.load(target, align=4)
+        packed = builder.load(_pointer(builder, updates_address, _V16), align=4)
+        update = builder.call(_x86(builder, "llvm.x86.avx512.mask.expand.v16f32"),
+                              [packed, ir.Constant(_V16, None), lanes])
+        splat = builder.insert_element(ir.Constant(_V16, None), decay, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+        new = builder.fsub(builder.fmul(old, splat), update)
+        builder.store(builder.select(lanes, new, old), target, align=4)
+        selected = builder.call(_x86(builder, "llvm.x86.avx512.mask.compress.v16f32"),
+                                [new, ir.Constant(_V16, None), lanes])
+        builder.store(selected, _pointer(builder, kept_address, _V16), align=4)
+        return context.get_dummy_value()
+
+    return types.none(types.int64, types.int64, types.uint64, types.float32, types.int64), codegen
+
+
 # ---------------------------------------------------------------------------------------------------- the step
 @njit(inline="always", **JIT)
 def _moments(grad, update, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
@@ -226,17 +266,23 @@ def _prefetch_tile(table, tiles, work, column):
 
 
 @njit(inline="always", **JIT)
-def _update_tile(table, row, tile, updates, count, decay):
-    """``p = p * decay - u`` on the tile's selected entries, their updates at ``updates[count:]``; return the count."""
+def _update_tile(table, row, tile, updates, count, decay, kept, keep):
+    """``p = p * decay - u`` on the tile's selected entries, their updates at ``updates[count:]``; return the count.
+    With ``keep``, the new values are also written to ``kept[count:]`` (slot order)."""
     words, full, tail = _tile_selection(table, row, tile)
     first = tile * TILE
     param_address = table[row, _COL_PARAM]
     updates_address = updates.ctypes.data
+    kept_address = kept.ctypes.data
     while full != 0:
         block = lowest_bit(full)
         full &= full - np.uint64(1)
         bits = _block_bits(words, block)
-        _update_block(updates_address + count * 4, param_address + (first + block * LANES) * 4, bits, decay)
+        if keep:
+            _update_block_keep(updates_address + count * 4, param_address + (first + block * LANES) * 4, bits, decay,
+                               kept_address + count * 4)
+        else:
+            _update_block(updates_address + count * 4, param_address + (first + block * LANES) * 4, bits, decay)
         count += popcount(bits)
     if tail != 0:
         param = carray(as_pointer(param_address), UNBOUNDED, np.float32)
@@ -244,7 +290,9 @@ def _update_tile(table, row, tile, updates, count, decay):
         bits = _block_bits(words, block)
         while bits != 0:
             index = first + block * LANES + lowest_bit(bits)
-            param[index] = param[index] * decay - updates[count]
+            value = param[index] * decay - updates[count]
+            param[index] = value
+            kept[count] = value
             bits &= bits - np.uint64(1)
             count += 1
     return count
@@ -257,6 +305,8 @@ def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta
     (their compact slots are consecutive: the work table lists a tensor's non-empty tiles in order)."""
     updates = np.empty(_BUFFER, np.float32)
     packed = np.empty(_BUFFER, np.float32)
+    kept = np.empty(_BUFFER, np.float32)
+    kept_bits = kept.view(np.uint32)
     work = first_work
     while work < last_work:
         row = np.int64(tiles[work, 0])
@@ -280,10 +330,15 @@ def _run_tiles(table, tiles, first_work, last_work, beta1, beta2, one_minus_beta
         _moments(grad, updates, m, v, count, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
                  bias_correction2_sqrt, eps)
         done = 0
+        keep = table[row, _COL_ROUNDED] != 0
         for w in range(work, end):
             if w + _PREFETCH_AHEAD < last_work:
                 _prefetch_tile(table, tiles, w + _PREFETCH_AHEAD, _COL_PARAM)
-            done = _update_tile(table, row, np.int64(tiles[w, 1]), updates, done, decay)
+            done = _update_tile(table, row, np.int64(tiles[w, 1]), updates, done, decay, kept, keep)
+        if keep:  # the weight sync's rounded copy (layout.COL_ROUNDED), in slot order
+            rounded = carray(as_pointer(table[row, _COL_ROUNDED] + first_slot * 2), count, np.uint16)
+            for j in range(count):
+                rounded[j] = bf16_bits_as_torch_cpu(kept_bits[j])
         work = end
 
 

@@ -9,6 +9,11 @@ offsets (``sparse_rl.kernels.layout``), 0.13 bytes per parameter. Unselected ent
 The class owns bookkeeping only (param groups, state, checkpoints). The arithmetic runs in one launch per
 (param group, device, dtype, step count): the Triton kernels on CUDA, their numba port on CPU; both give
 bit-identical results.
+
+For the weight sync (:mod:`sparse_rl.sync`) the step can also keep a bf16 copy of the selected entries
+(:meth:`MaskedAdamW.track_rounded`): the step already reads and writes each selected entry, so rounding it there costs
+one 2-byte store per entry, where a separate scan would read the dense parameter again. Nothing of it exists, and the
+step is unchanged, until a sync asks for it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from .kernels import BACKENDS, launch
+from .kernels.dispatch import backend_for
 from .mask import SubnetworkMask
 from .restrict.compact import compact_grad_of, zero_compact_grads
 from .restrict.sharded import local_selection, local_tensor
@@ -95,6 +101,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {}
         self._tile_tables: dict[tuple, torch.Tensor] = {}
         self._tensor_tables: dict[tuple, dict] = {}  # launch tables of addresses, see _tensor_table
+        self._rounded: dict[torch.Tensor, torch.Tensor] = {}  # see track_rounded
+        self._rounded_users: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             if "param_names" not in group:
                 raise ValueError("MaskedAdamW needs parameter names: pass model.named_parameters()")
@@ -187,6 +195,73 @@ class MaskedAdamW(torch.optim.Optimizer):
             total += sum(v.numel() * v.element_size() for k, v in state.items() if torch.is_tensor(v) and k != "step")
         return total
 
+    # ------------------------------------------------------------------ rounded copy (weight sync)
+    def track_rounded(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From now on, keep for each parameter of ``params`` (name -> the tensor this optimizer steps) a bf16 vector
+        of its selected entries in slot order (the mask's flat-index order, as ``mask.flat_indices(name)``) that every
+        step rewrites with the new values: fp32 values rounded as ``tensor.to(torch.bfloat16)`` rounds them on CPU
+        (nearest even, NaN to ``0xFFFF``), a bf16 parameter's bits as stored. The vectors are filled from the
+        parameters now and returned by name; the fused scan of :class:`sparse_rl.sync.PatchProducer` compares them
+        with what it last sent. Callers that track the same parameter share its copy (it is only read);
+        :meth:`untrack_rounded` releases it.
+
+        CPU parameters stepped by the numba path only (fp32 or bf16): the Triton kernels do not write the copy, and
+        are refused here rather than leaving it stale. Only this optimizer's steps update it; anything else that
+        writes the parameters must be followed by :meth:`refresh_rounded`."""
+        by_name = {name: param for param, name in self._names.items()}
+        tracked = {}
+        for name, model_param in params.items():
+            param = by_name.get(name)
+            if param is None:
+                raise ValueError(f"parameter {name!r} is not optimised by this MaskedAdamW: a rounded copy of it would "
+                                 "never be updated")
+            if param is not model_param:
+                raise ValueError(f"parameter {name!r} given to track_rounded is not the tensor this MaskedAdamW steps "
+                                 "under that name (another model, or a copy)")
+            if local_tensor(param) is not param:
+                raise TypeError(f"parameter {name!r} is sharded (DTensor): the rounded copy needs whole tensors")
+            if param.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"parameter {name!r} is {param.dtype}: the rounded copy is kept for float32 and "
+                                "bfloat16 parameters only")
+            if backend_for(param.device, self.backend) != "cpu":
+                raise RuntimeError(f"parameter {name!r} is stepped by the Triton kernel ({param.device}, "
+                                   f"backend={self.backend!r}), which does not keep a rounded copy; only the CPU "
+                                   "path does")
+            tracked[name] = param
+        self._tensor_tables.clear()  # new table column
+        for param in tracked.values():
+            if param not in self._rounded:
+                self._rounded[param] = self._read_rounded(param)
+            self._rounded_users[param] = self._rounded_users.get(param, 0) + 1
+        return {name: self._rounded[param] for name, param in tracked.items()}
+
+    def selection_layout(self, name: str):
+        """The :class:`~sparse_rl.kernels.layout.SelectionLayout` (bitmask and per-tile offsets) of parameter
+        ``name``: which entry owns which slot of its compact state and rounded copy."""
+        for param, param_name in self._names.items():
+            if param_name == name:
+                return self._layout(param)
+        raise KeyError(f"parameter {name!r} is not optimised by this MaskedAdamW")
+
+    def refresh_rounded(self) -> None:
+        """Refill the rounded copies from the parameters (after something other than a step wrote them)."""
+        for param, rounded in self._rounded.items():
+            rounded.copy_(self._read_rounded(param))
+
+    def untrack_rounded(self, params: dict[str, torch.Tensor]) -> None:
+        """Release the rounded copies of ``params`` taken with :meth:`track_rounded`; a copy no one holds is dropped,
+        and once none is left the steps write the parameters and state only, as before."""
+        for param in params.values():
+            if param in self._rounded_users:
+                self._rounded_users[param] -= 1
+                if self._rounded_users[param] == 0:
+                    del self._rounded_users[param], self._rounded[param]
+        self._tensor_tables.clear()
+
+    def _read_rounded(self, param: torch.Tensor) -> torch.Tensor:
+        selection = self.mask[self._names[param]].reshape(-1).to(param.device)
+        return param.detach().reshape(-1)[selection].to(torch.bfloat16)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -260,6 +335,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         else:
             grads = [local_tensor(p.grad).contiguous() for p in params]  # kept alive to launch
         key = (device, compact, *(self._tensor_ids[p] for p in params))
+        if self._rounded and backend_for(device, self.backend) != "cpu" and any(p in self._rounded for p in params):
+            raise RuntimeError("a rounded copy (track_rounded) is kept for parameters now stepped by the Triton "
+                               "kernel, which does not write it; untrack_rounded() first")
         table = self._tensor_table(key, params, grads)
         tiles = self._tile_tables.get(key)
         if tiles is None:
@@ -290,6 +368,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     param=local_tensor(param), grad=grad, layout=self._layout(param), exp_avg=state["exp_avg"],
                     exp_avg_sq=state["exp_avg_sq"], master=state.get("master"), absmax1=state.get("absmax1"),
                     absmax2=state.get("absmax2"), tensor_id=self._tensor_ids[param],
+                    rounded=self._rounded.get(param),
                 ))
             host = torch.tensor(rows, dtype=torch.int64)
             cached = self._tensor_tables[key] = dict(host=host, table=host.to(key[0]), params=param_addresses,

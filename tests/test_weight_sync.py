@@ -18,6 +18,7 @@ import torch
 from sparse_rl import SparseConfig, sparsify
 from sparse_rl.discovery import random_mask
 from sparse_rl.mask import SubnetworkMask
+from sparse_rl.optim import unwrap_optimizer
 from sparse_rl.sync import (
     AnchorNeeded,
     DistributedPatchSink,
@@ -254,6 +255,18 @@ def _varint_bytes(values) -> bytes:
     return _varint_encode(values.astype(np.uint64), _varint_lengths(values))
 
 
+@pytest.mark.parametrize("num_selected,count", [(10, 3), (300_000, 1), (300_000, 500), (300_000, 20_000),
+                                                 (2**20, 50), (70_000, 69_999)])
+def test_compiled_position_encoder_writes_the_numpy_encoders_bytes(num_selected, count, monkeypatch):
+    from sparse_rl.sync import patch as patch_module
+
+    ranks = torch.from_numpy(np.sort(np.random.default_rng(count).choice(num_selected, count, replace=False)))
+    selected_flat = torch.arange(num_selected) * 3
+    compiled = encode_positions(ranks, num_selected, selected_flat, "auto")
+    monkeypatch.setattr(patch_module, "gap_varints", None)
+    assert encode_positions(ranks, num_selected, selected_flat, "auto") == compiled
+
+
 def test_varint_gaps_round_trip_large_values_and_refuse_garbage():
     from sparse_rl.sync.patch import _varint_decode
 
@@ -286,6 +299,151 @@ def test_fused_bf16_scan_equals_torch_rounding():
     assert torch.equal(values.view(torch.int16), expected.view(torch.int16)[differs])
     assert torch.equal(last.view(torch.int16), expected.view(torch.int16))
     assert changed_bf16(param, index, last)[0].numel() == 0  # nothing changed since
+
+
+# ---------------------------------------------------------------------------------------------- fused scan
+def _optimised_problem(dtype, density=0.3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"a": (300, 1000), "b": (77,), "c": (33, 129)}  # a: parallel launches; c: a partial last block
+    params = {n: torch.nn.Parameter((torch.randn(s, generator=generator) * 0.05).to(dtype)) for n, s in shapes.items()}
+    mask = SubnetworkMask({n: torch.rand(s, generator=generator) < density for n, s in shapes.items()})
+    return params, mask, generator
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", [
+    ("float32", "blocks", 32, {}), ("float32", "general", 32, {}), ("float32", "blocks", 8, {}),
+    ("float32", "general", 8, {}), ("bfloat16", "general", 32, {"master_weights": True}),
+    ("bfloat16", "general", 32, {"master_weights": False, "stochastic_rounding": True}),
+    ("bfloat16", "general", 32, {"master_weights": False}),
+], ids=lambda v: "-".join(str(x) for x in v[:3]) + ("-" + "-".join(v[3]) if v[3] else ""))
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-grads", "compact-grads"])
+def test_rounded_copy_is_what_torch_rounds_after_every_step(variant, compact, threads, monkeypatch):
+    """MaskedAdamW.track_rounded: after each step the copy holds param[selected].to(bf16) bit for bit, on the AVX-512
+    block path and the general path, fp32/8-bit state, fp32 and bf16 parameters; NaN values (a NaN gradient entry)
+    round as torch rounds them. Untracked, the optimizer steps the same values."""
+    from sparse_rl import MaskedAdamW
+
+    dtype_name, path, state_bits, options = variant
+    dtype = getattr(torch, dtype_name)
+    monkeypatch.setenv("SPARSE_RL_CPU_BLOCKS", "1" if path == "blocks" else "0")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    params, mask, generator = _optimised_problem(dtype)
+    twins = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    tracked = MaskedAdamW(params.items(), mask, lr=1e-3, backend="cpu", state_bits=state_bits, **options)
+    plain = MaskedAdamW(twins.items(), mask, lr=1e-3, backend="cpu", state_bits=state_bits, **options)
+    rounded = tracked.track_rounded(params)
+    for step in range(3):
+        for name, param in params.items():
+            grad = torch.randn(param.shape, generator=generator)
+            if step == 1 and dtype == torch.float32:
+                grad.view(-1)[::97] = float("nan")
+            for target in (param, twins[name]):
+                if compact:
+                    target.grad, target.compact_grad = None, grad[mask[name]].to(dtype)
+                else:
+                    target.grad = grad.to(dtype)
+        tracked.step()
+        plain.step()
+        for name, param in params.items():
+            expected = param.detach().reshape(-1)[mask[name].reshape(-1)].to(BF16)
+            assert torch.equal(_bits(rounded[name]), _bits(expected)), f"{name}: step {step}"
+            assert torch.equal(_bits(param), _bits(twins[name])), f"{name}: tracking changed the step"
+    assert any(bool(torch.isnan(param).any()) for param in params.values()) == (dtype == torch.float32)
+    tracked.untrack_rounded(params)
+    before = {name: rounded[name].clone() for name in params}
+    for param in params.values():
+        param.grad = torch.randn(param.shape, generator=generator).to(dtype)
+    tracked.step()
+    assert all(torch.equal(_bits(rounded[name]), _bits(before[name])) for name in params), "untracked copy written"
+
+
+def test_compact_scan_and_flat_indices_of_ranks():
+    from sparse_rl.kernels.layout import SelectionLayout
+
+    from sparse_rl.sync.scan import changed_compact, flat_of_ranks
+
+    generator = torch.Generator().manual_seed(0)
+    for size in (0, 1, 3, 4, 7, 10_001):
+        last = torch.randint(-2**15, 2**15, (size,), generator=generator, dtype=torch.int16)
+        current = torch.where(torch.rand(size, generator=generator) < 0.1,
+                              torch.randint(-2**15, 2**15, (size,), generator=generator, dtype=torch.int16), last)
+        expected = (current != last).nonzero().squeeze(1)
+        ranks, values = changed_compact(current.view(BF16), last.view(BF16))
+        assert torch.equal(ranks, expected) and torch.equal(values.view(torch.int16), current[expected])
+        assert torch.equal(last, current)
+    selection = torch.rand(5000, generator=generator) < 0.07
+    selection[4990:] = True
+    layout = SelectionLayout.from_selection(selection)
+    flat = selection.nonzero().squeeze(1)
+    ranks = torch.randperm(flat.numel(), generator=generator)[:100].sort().values
+    assert torch.equal(flat_of_ranks(layout.mask_words, layout.tile_offsets, ranks).long(), flat[ranks])
+
+
+def _grpo_with_sparse(tiny_checkpoint, tmp_path, max_steps, **overrides):
+    trainer = build_trainer("grpo", tiny_checkpoint, tmp_path, max_steps=max_steps, **overrides)
+    sparse = sparsify(trainer, SparseConfig(mask=random_mask(trainer.model, 0.2, seed=3)))
+    return trainer, sparse
+
+
+def test_fused_scan_emits_the_scans_patches_over_grpo_steps(tiny_checkpoint, tmp_path):
+    """Pairs of producers, one fused into MaskedAdamW's step and one scanning the parameters, emit the same bytes
+    (stream id aside) after each of 6 real GRPO steps: anchors every 3 syncs, a first sync from the base with a sync
+    every 2 steps (a value that moves and comes back between syncs is not sent), int32 flat indices; two fused
+    producers share the optimizer's copy."""
+    from transformers import TrainerCallback
+
+    trainer, sparse = _grpo_with_sparse(tiny_checkpoint, tmp_path, 6, learning_rate=1e-5)
+    optimizer = lambda: trainer.optimizer  # noqa: E731 - created when training starts
+    settings = [dict(anchor_every=3), dict(first_sync="base"), dict(index_encoding="flat_i32")]
+    pairs = [(PatchProducer(trainer.model, sparse.mask, **kw, optimizer=optimizer, fused_scan="on"),
+              PatchProducer(trainer.model, sparse.mask, **kw)) for kw in settings]
+    every = [1, 2, 1]
+    log = []
+
+    class Compare(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            for (fused, scan), k in zip(pairs, every):
+                if state.global_step % k:
+                    continue
+                fused_patch, scan_patch = fused.build(), scan.build()
+                assert fused.fused and not scan.fused
+                fused_patch.stream = scan_patch.stream
+                assert encode_patch(fused_patch) == encode_patch(scan_patch), f"step {state.global_step}"
+                log.append((scan_patch.anchor, scan_patch.num_values, {t.encoding for t in scan_patch.tensors}))
+
+    trainer.add_callback(Compare())
+    trainer.train()
+    assert len(log) == 6 + 3 + 6
+    moved = [values for anchor, values, _ in log if not anchor]
+    assert all(values > 0 for values in moved) and max(moved) < sparse.mask.num_selected // 2, "not a real test"
+    assert {"flat_i32", "rank_bits"} <= set().union(*(encodings for *_, encodings in log))
+    for fused, _ in pairs:
+        fused.close()
+    assert not unwrap_optimizer(trainer.optimizer)._rounded, "closed producers left a rounded copy"
+
+
+def test_fused_scan_refuses_an_optimizer_of_another_mask(tiny_checkpoint, tmp_path):
+    from sparse_rl.optim import MaskedAdamW
+
+    trainer, sparse = _grpo_with_sparse(tiny_checkpoint, tmp_path, 1)
+    trainer.train()
+    other = random_mask(trainer.model, 0.2, seed=4)
+    for fused_scan in ("auto", "on"):
+        producer = PatchProducer(trainer.model, other, optimizer=trainer.optimizer, fused_scan=fused_scan)
+        with pytest.raises(ValueError, match="mask the optimizer trains"):
+            producer.build()
+    # a MaskedAdamW of another model (same names and mask) does not step these tensors
+    twin = copy.deepcopy(trainer.model)
+    foreign = MaskedAdamW([(n, p) for n, p in twin.named_parameters() if p.requires_grad], sparse.mask)
+    with pytest.raises(ValueError, match="not the tensor this MaskedAdamW steps"):
+        PatchProducer(trainer.model, sparse.mask, optimizer=foreign).build()
+    # not a MaskedAdamW: "on" refuses, "auto" scans (and its patches still hold the model)
+    adamw = torch.optim.AdamW(trainer.model.parameters())
+    with pytest.raises(RuntimeError, match="not a MaskedAdamW"):
+        PatchProducer(trainer.model, sparse.mask, optimizer=adamw, fused_scan="on").build()
+    fallback = PatchProducer(trainer.model, sparse.mask, optimizer=adamw)
+    assert fallback.build().anchor and not fallback.fused
 
 
 # ---------------------------------------------------------------------------------------------- two processes
@@ -326,7 +484,9 @@ def _assert_receiver_holds(receiver: _Receiver, model) -> None:
     assert receiver.sink.digest() == weights_digest(model.named_parameters(), BF16)
 
 
-def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("fused_scan", ["off", "on"])
+def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(tiny_checkpoint, tmp_path,
+                                                                                fused_scan):
     mask = random_mask(make_tiny_model(), 0.2, seed=3)
     mask_path = tmp_path / "mask.safetensors"
     mask.save(mask_path)
@@ -336,8 +496,10 @@ def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(
         first = build_trainer("grpo", tiny_checkpoint, tmp_path / "first", max_steps=3, save_strategy="steps",
                               save_steps=2)
         sparse = sparsify(first, SparseConfig(mask=mask))
-        sync = attach_weight_sync(first, sparse, WeightSyncConfig(sync_every=1), sink=receiver.sink)
+        sync = attach_weight_sync(first, sparse, WeightSyncConfig(sync_every=1, fused_scan=fused_scan),
+                                  sink=receiver.sink)
         first.train()
+        assert sync.producer.fused == (fused_scan == "on")
         assert [h["anchor"] for h in sync.history] == [True, False, False]
         assert all(h["values"] > 0 for h in sync.history), "training did not move any bf16 value"
         _assert_receiver_holds(receiver, first.model)
@@ -348,9 +510,10 @@ def test_two_processes_grpo_sync_every_step_every_k_resume_and_receiver_restart(
                                                           "sparse_mask.safetensors")))
         # first_sync="base": its base-relative first patch is refused (the receiver follows the first stream), and
         # the sync answers with an anchor
-        sync = attach_weight_sync(resumed, sparse, WeightSyncConfig(sync_every=2, first_sync="base"),
-                                  sink=receiver.sink)
+        sync = attach_weight_sync(resumed, sparse, WeightSyncConfig(sync_every=2, first_sync="base",
+                                                                    fused_scan=fused_scan), sink=receiver.sink)
         resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+        assert sync.producer.fused == (fused_scan == "on")
         assert [h["anchor"] for h in sync.history] == [True, False]  # steps 4 and 6
         _assert_receiver_holds(receiver, resumed.model)
 

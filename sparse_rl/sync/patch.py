@@ -34,10 +34,13 @@ import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .scan import gap_varints
 
 PATCH_FORMAT = "sparse_rl.weight_patch.v1"
 MAGIC = b"SRLP"
@@ -113,27 +116,41 @@ class WeightPatch:
 
 
 # ---------------------------------------------------------------------------------------------- positions
-def encode_positions(changed: torch.Tensor, num_selected: int, selected_flat: torch.Tensor,
+def _flat_bytes(selected_flat, ranks: torch.Tensor) -> bytes:
+    flat = selected_flat(ranks) if callable(selected_flat) else selected_flat[ranks]
+    return flat.to(torch.int32).numpy().tobytes()
+
+
+def encode_positions(changed: torch.Tensor, num_selected: int,
+                     selected_flat: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
                      index_encoding: str) -> tuple[str, bytes]:
     """Encode the sorted ranks ``changed`` (positions among the ``num_selected`` selected entries, whose flat indices
-    are ``selected_flat``) in the smallest allowed form; ``index_encoding`` is ``"auto"`` or ``"flat_i32"``."""
+    are ``selected_flat``, or the function giving the flat indices of ranks) in the smallest allowed form;
+    ``index_encoding`` is ``"auto"`` or ``"flat_i32"``."""
     count = changed.numel()
     if index_encoding == "flat_i32":
-        return "flat_i32", selected_flat[changed].to(torch.int32).numpy().tobytes()
+        return "flat_i32", _flat_bytes(selected_flat, changed)
     if count == num_selected:
         return "all", b""
     ranks = changed.numpy()
-    gaps = np.diff(ranks, prepend=-1) - 1
-    gap_lengths = _varint_lengths(gaps)
-    sizes = {"flat_i32": 4 * count, "rank_bits": (num_selected + 7) // 8, "rank_gaps": int(gap_lengths.sum())}
+    if gap_varints is not None:  # numba: one pass, no temporaries (same bytes as the numpy code below)
+        gaps, gap_lengths = None, None
+        gap_bytes = int(gap_varints.total_bytes(ranks))
+    else:
+        gaps = np.diff(ranks, prepend=-1) - 1
+        gap_lengths = _varint_lengths(gaps)
+        gap_bytes = int(gap_lengths.sum())
+    sizes = {"flat_i32": 4 * count, "rank_bits": (num_selected + 7) // 8, "rank_gaps": gap_bytes}
     if num_selected <= 1 << 16:
         sizes["rank_u16"] = 2 * count
     encoding = min(sizes, key=lambda key: (sizes[key], key != "flat_i32"))
     if encoding == "flat_i32":
-        return encoding, selected_flat[changed].to(torch.int32).numpy().tobytes()
+        return encoding, _flat_bytes(selected_flat, changed)
     if encoding == "rank_u16":
         return encoding, ranks.astype(np.uint16).tobytes()
     if encoding == "rank_gaps":
+        if gaps is None:
+            return encoding, gap_varints.encode(ranks, gap_bytes).tobytes()
         return encoding, _varint_encode(gaps.astype(np.uint64), gap_lengths)
     bits = np.zeros(num_selected, dtype=bool)
     bits[ranks] = True

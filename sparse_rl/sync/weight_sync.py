@@ -50,6 +50,11 @@ class WeightSyncConfig:
         first_sync: ``"anchor"`` sends every selected entry first; ``"base"`` sends only the selected entries that
             differ from the base (what a whole-model diff sends first), which a receiver takes only if it still holds
             that base exactly (else it asks for an anchor). Attach before training for ``"base"``.
+        fused_scan: ``"auto"`` lets the trainer's ``MaskedAdamW`` keep a bf16 copy of the selected entries during its
+            step, so a patch compares compact vectors instead of reading the selected entries out of the dense
+            parameters (:mod:`sparse_rl.sync.producer`), where it can (CPU numba path, fp32/bf16 parameters, bf16
+            server); the Triton kernels on CUDA do not keep it, so CUDA trainers scan. ``"on"`` refuses a setup
+            without it; ``"off"`` always scans. Same patches either way.
     """
 
     server_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -58,6 +63,7 @@ class WeightSyncConfig:
     index_encoding: Literal["auto", "flat_i32"] = "auto"
     vllm_transport: Literal["collective_rpc", "sparse_nccl"] = "collective_rpc"
     first_sync: Literal["anchor", "base"] = "anchor"
+    fused_scan: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         dtype_from_name(self.server_dtype)
@@ -69,6 +75,8 @@ class WeightSyncConfig:
             raise ValueError(f"index_encoding must be 'auto' or 'flat_i32', got {self.index_encoding!r}")
         if self.first_sync not in ("anchor", "base"):
             raise ValueError(f"first_sync must be 'anchor' or 'base', got {self.first_sync!r}")
+        if self.fused_scan not in ("auto", "on", "off"):
+            raise ValueError(f"fused_scan must be 'auto', 'on' or 'off', got {self.fused_scan!r}")
         if self.vllm_transport not in ("collective_rpc", "sparse_nccl"):
             raise ValueError(f"vllm_transport must be 'collective_rpc' or 'sparse_nccl', got {self.vllm_transport!r}")
 
@@ -98,6 +106,7 @@ class WeightSync:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        self.producer.close()
 
 
 class WeightSyncCallback(TrainerCallback):
@@ -125,7 +134,8 @@ def attach_weight_sync(trainer, sparse, config: WeightSyncConfig | None = None,
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     producer = PatchProducer(model, mask, server_dtype=dtype_from_name(config.server_dtype),
                              anchor_every=config.anchor_every, index_encoding=config.index_encoding,
-                             first_sync=config.first_sync)
+                             first_sync=config.first_sync, optimizer=lambda: getattr(trainer, "optimizer", None),
+                             fused_scan=config.fused_scan)
     vllm_generation = getattr(trainer, "vllm_generation", None)
     if sink is None:
         if vllm_generation is None:
