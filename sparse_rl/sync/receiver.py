@@ -119,7 +119,7 @@ class PatchReceiver:
             selected_flat = self.selected_flat[tensor.name]
             ranks = decode_ranks(tensor.encoding, tensor.positions, tensor.count, selected_flat.numel(),
                                  self.selections[tensor.name], selected_flat, tensor.name)
-            checked.append(CheckedTensor(tensor.name, selected_flat[ranks], tensor.values))
+            checked.append(CheckedTensor(tensor.name, selected_flat.index_select(0, ranks), tensor.values))
         if patch.anchor and seen != set(self.selections):
             missing = sorted(set(self.selections) - seen)
             raise PatchRefused(f"anchor {patch.sequence} lacks {len(missing)} trained tensor(s), e.g. {missing[0]!r}")
