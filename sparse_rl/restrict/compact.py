@@ -63,19 +63,47 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
             return
         if indices.device != grad.device:  # the model was moved after the hook was installed
             indices = indices.to(grad.device)
-        selected = torch.index_select(grad.reshape(-1), 0, indices)
-        for slots, values in pending:  # the input embedding's rows, in the order autograd produced them
-            selected.index_add_(0, slots, values)
-        pending.clear()
-        current = compact_grad_of(param)
-        if current is None:
-            setattr(param, ATTRIBUTE, selected)
-        else:
-            current.add_(selected)
+        _collect(param, torch.index_select(grad.reshape(-1), 0, indices), pending)
         param.grad = None
 
     handle = param.register_post_accumulate_grad_hook(hook)
     return _Handle(handle, param, indices, pending)
+
+
+def _collect(param: torch.Tensor, selected: torch.Tensor | None, pending: list) -> None:
+    """Add the pending contributions (compact backwards that built no dense gradient, in the order autograd produced
+    them; ``slots`` None means every slot) to ``selected`` (the dense gradient's selected entries, or None when no
+    dense gradient reached the parameter), and that into the parameter's compact gradient."""
+    for slots, values in pending:
+        if selected is None:
+            selected = values.clone() if slots is None else None
+            if selected is not None:
+                continue
+            selected = torch.zeros(compact_size(param), dtype=values.dtype, device=values.device)
+        if slots is None:
+            selected.add_(values)
+        else:
+            selected.index_add_(0, slots, values)
+    pending.clear()
+    if selected is None:
+        return
+    current = compact_grad_of(param)
+    if current is None:
+        setattr(param, ATTRIBUTE, selected)
+    else:
+        current.add_(selected)
+
+
+def compact_size(param: torch.Tensor) -> int:
+    return int(handle_of(param).indices.numel())
+
+
+def handle_of(param: torch.Tensor) -> _Handle | None:
+    """The compact-gradient handle installed on ``param``, or None."""
+    return getattr(param, _HANDLE_ATTRIBUTE, None)
+
+
+_HANDLE_ATTRIBUTE = "_sparse_rl_compact_handle"
 
 
 class _Handle:
@@ -85,12 +113,31 @@ class _Handle:
         self._handle, self._param = handle, param
         self.indices, self.pending = indices, pending
         self._undo: list = []
+        self._flush_queued = False
+        setattr(param, _HANDLE_ATTRIBUTE, self)
+
+    def deliver(self, slots: torch.Tensor | None, values: torch.Tensor) -> None:
+        """From a compact backward: queue ``values`` for the slots ``slots`` (None: all), added to the compact
+        gradient when autograd hands the parameter its dense gradient, or at the end of the backward pass if none
+        comes (the backward then returns no gradient for the weight: not even a zero, which autograd's gradient
+        accumulator would copy into a dense tensor)."""
+        self.pending.append((slots, values))
+        if not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_queued = False
+        if self.pending:
+            _collect(self._param, None, self.pending)
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
         self._handle.remove()
+        if getattr(self._param, _HANDLE_ATTRIBUTE, None) is self:
+            delattr(self._param, _HANDLE_ATTRIBUTE)
         if hasattr(self._param, ATTRIBUTE):
             delattr(self._param, ATTRIBUTE)
 
@@ -156,11 +203,9 @@ class _CompactEmbeddingBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (input,) = ctx.saved_tensors
-        ctx.handle.pending.append(_selected_row_gradient(input, grad_output, ctx.padding_idx, ctx.handle.indices,
-                                                         ctx.weight_shape[1]))
-        # A defined zero keeps the weight's gradient accumulator, and so the compact hook, in the graph; it takes no
-        # memory. Autograd adds it to the head's gradient (+0.0, as the dense gradient's zero rows would).
-        return None, grad_output.new_zeros(()).expand(ctx.weight_shape), None, None
+        ctx.handle.deliver(*_selected_row_gradient(input, grad_output, ctx.padding_idx, ctx.handle.indices,
+                                                   ctx.weight_shape[1]))
+        return None, None, None, None
 
 
 def _selected_row_gradient(input: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None,
