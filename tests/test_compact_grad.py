@@ -354,3 +354,27 @@ def test_fused_lm_head_matches_dense_without_a_dense_weight_gradient(tied, entro
     with recorder:
         backward(compact, ids)
     assert recorder.seen  # TRL's dense weight gradient
+
+
+def test_fused_lm_head_falls_back_to_trl_where_the_compact_backward_does_not_apply(monkeypatch):
+    """Without compact hooks on the head (dense masked gradients, or none), TRL's own function runs and gives TRL's
+    gradient; a TRL whose fused head is not the expected function is left alone."""
+    from trl.trainer import utils as trl_utils
+
+    from sparse_rl.restrict import compact_head
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+    assert compact_head.install_compact_fused_head()
+    original = compact_head._original
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.nn.Parameter(torch.randn(12, 8))
+    targets = torch.randint(0, 12, (5,))
+    args = (None, targets, 1.0, 4, None, 1.0, ("log_probs",))
+    trl_utils._ChunkedLogProbFunction.apply(hidden, weight, *args)[0].sum().backward()
+    got = weight.grad.clone()
+    weight.grad = None
+    original.apply(hidden, weight, *args)[0].sum().backward()
+    assert torch.equal(got, weight.grad)
+    compact_head.uninstall_compact_fused_head()
+    assert trl_utils._ChunkedLogProbFunction is original
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", object())
+    assert not compact_head.install_compact_fused_head()

@@ -6,8 +6,9 @@ post-accumulate-grad hook copies the selected entries of each gradient, in flat 
 optimizer's compact state), into ``param.compact_grad`` as soon as autograd has finished that parameter, and sets
 ``param.grad = None``. Only one parameter's dense gradient is alive at a time, and the optimizer reads the compact
 gradient contiguously. Gradient accumulation adds into ``compact_grad`` in the gradient's dtype, as autograd would
-into ``.grad``. (A parameter used twice in the forward, a tied embedding and output head, still has its first dense
-contribution held by autograd's input buffer until the second arrives: the engine sums them before any hook runs.)
+into ``.grad``. Compact backwards (a tied embedding's lookup, TRL's fused LM head: :mod:`.compact_head`) build no dense
+gradient at all: they hand their selected entries to the handle (:meth:`_Handle.deliver`), which adds them to the
+dense gradient's selected entries if one reaches the parameter, else at the end of the backward pass.
 
 Anything else that reads ``.grad`` must know: :func:`clip_grad_norm_` clips dense and compact gradients together
 (``sparsify`` routes the trainer's clipping to it). ``model.zero_grad()`` resets ``.grad`` only and leaves
@@ -54,7 +55,7 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
         raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
     indices = selection.selected_indices(name, param.device) if from_mask else selected_indices(selection, param.device)
     setattr(param, ATTRIBUTE, None)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, values) added by compact_embedding_rows
+    pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (slots, values) from compact backwards
 
     def hook(param: torch.Tensor) -> None:
         nonlocal indices
@@ -151,11 +152,12 @@ def compact_tied_input_embedding(model: torch.nn.Module, handles: dict[torch.nn.
     before any hook runs: both are alive at the end of backward (2 x 108 MiB for SmolLM2-135M in fp32). The lookup's
     gradient is only a handful of rows (one per distinct token), so the embedding's forward is rerouted through
     :class:`_CompactEmbeddingBackward`: it sums the rows exactly as torch's dense CPU backward does (zero-started, in
-    token order) and hands the compact hook the selected entries of those rows, which it adds to the head's
-    gradient; autograd gets a zero that takes no memory. Installed on CPU weights only, where the row sums are
-    checked bit for bit against torch's kernel; only for a plain ``nn.Embedding`` (no ``max_norm``,
-    ``scale_grad_by_freq`` or sparse gradients, no subclass forward such as a scaled embedding). Exact as long as the
-    head's gradient reaches the weight before the lookup's, as in one forward per backward.
+    token order) and hands the handle the selected entries of those rows (:meth:`_Handle.deliver`), which adds them
+    after the head's (dense, or compact from :mod:`.compact_head`); autograd gets no gradient for the weight from the
+    lookup (a zero would be copied into a dense tensor by its gradient accumulator). Installed on CPU weights only,
+    where the row sums are checked bit for bit against torch's kernel; only for a plain ``nn.Embedding`` (no
+    ``max_norm``, ``scale_grad_by_freq`` or sparse gradients, no subclass forward such as a scaled embedding). Exact
+    as long as the head's gradient reaches the weight before the lookup's, as in one forward per backward.
     """
     get_input, get_output = (getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings"))
     if get_input is None or get_output is None:

@@ -17,10 +17,15 @@ entries for the next token chunk, and only its selected entries are kept. The se
 call (no handle, a GPU weight, DTensor, a TRL whose function is not the one this was written against) takes TRL's
 own function unchanged.
 
-Exactness: splitting the rows of a product does not change the reduction over tokens, and on this CPU (MKL/oneDNN
-sgemm, AVX-512) the blocks are bit-identical to the full product, checked in the tests against the dense masked
-gradient; a BLAS that chooses a different reduction order by output height would differ by fp32 rounding only.
-``SPARSE_RL_DENSE_HEAD=1`` (or :func:`uninstall_compact_fused_head`) keeps the dense path.
+Exactness: splitting the rows of a product does not change the reduction over tokens. With torch's MKL sgemm on
+AVX-512 the blocks are bit-identical to TRL's full tile at SmolLM2's shapes (576 wide, 1820-row blocks) and in the
+tests' one-token-chunk case; sgemm does round some tiny shapes (a 2-row block, or a block continuing from nonzero
+running sums) differently from the same rows of a taller product, so across several token chunks (more than
+``TOKEN_CHUNK_SIZE`` = 4096 tokens in one forward) results may differ from the dense path by fp32 rounding, which
+the tests bound. ``SPARSE_RL_DENSE_HEAD=1`` (or :func:`uninstall_compact_fused_head`) keeps the dense path.
+
+Not covered: a model forward that calls ``lm_head(hidden)`` itself (SFT, TRL without the fused head) still builds
+the head's dense gradient, which the compact hook then reduces as before.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .compact import handle_of
 BLOCK_BYTES = 4 * 2**20
 
 _original = None  # TRL's function while the dispatcher is installed
+_CompactChunkedLogProb = None  # subclass of it, built on installation
 
 
 class _Dispatch:
@@ -81,9 +87,6 @@ def uninstall_compact_fused_head() -> None:
 
     if trl_utils._ChunkedLogProbFunction is _Dispatch:
         trl_utils._ChunkedLogProbFunction = _original
-
-
-_CompactChunkedLogProb = None
 
 
 def _make_compact_function(base, kernels):
