@@ -538,9 +538,10 @@ def breakdown_markdown(rows: list[dict]) -> list[str]:
         "at *base*): freed memory that still counts in RSS once touched (heap fragmentation; an upper bound, as pages "
         "`malloc_trim` returned stay counted until reused); *rest* = the step's peak RSS minus "
         "the process's RSS before the model was loaded (Python, torch, transformers, TRL: *base*) minus all of the "
-        "above: activations, logits, generation caches, transient dense gradients (one base matrix's at a time; a "
-        "trained tied embedding's output-head gradient, 108 MiB here in fp32 from TRL's fused LM head, lives through "
-        "the backward, its lookup's is compact), libraries loaded during training. "
+        "above: activations, logits, generation caches, transient dense gradients (one base matrix's at a time; with "
+        "compact gradients a trained embedding/output head's are compact in both the lookup and TRL's fused LM head, "
+        "without them the head's, 108 MiB here in fp32, lives through the backward), libraries loaded during "
+        "training. "
         "Timelines: `<name>_timeline.png` beside this file.", "",
         "| trainer | setup | base MiB | " + " | ".join(f"{k} MiB" for k in BREAKDOWN) + " | step peak MiB |",
         "|---|---|" + "---:|" * (len(BREAKDOWN) + 2),

@@ -149,9 +149,10 @@ def main() -> None:
         "entries only and the hooks keep their int32 flat indices; one parameter's dense gradient is alive at a "
         "time during backward (not counted above; the largest is the embedding matrix's: 57 MB in bf16 for SmolLM2, "
         "0.26 GB for a 7B Llama's 131M-entry embedding). A tied embedding and output head gets two gradients: "
-        "the lookup's is compact (its rows only), the output head's is dense and lives through the backward (TRL's "
-        "fused LM head accumulates it in fp32: 108 MiB for SmolLM2-135M, 0.5 GB for a 131M-entry head), as in full "
-        "finetuning.",
+        "the lookup's is compact (its rows only), and so is the output head's in TRL's fused LM head on CPU (computed "
+        "in 4 MiB blocks of vocabulary rows); elsewhere (GPU, or a head TRL does not fuse) the head's is dense and "
+        "lives through the backward (TRL accumulates it in fp32: 108 MiB for SmolLM2-135M, 0.5 GB for a 131M-entry "
+        "head), as in full finetuning.",
         "",
         "Reproduce: `python benchmarks/estimate_7b_memory.py`",
         "",

@@ -276,3 +276,105 @@ def test_trainers_with_a_tied_embedding_match_dense_masked_gradients_bit_for_bit
         trained[compact] = dict(trainer.model.named_parameters())
     for n, dense in trained[False].items():
         assert torch.equal(trained[True][n], dense), n
+
+
+class _DenseHeadGradients(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output of the head weight's full shape (a dense gradient of the whole matrix)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("token_chunk", [4096, 8])
+def test_fused_lm_head_matches_dense_without_a_dense_weight_gradient(tied, entropy, token_chunk, monkeypatch):
+    """TRL's fused LM head (what DPO and GRPO call: the weight is read directly, ``lm_head`` never runs), tied and
+    untied: the compact head backward gives the dense masked gradient, accumulated over micro-batches, with several
+    vocab tiles and row blocks per tile, and no op produces a tensor of the whole weight's shape during
+    backward. Bit for bit with one token chunk (TRL's default of 4096 tokens); with several, each block continues
+    from the running sums with ``addmm_`` as TRL's full tile does, which sgemm on these tiny shapes rounds
+    differently by block height (not at SmolLM2's shapes), so up to fp32 rounding there.
+    ``SPARSE_RL_DENSE_HEAD=1`` keeps TRL's dense backward."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils as trl_utils
+
+    from sparse_rl.restrict import compact_head
+    from tests.tiny import make_tiny_model
+
+    monkeypatch.setattr(chunked_logprob, "TOKEN_CHUNK_SIZE", token_chunk)
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 16)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+    model = make_tiny_model(tie_word_embeddings=tied, vocab_size=40)
+    head = model.get_output_embeddings().weight
+    # blocks of 8 rows: two per 16-row tile, one for the last tile (rows 32-40). (sgemm on these tiny shapes rounds
+    # a 2-row block differently from the same rows in a 16-row product; blocks at SmolLM2's shapes are exact.)
+    monkeypatch.setattr(compact_head, "BLOCK_BYTES", 8 * 4 * head.shape[1])
+    if not tied:  # the untied input embedding's own dense gradient would have the head's shape
+        model.get_input_embeddings().weight.requires_grad_(False)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy") if entropy else ("log_probs",))
+    mask = random_mask(model, 0.3, seed=1)
+    dense, compact = _dense_and_compact(model, mask)
+    assert trl_utils._ChunkedLogProbFunction is compact_head._Dispatch
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+
+    def backward(m, micro_batch):
+        out = m(input_ids=micro_batch, labels=micro_batch, fused_lm_head=True)
+        (out.loss + (out.entropy.mean() if entropy else 0)).backward()
+
+    def head_of(m):
+        return m.get_output_embeddings().weight
+
+    recorder = _DenseHeadGradients(head.shape)
+    for micro_batch in (ids[:, :6], ids[:, 2:], ids):
+        backward(dense, micro_batch)
+        with recorder:
+            backward(compact, micro_batch)
+    assert recorder.seen == []
+    for (n, p_dense), (_, p_compact) in zip(dense.named_parameters(), compact.named_parameters()):
+        if not p_compact.requires_grad:
+            continue
+        assert p_compact.grad is None, n
+        got, expected = compact_grad_of(p_compact), p_dense.grad[mask[n]]
+        if token_chunk > ids.numel() or p_compact is not head_of(compact):
+            assert got.view(torch.int32).equal(expected.view(torch.int32)), n  # bits, signed zeros included
+        else:
+            torch.testing.assert_close(got, expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7, msg=n)
+    assert compact_grad_of(head_of(compact)).abs().sum() > 0
+
+    monkeypatch.setenv("SPARSE_RL_DENSE_HEAD", "1")
+    recorder = _DenseHeadGradients(head.shape)
+    with recorder:
+        backward(compact, ids)
+    assert recorder.seen  # TRL's dense weight gradient
+
+
+def test_fused_lm_head_falls_back_to_trl_where_the_compact_backward_does_not_apply(monkeypatch):
+    """Without compact hooks on the head (dense masked gradients, or none), TRL's own function runs and gives TRL's
+    gradient; a TRL whose fused head is not the expected function is left alone."""
+    from trl.trainer import utils as trl_utils
+
+    from sparse_rl.restrict import compact_head
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+    assert compact_head.install_compact_fused_head()
+    original = compact_head._original
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.nn.Parameter(torch.randn(12, 8))
+    targets = torch.randint(0, 12, (5,))
+    args = (None, targets, 1.0, 4, None, 1.0, ("log_probs",))
+    trl_utils._ChunkedLogProbFunction.apply(hidden, weight, *args)[0].sum().backward()
+    got = weight.grad.clone()
+    weight.grad = None
+    original.apply(hidden, weight, *args)[0].sum().backward()
+    assert torch.equal(got, weight.grad)
+    compact_head.uninstall_compact_fused_head()
+    assert trl_utils._ChunkedLogProbFunction is original
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", object())
+    assert not compact_head.install_compact_fused_head()

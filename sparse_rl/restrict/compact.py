@@ -6,8 +6,9 @@ post-accumulate-grad hook copies the selected entries of each gradient, in flat 
 optimizer's compact state), into ``param.compact_grad`` as soon as autograd has finished that parameter, and sets
 ``param.grad = None``. Only one parameter's dense gradient is alive at a time, and the optimizer reads the compact
 gradient contiguously. Gradient accumulation adds into ``compact_grad`` in the gradient's dtype, as autograd would
-into ``.grad``. (A parameter used twice in the forward, a tied embedding and output head, still has its first dense
-contribution held by autograd's input buffer until the second arrives: the engine sums them before any hook runs.)
+into ``.grad``. Compact backwards (a tied embedding's lookup, TRL's fused LM head: :mod:`.compact_head`) build no dense
+gradient at all: they hand their selected entries to the handle (:meth:`_Handle.deliver`), which adds them to the
+dense gradient's selected entries if one reaches the parameter, else at the end of the backward pass.
 
 Anything else that reads ``.grad`` must know: :func:`clip_grad_norm_` clips dense and compact gradients together
 (``sparsify`` routes the trainer's clipping to it). ``model.zero_grad()`` resets ``.grad`` only and leaves
@@ -54,7 +55,7 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
         raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
     indices = selection.selected_indices(name, param.device) if from_mask else selected_indices(selection, param.device)
     setattr(param, ATTRIBUTE, None)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, values) added by compact_embedding_rows
+    pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (slots, values) from compact backwards
 
     def hook(param: torch.Tensor) -> None:
         nonlocal indices
@@ -63,19 +64,47 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
             return
         if indices.device != grad.device:  # the model was moved after the hook was installed
             indices = indices.to(grad.device)
-        selected = torch.index_select(grad.reshape(-1), 0, indices)
-        for slots, values in pending:  # the input embedding's rows, in the order autograd produced them
-            selected.index_add_(0, slots, values)
-        pending.clear()
-        current = compact_grad_of(param)
-        if current is None:
-            setattr(param, ATTRIBUTE, selected)
-        else:
-            current.add_(selected)
+        _collect(param, torch.index_select(grad.reshape(-1), 0, indices), pending)
         param.grad = None
 
     handle = param.register_post_accumulate_grad_hook(hook)
     return _Handle(handle, param, indices, pending)
+
+
+def _collect(param: torch.Tensor, selected: torch.Tensor | None, pending: list) -> None:
+    """Add the pending contributions (compact backwards that built no dense gradient, in the order autograd produced
+    them; ``slots`` None means every slot) to ``selected`` (the dense gradient's selected entries, or None when no
+    dense gradient reached the parameter), and that into the parameter's compact gradient."""
+    for slots, values in pending:
+        if selected is None:
+            selected = values.clone() if slots is None else None
+            if selected is not None:
+                continue
+            selected = torch.zeros(compact_size(param), dtype=values.dtype, device=values.device)
+        if slots is None:
+            selected.add_(values)
+        else:
+            selected.index_add_(0, slots, values)
+    pending.clear()
+    if selected is None:
+        return
+    current = compact_grad_of(param)
+    if current is None:
+        setattr(param, ATTRIBUTE, selected)
+    else:
+        current.add_(selected)
+
+
+def compact_size(param: torch.Tensor) -> int:
+    return int(handle_of(param).indices.numel())
+
+
+def handle_of(param: torch.Tensor) -> _Handle | None:
+    """The compact-gradient handle installed on ``param``, or None."""
+    return getattr(param, _HANDLE_ATTRIBUTE, None)
+
+
+_HANDLE_ATTRIBUTE = "_sparse_rl_compact_handle"
 
 
 class _Handle:
@@ -85,12 +114,31 @@ class _Handle:
         self._handle, self._param = handle, param
         self.indices, self.pending = indices, pending
         self._undo: list = []
+        self._flush_queued = False
+        setattr(param, _HANDLE_ATTRIBUTE, self)
+
+    def deliver(self, slots: torch.Tensor | None, values: torch.Tensor) -> None:
+        """From a compact backward: queue ``values`` for the slots ``slots`` (None: all), added to the compact
+        gradient when autograd hands the parameter its dense gradient, or at the end of the backward pass if none
+        comes (the backward then returns no gradient for the weight: not even a zero, which autograd's gradient
+        accumulator would copy into a dense tensor)."""
+        self.pending.append((slots, values))
+        if not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_queued = False
+        if self.pending:
+            _collect(self._param, None, self.pending)
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
         self._handle.remove()
+        if getattr(self._param, _HANDLE_ATTRIBUTE, None) is self:
+            delattr(self._param, _HANDLE_ATTRIBUTE)
         if hasattr(self._param, ATTRIBUTE):
             delattr(self._param, ATTRIBUTE)
 
@@ -104,11 +152,12 @@ def compact_tied_input_embedding(model: torch.nn.Module, handles: dict[torch.nn.
     before any hook runs: both are alive at the end of backward (2 x 108 MiB for SmolLM2-135M in fp32). The lookup's
     gradient is only a handful of rows (one per distinct token), so the embedding's forward is rerouted through
     :class:`_CompactEmbeddingBackward`: it sums the rows exactly as torch's dense CPU backward does (zero-started, in
-    token order) and hands the compact hook the selected entries of those rows, which it adds to the head's
-    gradient; autograd gets a zero that takes no memory. Installed on CPU weights only, where the row sums are
-    checked bit for bit against torch's kernel; only for a plain ``nn.Embedding`` (no ``max_norm``,
-    ``scale_grad_by_freq`` or sparse gradients, no subclass forward such as a scaled embedding). Exact as long as the
-    head's gradient reaches the weight before the lookup's, as in one forward per backward.
+    token order) and hands the handle the selected entries of those rows (:meth:`_Handle.deliver`), which adds them
+    after the head's (dense, or compact from :mod:`.compact_head`); autograd gets no gradient for the weight from the
+    lookup (a zero would be copied into a dense tensor by its gradient accumulator). Installed on CPU weights only,
+    where the row sums are checked bit for bit against torch's kernel; only for a plain ``nn.Embedding`` (no
+    ``max_norm``, ``scale_grad_by_freq`` or sparse gradients, no subclass forward such as a scaled embedding). Exact
+    as long as the head's gradient reaches the weight before the lookup's, as in one forward per backward.
     """
     get_input, get_output = (getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings"))
     if get_input is None or get_output is None:
@@ -156,11 +205,9 @@ class _CompactEmbeddingBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (input,) = ctx.saved_tensors
-        ctx.handle.pending.append(_selected_row_gradient(input, grad_output, ctx.padding_idx, ctx.handle.indices,
-                                                         ctx.weight_shape[1]))
-        # A defined zero keeps the weight's gradient accumulator, and so the compact hook, in the graph; it takes no
-        # memory. Autograd adds it to the head's gradient (+0.0, as the dense gradient's zero rows would).
-        return None, grad_output.new_zeros(()).expand(ctx.weight_shape), None, None
+        ctx.handle.deliver(*_selected_row_gradient(input, grad_output, ctx.padding_idx, ctx.handle.indices,
+                                                   ctx.weight_shape[1]))
+        return None, None, None, None
 
 
 def _selected_row_gradient(input: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None,

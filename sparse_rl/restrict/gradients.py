@@ -13,6 +13,7 @@ import torch
 
 from ..mask import SubnetworkMask
 from .compact import compact_tied_input_embedding, register_compact_gradient
+from .compact_head import install_compact_fused_head
 from .sharded import is_sharded, restrict_sharded_gradient
 
 
@@ -72,6 +73,9 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
         restriction.held_bytes += keep.numel() * keep.element_size()
     if compact_handles:  # a tied embedding's lookup then never builds a dense gradient of the whole matrix
         compact_tied_input_embedding(model, compact_handles)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and getattr(head, "weight", None) in compact_handles:
+            install_compact_fused_head()  # TRL's fused LM head then never builds the head's dense weight gradient
     return restriction
 
 
