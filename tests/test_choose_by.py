@@ -168,3 +168,40 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     assert "| 3 |" in lora_row  # seed 0 (0.75) plus two seeds at the base reward
     assert "Recovering >= 95% of full finetuning's gain with the whole interval: sparse-gradient-0.1" in text
     assert "Full finetuning's held-out reward from step 1 to 2: 0.750 [" in text and "still rising" in text
+
+
+def test_sweep_widens_while_its_best_lr_sits_at_an_edge(tmp_path, tiny_checkpoint):
+    from choosing.plan import MAX_WIDENING, SWEEPS, widen
+
+    assert widen([1e-5, 3e-5, 3e-6], 3e-6) == 1e-6 and widen([1e-5, 3e-5, 1e-6], 1e-6) == 3e-7
+    assert widen([3e-5, 1e-4, 1e-5], 1e-4) == 3e-4 and widen([1e-4, 3e-4], 3e-4) == 1e-3
+    assert widen([1e-5, 3e-5, 3e-6], 1e-5) is None
+    runs, protocol = tmp_path / "runs", _protocol()
+    lrs = sorted(SWEEPS["full"])
+
+    def plan():
+        return build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
+
+    def full_runs(p):
+        return [c.config for c in p.ready if c.config.method == "full" and c.config.seed == 0]
+
+    for lr in lrs:  # the smallest lr is best: the sweep goes one grid point lower before any seed 1 runs
+        _fake_run(runs, protocol.replace(method="full", learning_rate=lr), [2] * 8 if lr == lrs[0] else [0] * 8)
+    p = plan()
+    assert [c.learning_rate for c in full_runs(p)][-1] == 1e-6 and ("addition", "full") not in p.best_lr
+    assert not [c for c in p.ready if c.config.method == "full" and c.config.seed == 1]
+    # the wider lr is worse: the sweep stops and seeds 1, 2 run at the interior best
+    _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6), [1] * 8)
+    p = plan()
+    assert p.best_lr[("addition", "full")] == lrs[0] and p.sweep_lrs[("addition", "full")] == [1e-6] + lrs
+    assert {c.config.learning_rate for c in p.ready if c.config.method == "full" and c.config.seed > 0} == {lrs[0]}
+    # still improving at every widening: the sweep stops after MAX_WIDENING more points and takes the edge
+    for lr in lrs:
+        correct = [2] * 6 + [1] * 2 if lr == lrs[0] else [1] * 8
+        _fake_run(runs, protocol.replace(method="full", learning_rate=lr), correct)
+    _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6), [2] * 7 + [1])
+    p = plan()
+    assert p.sweep_lrs[("addition", "full")][0] == 3e-7 and ("addition", "full") not in p.best_lr
+    _fake_run(runs, protocol.replace(method="full", learning_rate=3e-7), [2] * 8)
+    p = plan()
+    assert len(p.sweep_lrs[("addition", "full")]) == 3 + MAX_WIDENING and p.best_lr[("addition", "full")] == 3e-7

@@ -26,6 +26,7 @@ from pathlib import Path
 from choosing.runs import MASKS, RunConfig, load_result, weights_path
 
 SWEEPS = {"full": (1e-5, 3e-5, 3e-6), "sparse": (3e-5, 1e-4, 1e-5), "lora": (3e-4, 1e-3, 1e-4)}  # middle first
+MAX_WIDENING = 2  # grid points a row's sweep may add beyond its family's three while its best lr sits at an edge
 DENSITIES = (0.01, 0.05, 0.1, 0.3)
 MAIN_DENSITY = 0.1
 SEEDS = (0, 1, 2)
@@ -44,6 +45,19 @@ class Plan:
     waiting: list[str] = field(default_factory=list)  # what cannot be scheduled yet, and why
     best_lr: dict[tuple[str, str], float] = field(default_factory=dict)  # (task, swept row) -> lr
     lora_rank: int = 0
+    sweep_lrs: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (task, swept row) -> lrs so far
+
+
+def widen(lrs, best: float) -> float | None:
+    """The next lr of the 1-3-10 grid beyond ``best`` when it is the smallest or largest of ``lrs``, else None: a best
+    lr at the edge of a sweep says only that the optimum may lie further out."""
+    exponent = math.floor(math.log10(best) + 1e-9)
+    one = math.isclose(best / 10 ** exponent, 1.0, rel_tol=1e-6)
+    if best == min(lrs):
+        return float(f"{(3 * 10 ** (exponent - 1)) if one else 10 ** exponent:.0e}")
+    if best == max(lrs):
+        return float(f"{(3 * 10 ** exponent) if one else 10 ** (exponent + 1):.0e}")
+    return None
 
 
 def trained_count(model_dir, density: float) -> int:
@@ -93,17 +107,26 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for task in tasks:  # the base reward of every task first (cheap; a task outside 0.1-0.8 gives GRPO no signal)
         plan.ready.append(Planned(config(task, "base", 0.0, 0), stage))
 
-    # A: sweeps
+    # A: sweeps, widened one grid point at a time while the best lr of a complete sweep sits at its edge
     for i in range(3):
         for method, kw, family in rows.values():
             plan.ready.append(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
     for name, (method, kw, family) in rows.items():
-        results = [done(config(main_task, method, lr, 0, **kw)) for lr in SWEEPS[family]]
-        if all(results):
-            plan.best_lr[(main_task, name)] = max(results, key=lambda r: r["final_reward"])["config"]["learning_rate"]
-        else:
-            plan.waiting.append(f"{main_task} {name}: seeds 1+ wait for its lr sweep "
-                                f"({sum(map(bool, results))}/3 done)")
+        lrs = list(SWEEPS[family])
+        while True:
+            results = {lr: done(config(main_task, method, lr, 0, **kw)) for lr in lrs}
+            plan.sweep_lrs[(main_task, name)] = sorted(lrs)
+            if not all(results.values()):
+                plan.waiting.append(f"{main_task} {name}: seeds 1+ wait for its lr sweep "
+                                    f"({sum(map(bool, results.values()))}/{len(lrs)} done)")
+                break
+            best = max(results, key=lambda lr: results[lr]["final_reward"])
+            wider = widen(lrs, best)
+            if wider is None or len(lrs) >= len(SWEEPS[family]) + MAX_WIDENING:
+                plan.best_lr[(main_task, name)] = best
+                break
+            lrs.append(wider)
+            plan.ready.append(Planned(config(main_task, method, wider, 0, **kw), "A lr sweep (widened)"))
 
     def lr_of(row: str) -> float | None:
         return plan.best_lr.get((main_task, row))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import MAIN_DENSITY, SWEEPS, build_plan, grid_size
+from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan, grid_size
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import difference_interval, gain_share_interval, mean_interval, seed_sd, success_matrix
 
@@ -117,22 +117,28 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
               "second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
               "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
               "below).", "",
-              "| row | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | best |", "|---|---|---|---|---|"]
+              "A row whose best lr sits at the edge of its sweep gets the next lr of the 1-3-10 grid beyond it (up to "
+              f"{MAX_WIDENING} more) before its lr is chosen.", ""]
     main_task = tasks[0]
     swept_rows = sorted({row for (task, row, lr) in groups if task == main_task and _is_swept(row)})
+    columns = max([len(plan.sweep_lrs.get((main_task, row), ())) for row in swept_rows] + [3])
+    lines += ["| row | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " | best |",
+              "|---|" + "---|" * (columns + 1)]
     for row in swept_rows:
         family = _family(row)
         cells = []
         best = plan.best_lr.get((main_task, row))
-        for lr in sorted(SWEEPS[family]):
+        lrs = plan.sweep_lrs.get((main_task, row), sorted(SWEEPS[family]))
+        for lr in lrs:
             runs = [r for r in groups.get((main_task, row, lr), []) if r["config"]["seed"] == 0]
             if runs:
                 text = f"{lr:g}: {_ci(mean_interval(success_matrix(runs)))}"
                 cells.append(f"**{text}**" if lr == best else text)
             else:
                 cells.append(f"{lr:g}: pending")
-        note = "-" if best is None else f"{best:g}" + (" (edge of the grid: widen the sweep)"
-                                                     if best in (min(SWEEPS[family]), max(SWEEPS[family])) else "")
+        cells += [""] * (columns - len(cells))
+        note = "-" if best is None else f"{best:g}" + (" (still at the edge after widening)"
+                                                     if best in (min(lrs), max(lrs)) else "")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {note} |")
     lines.append("")
 
