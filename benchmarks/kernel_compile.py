@@ -92,9 +92,16 @@ def stream(location) -> str:
     """The stream of the ``tl.load``/``tl.store`` at a debug location, by its address expression, or ``other``.
     Triton's locations sometimes name the line below the call (the column is right), and the AMD backend may name the
     first use of a loaded value (a conversion just below the load): then the nearest call above is taken."""
-    if location is None or not location[0].startswith(str(KERNELS)):
-        return f"other: {location}"
+    if location is None:
+        return "other: None"
     path, line, column = location
+    here = KERNELS / Path(path).name
+    if not path.startswith(str(KERNELS)) and Path(path).parent.name == "kernels" and here.exists():
+        # a hit of Triton's on-disk cache compiled from another checkout: its key covers the source text, so the
+        # lines are this checkout's
+        path = str(here)
+    if not path.startswith(str(KERNELS)):
+        return f"other: {location}"
     if linecache.getline(path, line).lstrip().startswith("def "):
         return "kernel arguments"  # AMD: the scalar loads of the kernel's arguments
     calls = [linecache.getline(path, number)[column - 1:] for number in (line, line - 1)]

@@ -100,7 +100,9 @@ COL_NUMEL = 11  # entries of the tensor: the CPU block path must not read or wri
 # values rounded to bf16 as ``tensor.to(torch.bfloat16)`` rounds on CPU, in slot order (the weight sync's fused scan,
 # ``MaskedAdamW.track_rounded``).
 COL_ROUNDED = 12
-TABLE_COLUMNS = 13
+# Rows padded to 16 columns (128 B): with 13 (104 B rows) the AMD backend could no longer prove a row's alignment and
+# split its merged scalar loads of the columns in two (benchmarks/results/kernel_compile.md, gfx942 table loads).
+TABLE_COLUMNS = 16
 
 PARAM_FP32 = 0
 PARAM_BF16 = 1
