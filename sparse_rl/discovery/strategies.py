@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..mask import SubnetworkMask
+from .select import top_k_selections
 
 Budget = Literal["per_tensor", "global"]
 BUDGETS = get_args(Budget)
@@ -92,15 +93,9 @@ def trainable_parameters(
 
 # ---------------------------------------------------------------------------------------------- budget rules
 def _top_k_selection(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean tensor selecting the ``ceil(density * n)`` highest scores (ties broken by position)."""
-    flat = scores.reshape(-1)
-    k = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
-    selection = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k == flat.numel():
-        selection[:] = True
-    else:
-        selection[torch.topk(flat.float().cpu(), k, sorted=False).indices] = True
-    return selection.reshape(scores.shape)
+    """Boolean tensor selecting the ``ceil(density * n)`` highest scores (ties at the threshold: lowest index first)."""
+    k = min(scores.numel(), max(1, math.ceil(density * scores.numel())))
+    return top_k_selections([scores], k)[0]
 
 
 def _global_top_k_selection(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
@@ -108,21 +103,7 @@ def _global_top_k_selection(scores: Mapping[str, torch.Tensor], density: float) 
     go to the earliest tensors and positions."""
     total = sum(s.numel() for s in scores.values())
     k = min(total, max(1, math.ceil(density * total)))
-    if k == total:
-        return {n: torch.ones(s.shape, dtype=torch.bool) for n, s in scores.items()}
-    pooled = torch.cat([s.reshape(-1).float().cpu() for s in scores.values()])
-    threshold = torch.kthvalue(pooled, total - k + 1).values  # the k-th largest score
-    del pooled
-    selections, remaining_ties = {}, k - sum(int((s.float() > threshold).sum()) for s in scores.values())
-    for name, score in scores.items():
-        score = score.float().cpu()
-        selection = score > threshold
-        if remaining_ties > 0:
-            ties = (score == threshold).reshape(-1).nonzero().squeeze(1)[:remaining_ties]
-            selection.reshape(-1)[ties] = True
-            remaining_ties -= ties.numel()
-        selections[name] = selection
-    return selections
+    return dict(zip(scores, top_k_selections(list(scores.values()), k)))
 
 
 def mask_from_scores(
@@ -180,11 +161,21 @@ def magnitude_mask(
     mask is the baseline a bf16 diff is most likely to resemble.
     """
     check_density(density)
-    scores = {}
-    for name, param in tqdm(trainable_parameters(model, exclude, include), desc="magnitude mask", leave=False):
+    check_budget(budget)
+
+    def score(name: str, param: torch.Tensor) -> torch.Tensor:
         magnitude = param.detach().float().abs().cpu()
-        scores[name] = magnitude if largest else -magnitude
-    return mask_from_scores(scores, density, budget)
+        if not bool(torch.isfinite(magnitude).all()):
+            raise ValueError(f"weights of {name!r} contain NaN or inf: their magnitudes cannot be ranked")
+        return magnitude if largest else magnitude.neg_()
+
+    named = tqdm(trainable_parameters(model, exclude, include), desc="magnitude mask", leave=False)
+    if budget == "per_tensor":  # one tensor's scores alive at a time, as in random_mask
+        mask = SubnetworkMask((name, _top_k_selection(score(name, param), density)) for name, param in named)
+        if not len(mask):
+            raise ValueError("no scores given: the mask would select nothing")
+        return mask
+    return mask_from_scores({name: score(name, param) for name, param in named}, density, budget)
 
 
 # ---------------------------------------------------------------------------------------------- precision
