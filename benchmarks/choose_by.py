@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` and `choosing` when imported from tests
 
-from choosing.runs import RunConfig, load_result, run_one, running_pid  # noqa: E402
+from choosing.runs import RunConfig, load_result, run_one, running_pid, weights_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "choose_by"
@@ -143,7 +143,12 @@ def sweep(args, argv) -> int:
             continue
         plan = build_plan(protocol, runs_dir, work / "weights", model_dir, tasks, args.extra_seeds)
         todo = [p for p in plan.ready if p.config.run_id() not in running and p.config.run_id() not in failed
-                and load_result(runs_dir, p.config) is None]
+                and (load_result(runs_dir, p.config) is None
+                     or (p.regenerate and not weights_path(work / "weights", p.config).exists()))]
+        first: dict[str, object] = {}
+        for p in todo:  # a regeneration can be planned by several post-hoc rows: keep its first place
+            first.setdefault(p.config.run_id(), p)
+        todo = list(first.values())
         todo = [p for p in todo if running_pid(work, p.config.run_id()) in (None, os.getpid())]
         if args.dry_run:
             done = sum(load_result(runs_dir, p.config) is not None for p in plan.ready)

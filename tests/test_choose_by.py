@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -72,6 +73,15 @@ def test_runs_write_their_json_and_the_sweep_skips_them(tmp_path, tiny_checkpoin
     assert full["optimizer_state_bytes"] == 2 * 4 * full["total_entries"]  # AdamW: two fp32 moments per entry
     assert full["peak_rss_train_mib"] > 0 and full["peak_rss_mib"] >= full["peak_rss_train_mib"] - 1
     assert weights_path(work / "weights", full_config).exists()
+    # a rerun (to rewrite lost weights) keeps the first run's result beside its own: same seed, same numbers
+    first_weights = load_file(weights_path(work / "weights", full_config))
+    weights_path(work / "weights", full_config).unlink()
+    again = run_one(full_config, runs, **kw)
+    assert again["previous_run"]["final_reward"] == full["final_reward"] == again["final_reward"]
+    assert [e["correct"] for e in again["evals"]] == [e["correct"] for e in full["evals"]]
+    rewritten = load_file(weights_path(work / "weights", full_config))
+    assert rewritten.keys() == first_weights.keys()
+    assert all(torch.equal(rewritten[k], first_weights[k]) for k in first_weights)
 
     sparse_config = protocol.replace(method="sparse", mask="random", density=0.1, learning_rate=3e-5)
     sparse = run_one(sparse_config, runs, **kw)
@@ -205,3 +215,38 @@ def test_sweep_widens_while_its_best_lr_sits_at_an_edge(tmp_path, tiny_checkpoin
     _fake_run(runs, protocol.replace(method="full", learning_rate=3e-7), [2] * 8)
     p = plan()
     assert len(p.sweep_lrs[("addition", "full")]) == 3 + MAX_WIDENING and p.best_lr[("addition", "full")] == 3e-7
+
+
+def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_path, tiny_checkpoint):
+    from choosing.plan import SWEEPS
+
+    runs, weights, protocol = tmp_path / "results" / "runs", tmp_path / "work" / "weights", _protocol()
+    rows = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+            dict(method="sparse", mask="gradient", density=0.1),
+            dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    family = {"full": "full", "sparse": "sparse", "lora": "lora"}
+    for row in rows:  # complete sweeps, best at the middle lr, so no widening
+        for i, lr in enumerate(SWEEPS[family[row["method"]]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    full_s0 = protocol.replace(method="full", learning_rate=SWEEPS["full"][0])
+    plan = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",))
+    regenerate = [p for p in plan.ready if p.regenerate]
+    assert {p.config.run_id() for p in regenerate} == {full_s0.run_id()}  # seeds 1, 2 never ran: they wait
+    assert any("sparse-posthoc-0.1 seed 0" in w for w in plan.waiting)
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(tmp_path / "results"),
+                  "--work", str(tmp_path / "work"), "--dry-run"]
+
+    def ready_ids():
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert choose_by.main(args) == 0
+        return [line.split()[-1] for line in buffer.getvalue().splitlines() if line.strip().startswith("ready")]
+
+    ids = ready_ids()
+    assert ids.count(full_s0.run_id()) == 1  # planned by every post-hoc density, started once
+    weights.mkdir(parents=True)
+    weights_path(weights, full_s0).write_bytes(b"")
+    assert full_s0.run_id() not in ready_ids()
+    posthoc = [p for p in build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",)).ready
+               if p.config.mask == "posthoc" and p.config.seed == 0]
+    assert posthoc and all(p.posthoc_source == weights_path(weights, full_s0) for p in posthoc)

@@ -7,9 +7,10 @@ same seed, the second task uses the two best masks at 10%. Stages, in order:
 A. learning-rate sweep, seed 0, for the four rows that decide the choice: full finetuning, sparse 10% random,
    sparse 10% gradient probe, LoRA at sparse 10%'s trained count (the middle lr of every row first);
 B. those four rows at their best lr with seeds 1, 2;
-C. the other masks at 10% (Fisher probe, smallest |w|, post-hoc diff of the full run), 3 seeds;
-D. gradient probe and random at 1, 5 and 30%, 3 seeds;
-E. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10%, 3 seeds;
+C. the other masks at 10% (Fisher probe, smallest |w|, post-hoc diff of the full run), 3 seeds (a finished full
+   run whose final weights are missing, e.g. swept on another machine, is rerun to rewrite them);
+D. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10%, 3 seeds;
+E. gradient probe and random at 1, 5 and 30%, 3 seeds;
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, 3 seeds;
 G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds.
 
@@ -37,6 +38,7 @@ class Planned:
     config: RunConfig
     stage: str
     posthoc_source: Path | None = None
+    regenerate: bool = False  # a finished full run rerun only to rewrite its lost final weights (post-hoc masks)
 
 
 @dataclass
@@ -147,6 +149,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                 if full is None or not weights_path(weights_dir, config(task, "full", lr_of("full"), seed)).exists():
                     plan.waiting.append(f"{c.row} seed {seed} ({stage}): waits for the full run of seed {seed} at "
                                         "its best lr (its final weights give the post-hoc mask)")
+                    if full is not None:  # finished, but its weights are gone (another machine's work folder)
+                        plan.ready.append(Planned(config(task, "full", lr_of("full"), seed), stage, regenerate=True))
                     continue
                 source = weights_path(weights_dir, config(task, "full", lr_of("full"), seed))
             plan.ready.append(Planned(c, stage, source))
@@ -157,22 +161,22 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # C: the other masks at 10%
     for mask in ("fisher", "magnitude", "posthoc"):
         add_seeds(main_task, "C masks at 10%", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
-    # D: density axis for the probe and random
-    for density in DENSITIES:
-        if density != MAIN_DENSITY:
-            for mask in ("gradient", "random"):
-                add_seeds(main_task, "D densities", "sparse", sparse_row, mask=mask, density=density)
-    # E: second task
+    # D: second task
     for task in tasks[1:]:
         best_masks = _best_masks(plan, protocol, runs_dir, main_task, lr_of(sparse_row), seeds)
-        add_seeds(task, "E second task", "full", "full")
-        add_seeds(task, "E second task", "lora", lora_row, lora_rank=plan.lora_rank)
+        add_seeds(task, "D second task", "full", "full")
+        add_seeds(task, "D second task", "lora", lora_row, lora_rank=plan.lora_rank)
         if best_masks is None:
             plan.waiting.append(f"{task} sparse 10%: waits for every 10% mask of {main_task} to have "
                                 f"{len(seeds)} seeds (it uses the best two)")
         else:
             for mask in best_masks:
-                add_seeds(task, "E second task", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
+                add_seeds(task, "D second task", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
+    # E: density axis for the probe and random
+    for density in DENSITIES:
+        if density != MAIN_DENSITY:
+            for mask in ("gradient", "random"):
+                add_seeds(main_task, "E densities", "sparse", sparse_row, mask=mask, density=density)
     # F: the other masks at the other densities
     for density in DENSITIES:
         if density != MAIN_DENSITY:

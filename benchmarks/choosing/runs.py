@@ -165,6 +165,9 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
     record: dict = {"id": config.run_id(), "row": config.row, "config": config.to_dict(), "command": command,
                     "model": str(model_dir), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
                     "load_average_start": os.getloadavg()[0], "evals": [], "step_seconds": [], "train_reward": []}
+    previous = load_result(runs_dir, config)
+    if previous is not None:  # rerun to rewrite lost final weights: keep what the first run found, to compare
+        record["previous_run"] = {k: previous.get(k) for k in ("final_reward", "finished", "cpu", "command")}
 
     def evaluate(evaluated_model, step: int) -> None:
         t0 = time.perf_counter()
