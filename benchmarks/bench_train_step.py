@@ -221,8 +221,8 @@ def _reference_bytes(trainer) -> int:
     reference = getattr(trainer, "ref_model", None)
     if reference is None:
         return 0
-    if isinstance(reference, SharedReference):  # with compact gradients its int32 indices are the hooks' (counted
-        compact = trainer.sparse_training.compact_grads  # under "mask and hooks")
+    if isinstance(reference, SharedReference):  # values, and off CPU the int32 positions, which with compact
+        compact = trainer.sparse_training.compact_grads  # gradients are the hooks' (counted under "mask and hooks")
         return reference.value_bytes() if compact else reference.extra_bytes()
     return sum(p.numel() * p.element_size() for p in reference.parameters())
 
@@ -302,7 +302,8 @@ class RssTimeline:
 
 def _mask_and_hook_bytes(sparse) -> int:
     """The SubnetworkMask's packed selections (1 bit per entry of every listed parameter) and what the gradient hooks
-    keep (a bool per entry with dense hooks, an int32 per selected entry with compact gradients)."""
+    keep (a bool per entry with dense hooks; with compact gradients the int32 positions of the parameters that hold
+    them: on CPU only a tied embedding/output head's, built at its first compact backward)."""
     if sparse is None:
         return 0
     return sparse.mask.nbytes + sparse.restriction.held_bytes
@@ -350,7 +351,6 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     reference_bytes = _reference_bytes(trainer)
     weight_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
-    mask_bytes = _mask_and_hook_bytes(sparse)
     del sparse
 
     release_memory()
@@ -359,6 +359,7 @@ def measure(trainer_name: str, setup: Setup, timed_steps: int, output_dir: str) 
     reset = reset_peak()
     trainer.train()
     peak_train = status_mib("VmHWM") if reset else None
+    mask_bytes = _mask_and_hook_bytes(getattr(trainer, "sparse_training", None))  # after: positions are built lazily
     state_bytes = _optimizer_state_bytes(trainer.optimizer)
     _check_setup_applied(trainer, setup)
     if setup.compact_grads != (recorder.compact_grad_bytes > 0):

@@ -58,12 +58,17 @@ def measure(dtype: torch.dtype, density: float | None, state_bits: int = 32, com
     else:
         mask = random_mask(model, density)
         mask_bytes = mask.nbytes
-        hook_bytes = restrict_gradients(model, mask, compact=compact).held_bytes
+        restriction = restrict_gradients(model, mask, compact=compact)
+        # what the CUDA path holds (the estimate is for a GPU): compact hooks keep the int32 positions of every
+        # partly selected tensor, which the shared reference indexes with too; on CPU both read the mask's bits
+        partial = [n for n, p in model.named_parameters() if 0 < mask.count(n) < p.numel()]
+        positions = 4 * sum(mask.count(n) for n in partial)
+        hook_bytes = restriction.dense_bytes + (positions if compact else 0)
         if density >= 1.0:  # full finetuning measured as MaskedAdamW: TRL keeps its copy
             reference = tensor_bytes(model.parameters())
-        else:  # built after the hooks: with compact gradients it shares their indices
+        else:  # built after the hooks: with compact gradients it shares their positions
             shared = SharedReference(model, mask)
-            reference = shared.value_bytes() if compact else shared.extra_bytes()
+            reference = shared.value_bytes() + (0 if compact else 4 * mask.num_selected)
         optimizer = MaskedAdamW(model.named_parameters(), mask, lr=1e-6, state_bits=state_bits)
     batch = tokenizer(["What is 12 + 7? The answer is 19."] * 2, return_tensors="pt")
     model(**batch, labels=batch["input_ids"]).loss.backward()

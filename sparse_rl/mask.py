@@ -106,6 +106,14 @@ class SubnetworkMask:
             self[name]  # raises the KeyError naming the mask's parameters
         return self._shapes[name]
 
+    def packed_bits(self, name: str) -> np.ndarray:
+        """``name``'s selection as stored: ``np.packbits`` of the flattened bools (read-only view, no copy)."""
+        if name not in self._packed:
+            self[name]
+        bits = self._packed[name].view()
+        bits.flags.writeable = False
+        return bits
+
     def count(self, name: str) -> int:
         """Selected entries of parameter ``name`` (counted once, when the mask was built)."""
         if name not in self._counts:
@@ -129,7 +137,8 @@ class SubnetworkMask:
         key = (name, str(torch.device(device)))
         indices = self._indices.get(key)
         if indices is None:
-            indices = self._unpack(name).reshape(-1).nonzero().squeeze(1).to(device=device, dtype=torch.int32)
+            bits = np.unpackbits(self._packed[name], count=numel).view(np.bool_)  # flat: no tensor of the shape
+            indices = torch.from_numpy(np.flatnonzero(bits).astype(np.int32)).to(device)
             self._indices[key] = indices
         return indices
 

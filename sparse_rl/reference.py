@@ -19,8 +19,9 @@ that ``sparsify`` binds to the mask it chooses::
 (DPO and KTO take ``ref_model=`` directly: ``DPOTrainer(model=model, ref_model=SharedReference(model), ...)``,
 then ``sparsify(trainer, SparseConfig(shared_reference=True, ...))``.)
 
-On CPU the swap exchanges the policy's and the stored values in one in-place pass (a numba loop over the int32
-indices, values compared as bits); other devices use ``index_select``/``index_copy_`` through a scratch buffer.
+On CPU the swap exchanges the policy's and the stored values in one in-place pass (a numba loop over the mask's
+packed bits, values moved as bits: :mod:`sparse_rl.restrict.bitscan`), holding nothing but the values; other devices
+use ``index_select``/``index_copy_`` with int32 positions through a scratch buffer.
 
 How each TRL 1.16 trainer calls its reference, and why the swap is safe there:
 
@@ -47,10 +48,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 
 import torch
 
 from .mask import SubnetworkMask
+from .restrict import bitscan
 
 
 class SharedReference(torch.nn.Module):
@@ -106,28 +109,36 @@ class SharedReference(torch.nn.Module):
                 if not param.is_contiguous():
                     raise ValueError(f"parameter {name!r} is not contiguous; the shared reference swaps entries "
                                      "through a flat view")
-                if param.numel() < 2**31:  # the compact gradient hook's int32 positions, shared with it
-                    index = mask.selected_indices(name, param.device)
-                else:
-                    index = mask.flat_indices(name).to(param.device)
                 slot = len(self._names)
-                self.register_buffer(f"index_{slot}", index, persistent=False)
-                self.register_buffer(f"values_{slot}", param.detach().view(-1).index_select(0, index), persistent=False)
+                flat = param.detach().view(-1)
+                if _packed_path(param):  # CPU: values gathered and later swapped straight from the packed bits
+                    values = bitscan.gather_selected(flat, mask.packed_bits(name), mask.count(name))
+                else:
+                    index = self._index(mask, name, param.device)
+                    self.register_buffer(f"index_{slot}", index, persistent=False)
+                    values = flat.index_select(0, index)
+                self.register_buffer(f"values_{slot}", values, persistent=False)
                 self._names.append(name)
         self.mask = mask
         return self
 
     def value_bytes(self) -> int:
-        """Bytes of the stored starting values alone (the int32 indices are shared with compact gradient hooks)."""
+        """Bytes of the stored starting values alone."""
         return sum(getattr(self, f"values_{slot}").numel() * getattr(self, f"values_{slot}").element_size()
                    for slot in range(len(self._names)))
 
     def extra_bytes(self) -> int:
-        """Bytes this reference holds: the original selected values and their int32 indices (the same index
-        tensors as the compact gradient hooks', :meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`). CPU
-        tensors are swapped in place; other devices reuse a scratch buffer of the largest tensor's entries, grown on
-        first use."""
+        """Bytes this reference holds: the original selected values, plus, off CPU (or without numba), their int32
+        positions (the same tensors as the compact gradient hooks', :meth:`~sparse_rl.mask.SubnetworkMask.
+        selected_indices`) and a scratch buffer of the largest tensor's entries, grown on first use. On CPU the swap
+        walks the mask's packed bits in place and holds nothing else."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @staticmethod
+    def _index(mask: SubnetworkMask, name: str, device: torch.device) -> torch.Tensor:
+        if math.prod(mask.shape_of(name)) < 2**31:  # the compact gradient hook's int32 positions, shared with it
+            return mask.selected_indices(name, device)
+        return mask.flat_indices(name).to(device)
 
     def __repr__(self) -> str:
         if self.mask is None:
@@ -150,16 +161,20 @@ class SharedReference(torch.nn.Module):
         """Exchange the policy's values at the selected entries with the stored ones (an involution, bitwise)."""
         name = self._names[slot]
         param = params[name]
-        index, stored = getattr(self, f"index_{slot}"), getattr(self, f"values_{slot}")
+        stored = getattr(self, f"values_{slot}")
         if stored.device != param.device:  # the policy was moved after this reference was built
-            index, stored = index.to(param.device), stored.to(param.device)
-            setattr(self, f"index_{slot}", index)
+            stored = stored.to(param.device)
             setattr(self, f"values_{slot}", stored)
         if stored.dtype != param.dtype:
             raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
-        if flat.device.type == "cpu" and _swap_in_place(flat, index, stored):
+        if _packed_path(param):
+            bitscan.swap_selected(flat, self.mask.packed_bits(name), stored)
             return
+        index = getattr(self, f"index_{slot}", None)
+        if index is None or index.device != param.device:  # bound on CPU, moved since (or numba went missing)
+            index = self._index(self.mask, name, param.device)
+            self.register_buffer(f"index_{slot}", index, persistent=False)
         current = self._scratch("scratch_values", index.numel(), param.dtype, param.device)
         torch.index_select(flat, 0, index, out=current)
         index64 = self._scratch("scratch_index", index.numel(), torch.int64, param.device)
@@ -217,32 +232,9 @@ class SharedReference(torch.nn.Module):
         return SharedReference.forward(self, *args, **kwargs)
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_swap_kernel = None
-
-
-def _swap_in_place(flat: torch.Tensor, index: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Exchange ``flat[index]`` and ``stored`` in one pass over the entries, bit for bit (both viewed as integers of
-    their width, so bf16 needs no numpy dtype) and without scratch memory: a numba loop. False if numba is missing."""
-    global _swap_kernel
-    if _swap_kernel is None:
-        try:
-            import numba
-        except ImportError:
-            return False
-
-        @numba.njit(nogil=True)
-        def kernel(values, positions, other):
-            for i in range(positions.shape[0]):
-                j = positions[i]
-                kept = values[j]
-                values[j] = other[i]
-                other[i] = kept
-
-        _swap_kernel = kernel
-    bits = _BITS[flat.element_size()]
-    _swap_kernel(flat.view(bits).numpy(), index.numpy(), stored.view(bits).numpy())
-    return True
+def _packed_path(param: torch.Tensor) -> bool:
+    """Whether ``param``'s entries are gathered and swapped straight from the mask's packed bits (CPU, numba)."""
+    return param.device.type == "cpu" and param.numel() < 2**31 and bitscan.available()
 
 
 @contextlib.contextmanager

@@ -164,19 +164,31 @@ def test_refused_where_the_dense_gradient_is_needed(tiny_checkpoint, tmp_path, m
     assert all(not hasattr(p, "compact_grad") for p in trainer.model.parameters())  # refused before any change
 
 
-def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model):
+def test_hooks_hold_a_bool_per_entry_or_an_index_per_selected_entry(tiny_model, monkeypatch):
+    """Dense hooks keep a bool per entry; compact ones on CPU read the mask's packed bits and keep nothing, also after
+    a backward (no compact backward asked for positions: the tiny model's head is untied and called densely); where
+    the bits cannot be walked (other devices, no numba) they keep an int32 position per selected entry."""
+    from sparse_rl.restrict import bitscan
+
     mask = random_mask(tiny_model, 0.1)
     partly = [n for n, _ in tiny_model.named_parameters() if mask[n].any() and not mask[n].all()]
     dense = restrict_gradients(tiny_model, mask)
     assert dense.held_bytes == sum(mask[n].numel() for n in partly)
     dense.remove()
     compact = restrict_gradients(tiny_model, mask, compact=True)
+    tiny_model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    assert compact.held_bytes == 0 and all(compact_grad_of(p) is not None for n, p in tiny_model.named_parameters()
+                                           if n in partly)
+    compact.remove()
+    monkeypatch.setattr(bitscan, "available", lambda: False)
+    compact = restrict_gradients(tiny_model, mask, compact=True)
     assert compact.held_bytes == 4 * sum(int(mask[n].sum()) for n in partly) < 0.5 * dense_bytes(mask, partly)
+    compact.remove()
 
 
 def test_no_bool_per_entry_is_kept_with_compact_gradients_and_shared_reference(tiny_checkpoint, tmp_path):
     """With compact gradients and a shared reference, nothing sparse_rl keeps for training holds a bool per entry:
-    the mask is packed, the hooks and the reference index with int32 positions of the selected entries only."""
+    the mask is packed, and on CPU the hooks and the reference walk its bits (no positions either)."""
     import gc
 
     trainer = build_trainer("dpo", tiny_checkpoint, tmp_path)
@@ -187,8 +199,8 @@ def test_no_bool_per_entry_is_kept_with_compact_gradients_and_shared_reference(t
     kept = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.numel() in sizes]
     assert kept == []
     assert sparse.mask.nbytes <= sum((n + 7) // 8 for n in (p.numel() for p in trainer.model.parameters()))
-    assert sparse.restriction.held_bytes == 4 * sum(sparse.mask.count(n) for n, p in trainer.model.named_parameters()
-                                                    if 0 < sparse.mask.count(n) < p.numel())
+    assert sparse.restriction.held_bytes == 0  # on CPU the hooks and the reference read the mask's packed bits
+    assert trainer.ref_model.extra_bytes() == trainer.ref_model.value_bytes()
 
 
 def dense_bytes(mask, names):

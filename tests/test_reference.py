@@ -71,21 +71,32 @@ def test_reference_equals_base_copy_after_training(tied):
     assert not reference_logits.requires_grad
 
 
-def test_extra_memory_is_the_selected_values_and_int32_indices():
-    """On CPU the swap runs in place (no scratch), so the reference holds 8 bytes per selected fp32 entry."""
+def test_extra_memory_on_cpu_is_the_selected_values_alone():
+    """On CPU the swap walks the mask's packed bits in place (no positions, no scratch): 4 bytes per fp32 entry."""
     policy = make_tiny_model()
     mask = random_mask(policy, 0.1)
     reference = SharedReference(policy, mask)
-    assert reference.extra_bytes() == mask.num_selected * (4 + 4)
+    assert reference.extra_bytes() == reference.value_bytes() == mask.num_selected * 4
     reference(input_ids=_inputs())
-    assert reference.extra_bytes() == mask.num_selected * (4 + 4), "a swap allocated scratch memory"
+    assert reference.extra_bytes() == mask.num_selected * 4, "a swap allocated scratch memory or positions"
     assert list(reference.parameters()) == [], "the policy must not be a submodule of the reference"
 
 
-def test_indices_are_shared_with_compact_gradient_hooks():
-    """The reference and the compact gradient hooks keep one int32 index tensor per parameter, not one each."""
+def test_positions_off_the_packed_path_are_shared_with_compact_gradient_hooks(monkeypatch):
+    """Where the packed bits cannot be walked (other devices, no numba), the reference and the compact gradient hooks
+    keep one int32 position tensor per parameter, not one each; on CPU neither keeps any for plain matrices."""
+    from sparse_rl import reference as reference_module
+    from sparse_rl.restrict import bitscan
+
     policy = make_tiny_model()
     mask = random_mask(policy, 0.1)
+    restriction = restrict_gradients(policy, mask, compact=True)
+    reference = SharedReference(policy, mask)
+    assert restriction.held_bytes == 0 and not any(n.startswith("index_") for n, _ in reference.named_buffers())
+    restriction.remove()
+
+    monkeypatch.setattr(bitscan, "available", lambda: False)
+    monkeypatch.setattr(reference_module, "_packed_path", lambda param: False)
     restriction = restrict_gradients(policy, mask, compact=True)
     reference = SharedReference(policy, mask)
     for slot, name in enumerate(reference._names):
@@ -97,7 +108,8 @@ def test_indices_are_shared_with_compact_gradient_hooks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_swap_equals_the_torch_swap(dtype, monkeypatch):
-    """The numba swap and the scratch-buffer torch swap (other devices) exchange the same bits."""
+    """The packed-bit numba swap and the positions + scratch-buffer torch swap (other devices) exchange the same
+    bits, also when the reference was bound on the packed path and swaps through positions later."""
     from sparse_rl import reference as module
 
     results = []
@@ -110,7 +122,7 @@ def test_in_place_swap_equals_the_torch_swap(dtype, monkeypatch):
                 param.add_(1.0)  # the "trained" values differ from the stored ones everywhere
         trained = {n: p.detach().clone() for n, p in policy.named_parameters()}
         if not in_place:
-            monkeypatch.setattr(module, "_swap_in_place", lambda *args: False)
+            monkeypatch.setattr(module, "_packed_path", lambda param: False)
         with reference.swapped():
             results.append({n: p.detach().clone() for n, p in policy.named_parameters()})
         for name, param in policy.named_parameters():

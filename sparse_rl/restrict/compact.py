@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from ..mask import SubnetworkMask
+from . import bitscan
 
 ATTRIBUTE = "compact_grad"
 
@@ -47,28 +48,40 @@ def selected_indices(selection: torch.Tensor, device: torch.device | str) -> tor
 
 def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor | SubnetworkMask, name: str = ""):
     """Install the hook on ``param`` (see module docstring); returns its removable handle. ``selection`` is a bool
-    tensor, or a mask with the parameter's ``name``, whose shared int32 positions the hook then holds
-    (:meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`, the same tensor a shared reference indexes with)."""
+    tensor, or a mask with the parameter's ``name``. From a mask, a CPU parameter's hook gathers its entries straight
+    from the mask's packed bits (:mod:`.bitscan`: no positions held); elsewhere (or without numba) it holds the
+    mask's shared int32 positions (:meth:`~sparse_rl.mask.SubnetworkMask.selected_indices`, the same tensor a
+    shared reference indexes with)."""
     from_mask = isinstance(selection, SubnetworkMask)
     shape = selection.shape_of(name) if from_mask else tuple(selection.shape)
     if shape != tuple(param.shape):
         raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
-    indices = selection.selected_indices(name, param.device) if from_mask else selected_indices(selection, param.device)
+    packed = None
+    if from_mask and param.device.type == "cpu" and bitscan.available() and param.numel() < 2**31:
+        packed, count, indices = selection.packed_bits(name), selection.count(name), None
+    else:
+        indices = (selection.selected_indices(name, param.device) if from_mask
+                   else selected_indices(selection, param.device))
+        count = indices.numel()
     setattr(param, ATTRIBUTE, None)
     pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (slots, values) from compact backwards
 
     def hook(param: torch.Tensor) -> None:
-        nonlocal indices
         grad = param.grad
         if grad is None:
             return
-        if indices.device != grad.device:  # the model was moved after the hook was installed
-            indices = indices.to(grad.device)
-        _collect(param, torch.index_select(grad.reshape(-1), 0, indices), pending)
+        flat = grad.reshape(-1)
+        if packed is not None and flat.device.type == "cpu" and flat.is_contiguous():
+            selected = bitscan.gather_selected(flat, packed, count)
+        else:
+            selected = torch.index_select(flat, 0, handle_.positions(flat.device))
+        _collect(param, selected, pending)
         param.grad = None
 
     handle = param.register_post_accumulate_grad_hook(hook)
-    return _Handle(handle, param, indices, pending)
+    positions = (lambda device: selection.selected_indices(name, device)) if from_mask else None
+    handle_ = _Handle(handle, param, indices, count, pending, positions)
+    return handle_
 
 
 def _collect(param: torch.Tensor, selected: torch.Tensor | None, pending: list) -> None:
@@ -96,7 +109,7 @@ def _collect(param: torch.Tensor, selected: torch.Tensor | None, pending: list) 
 
 
 def compact_size(param: torch.Tensor) -> int:
-    return int(handle_of(param).indices.numel())
+    return handle_of(param).count
 
 
 def handle_of(param: torch.Tensor) -> _Handle | None:
@@ -108,14 +121,31 @@ _HANDLE_ATTRIBUTE = "_sparse_rl_compact_handle"
 
 
 class _Handle:
-    """Removes the hook and the parameter's compact gradient."""
+    """Removes the hook and the parameter's compact gradient; knows the selected positions when asked."""
 
-    def __init__(self, handle, param: torch.Tensor, indices: torch.Tensor, pending: list):
+    def __init__(self, handle, param: torch.Tensor, indices: torch.Tensor | None, count: int, pending: list,
+                 positions=None):
         self._handle, self._param = handle, param
-        self.indices, self.pending = indices, pending
+        self._indices, self.count, self.pending = indices, count, pending
+        self._positions = positions  # device -> the mask's shared int32 positions (None: built from a bool tensor)
         self._undo: list = []
         self._flush_queued = False
         setattr(param, _HANDLE_ATTRIBUTE, self)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Flat int32 positions of the selected entries (sorted), on the parameter's device. A hook that gathers from
+        packed bits builds them on first use and keeps them: only compact backwards (tied embedding, output head)
+        ask, so only their parameter pays 4 bytes per selected entry."""
+        return self.positions(self._param.device)
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        if self._indices is None or self._indices.device != device:
+            if self._positions is None:
+                self._indices = self._indices.to(device)
+            else:
+                self._indices = self._positions(device)
+        return self._indices
 
     def deliver(self, slots: torch.Tensor | None, values: torch.Tensor) -> None:
         """From a compact backward: queue ``values`` for the slots ``slots`` (None: all), added to the compact

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..mask import SubnetworkMask
-from .compact import compact_tied_input_embedding, register_compact_gradient
+from .compact import _Handle, compact_tied_input_embedding, register_compact_gradient
 from .compact_head import install_compact_fused_head
 from .sharded import is_sharded, restrict_sharded_gradient
 
@@ -23,7 +23,19 @@ class GradientRestriction:
 
     handles: list = field(default_factory=list)
     frozen: list[torch.nn.Parameter] = field(default_factory=list)
-    held_bytes: int = 0  # what the hooks keep to mask: a bool per entry (dense), an int32 per selected entry (compact)
+    dense_bytes: int = 0  # the bool per entry that dense masking hooks keep
+
+    @property
+    def held_bytes(self) -> int:
+        """What the hooks keep to mask, now: a bool per entry (dense hooks), and with compact gradients the int32
+        positions of each parameter that holds them (off CPU: every one; on CPU only those a compact backward asked
+        for, i.e. a tied embedding/output head after its first backward; the others read the mask's bits)."""
+        positions = {}
+        for handle in self.handles:
+            indices = getattr(handle, "_indices", None)
+            if isinstance(handle, _Handle) and indices is not None:
+                positions[indices.data_ptr()] = indices.numel() * indices.element_size()
+        return self.dense_bytes + sum(positions.values())
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -32,7 +44,7 @@ class GradientRestriction:
             param.requires_grad_(True)
         self.handles.clear()
         self.frozen.clear()
-        self.held_bytes = 0
+        self.dense_bytes = 0
 
 
 def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact: bool = False) -> GradientRestriction:
@@ -66,11 +78,10 @@ def restrict_gradients(model: torch.nn.Module, mask: SubnetworkMask, *, compact:
         if compact:
             compact_handles[param] = register_compact_gradient(param, mask, name)
             restriction.handles.append(compact_handles[param])
-            restriction.held_bytes += 4 * count
             continue
         keep = mask[name].to(param.device)
         restriction.handles.append(param.register_hook(_masking_hook(keep)))
-        restriction.held_bytes += keep.numel() * keep.element_size()
+        restriction.dense_bytes += keep.numel() * keep.element_size()
     if compact_handles:  # a tied embedding's lookup then never builds a dense gradient of the whole matrix
         compact_tied_input_embedding(model, compact_handles)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
