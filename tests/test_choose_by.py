@@ -154,6 +154,8 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
             "lora": dict(method="lora", lora_rank=rank)}
     family = {"full": "full", "random": "sparse", "gradient": "sparse", "lora": "lora"}
     best = {name: SWEEPS[family[name]][0] for name in rows}
+    best["full"] = min(SWEEPS["full"])  # at the edge: the sweep widens one point lower, which scores worse
+    _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6), [1] * 8)
     for name, kw in rows.items():
         for lr in SWEEPS[family[name]]:  # the first lr of each sweep is the best: the others score 0
             _fake_run(runs, protocol.replace(learning_rate=lr, **kw), full if lr == best[name] else [0] * 8)
@@ -171,7 +173,9 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     assert f"**{best['full']:g}: 0.750" in text  # the best lr of the sweep, bold
     lines = text.splitlines()
     full_row = next(line for line in lines if line.startswith(f"| full | {best['full']:g} |"))
-    assert "| 3 | 0.750 [" in full_row  # seed 0 from the sweep plus seeds 1, 2
+    assert "| 3 | 0.750 [" in full_row and "| - |" in full_row  # seeds 0-2; its own gain share is not computed
+    assert not any(line.startswith("| full | 1e-06 |") for line in lines)  # a widened sweep point is not a row
+    assert "1e-06: 0.500 [" in text  # but it is in the sweep table
     gradient_row = next(line for line in lines if line.startswith(f"| sparse-gradient-0.1 | {best['gradient']:g} |"))
     assert "| 1.00 [1.00, 1.00] |" in gradient_row  # recovers all of full finetuning's gain
     lora_row = next(line for line in lines if line.startswith(f"| lora-r{rank} | {best['lora']:g} |"))

@@ -58,7 +58,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     for r in trained:
         groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
     chosen = {(p.config.task, p.config.row, p.config.learning_rate) for p in plan.ready
-              if p.stage not in ("0 base", "A lr sweep")}
+              if not p.stage.startswith(("0 base", "A lr sweep"))}  # widened sweep points are sweep runs too
     command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
         "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
     seconds = [r["seconds"] for r in trained]
