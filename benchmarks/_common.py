@@ -14,6 +14,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -167,3 +168,15 @@ def write_result(text: str, path: Path, write: bool = True) -> None:
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+
+
+def cpu_description() -> str:
+    """The CPU's model name, marked "(AVX-512)" when it has AVX-512F (the masked AdamW block path needs it): figures
+    from machines of the same kind differ by that."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    return name + (" (AVX-512)" if "avx512f" in info else " (no AVX-512)")

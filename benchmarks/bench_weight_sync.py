@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, child_command, emit_result, load_average, run_child, write_result
+from _common import RESULTS_DIR, child_command, cpu_description, emit_result, load_average, run_child, write_result
 
 RESULTS = RESULTS_DIR / "weight_sync.md"
 RUN_DIR = RESULTS_DIR / "weight_sync"
@@ -422,14 +422,6 @@ def report(results: list[dict], cpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            flags = Path("/proc/cpuinfo").read_text()
-            return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags else "")
-    return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -459,7 +451,7 @@ def main() -> None:
                                          args.digest_every), threads=1)
         path.write_text(json.dumps(result))
         results.append(result)
-    write_result(report(results, cpu_name()), RESULTS, write=not args.no_write)
+    write_result(report(results, cpu_description()), RESULTS, write=not args.no_write)
 
 
 if __name__ == "__main__":

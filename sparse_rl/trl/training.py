@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer
 
 from .. import _compat
+from .._memory import return_freed_memory
 from ..config import SparseConfig
 from ..discovery import gradient_mask_from_trainer, random_mask
 from ..distributed import agree_on_mask
@@ -145,6 +146,7 @@ def sparsify(trainer: Trainer, config: SparseConfig | None = None) -> SparseTrai
     trainer.sparse_training = sparse
     if config.shared_reference:
         install_shared_reference(trainer, mask)
+    return_freed_memory()  # the probe's buffers, a freed reference copy: otherwise resident for the whole run
     return sparse
 
 

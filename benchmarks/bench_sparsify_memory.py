@@ -1,0 +1,123 @@
+"""What set-up leaves resident: RSS after ``sparsify`` and the peak of the first training steps, with and without
+``sparsify`` handing freed memory back to the OS (``sparse_rl._memory.return_freed_memory``: gc + glibc
+``malloc_trim``).
+
+Two cases where ``sparsify`` frees a lot before training: GRPO with gradient discovery (the probe's dense score
+buffers and its batches' activations) on the choose_by protocol's batch (4 prompts x 8 completions of 4 tokens), and
+DPO with a shared reference replacing the copy TRL loaded in its constructor. One process per row, two at a time,
+one torch thread; the benchmark itself never trims (the train-step benchmark does, before ``train()``, which hides
+this). Prints and writes ``benchmarks/results/sparsify_memory.md``.
+
+    python benchmarks/bench_sparsify_memory.py --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import child_command, cpu_description, emit_result, load_average, run_child, write_result  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sparsify_memory.md"
+CASES = ("grpo-gradient-probe", "dpo-shared-reference-freed-copy")
+STEPS = 2
+
+
+def child(case: str, trim: bool, output_dir: str) -> dict:
+    import torch
+    from _common import reset_peak, status_mib
+
+    from sparse_rl import SparseConfig, sparsify
+    from sparse_rl.models import load_smollm2
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if not trim:
+        import sparse_rl.trl.training as training
+
+        training.return_freed_memory = lambda: False
+    model, tokenizer = load_smollm2()
+    with torch.no_grad():  # memory-mapped checkpoint: make every weight resident first, as in the other benchmarks
+        for param in model.parameters():
+            param.sum()
+    if case == "grpo-gradient-probe":
+        from sparse_rl.demo import DemoConfig, addition_prompts, build_demo_trainer
+
+        demo = DemoConfig(steps=STEPS, prompts_per_step=4, num_generations=8, max_completion_length=4,
+                          output_dir=output_dir)
+        rows = addition_prompts(64, demo.max_operand, demo.seed)
+        trainer = build_demo_trainer(demo, model, tokenizer, rows, disable_tqdm=True, logging_steps=1)
+        config = SparseConfig(density=0.1, discovery="gradient")
+    else:
+        from bench_train_step import SETUPS, _build_dpo
+
+        cls, kwargs = _build_dpo(model, tokenizer, SETUPS["sparse-10%-shared-compact"], STEPS, output_dir, None)
+        trainer = cls(**kwargs)
+        config = SparseConfig(density=0.1, discovery="random", shared_reference=True)
+    before = status_mib("VmRSS")
+    start = time.perf_counter()
+    sparsify(trainer, config)
+    seconds = time.perf_counter() - start
+    after = status_mib("VmRSS")
+    reset = reset_peak()
+    trainer.train()
+    return {"case": case, "trim": trim, "rss_before_sparsify_mib": before, "rss_after_sparsify_mib": after,
+            "sparsify_seconds": seconds, "peak_train_mib": status_mib("VmHWM") if reset else None,
+            "rss_end_mib": status_mib("VmRSS")}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | freed memory returned | RSS before sparsify | RSS after sparsify | peak in train() | "
+             "RSS after train() |", "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['case']} | {'yes' if row['trim'] else 'no'} | {row['rss_before_sparsify_mib']:.0f} MiB "
+                     f"| {row['rss_after_sparsify_mib']:.0f} MiB | {row['peak_train_mib']:.0f} MiB | "
+                     f"{row['rss_end_mib']:.0f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            emit_result(child(args.child[0], bool(int(args.child[1])), tmp))
+        return 0
+    jobs = [(case, trim) for case in CASES for trim in (False, True)]
+    load_before = load_average()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda job: run_child(child_command(__file__, "--child", job[0], int(job[1]))), jobs))
+    text = "\n".join([
+        "# Memory that sparsify's set-up leaves resident (SmolLM2-135M-Instruct, fp32, CPU)", "",
+        f"One process per row ({args.jobs} at a time), 1 torch thread, {STEPS} training steps after `sparsify`. "
+        "*freed memory returned*: whether `sparsify` ends with gc + glibc `malloc_trim(0)` "
+        "(`sparse_rl._memory.return_freed_memory`; 'no' replaces it with a no-op). *peak in train()*: VmHWM reset "
+        "when `train()` starts. GRPO: the choose_by protocol's batch (4 prompts x 8 completions of 4 tokens), "
+        "`discovery=\"gradient\"` (4 probe batches), no reference (beta=0). DPO: TRL loads its reference copy, "
+        "`shared_reference=True` frees it.", "",
+        f"Machine: {cpu_description()}; 1-minute load average {load_before:.1f} before / "
+        f"{load_average():.1f} after. Python {platform.python_version()}.", "",
+        table(rows), "",
+        "Reproduce: `python benchmarks/bench_sparsify_memory.py --jobs 2`", ""])
+    write_result(text, RESULTS)
+    RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
