@@ -144,23 +144,27 @@ def _compress_block(typingctx, source, destination, bits):
     return types.none(types.int64, types.int64, types.uint64), codegen
 
 
+def _emit_update(builder, updates_address, params_address, bits, decay):
+    """IR of ``p = p * decay - u`` on the selected lanes (updates expanded into them); returns (lanes, new values)."""
+    lanes = _lanes(builder, bits)
+    target = _pointer(builder, params_address, _V16)
+    old = builder.load(target, align=4)
+    packed = builder.load(_pointer(builder, updates_address, _V16), align=4)
+    update = builder.call(_x86(builder, "llvm.x86.avx512.mask.expand.v16f32"), [packed, ir.Constant(_V16, None), lanes])
+    splat = builder.insert_element(ir.Constant(_V16, None), decay, ir.Constant(ir.IntType(32), 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+    new = builder.fsub(builder.fmul(old, splat), update)
+    builder.store(builder.select(lanes, new, old), target, align=4)
+    return lanes, new
+
+
 @intrinsic
 def _update_block(typingctx, updates, params, bits, decay):
     """``p = p * decay - u`` on the ``bits``-selected lanes of the 16 floats at ``params``, their updates taken in
     order from ``updates``; the other lanes are stored back as loaded."""
 
     def codegen(context, builder, signature, args):
-        updates_address, params_address, bits, decay = args
-        lanes = _lanes(builder, bits)
-        target = _pointer(builder, params_address, _V16)
-        old = builder.load(target, align=4)
-        packed = builder.load(_pointer(builder, updates_address, _V16), align=4)
-        update = builder.call(_x86(builder, "llvm.x86.avx512.mask.expand.v16f32"),
-                              [packed, ir.Constant(_V16, None), lanes])
-        splat = builder.insert_element(ir.Constant(_V16, None), decay, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
-        new = builder.fsub(builder.fmul(old, splat), update)
-        builder.store(builder.select(lanes, new, old), target, align=4)
+        _emit_update(builder, *args)
         return context.get_dummy_value()
 
     return types.none(types.int64, types.int64, types.uint64, types.float32), codegen
@@ -172,20 +176,10 @@ def _update_block_keep(typingctx, updates, params, bits, decay, kept):
     stored, as in :func:`_compress_block`: the ones past the selected count are overwritten by the next block)."""
 
     def codegen(context, builder, signature, args):
-        updates_address, params_address, bits, decay, kept_address = args
-        lanes = _lanes(builder, bits)
-        target = _pointer(builder, params_address, _V16)
-        old = builder.load(target, align=4)
-        packed = builder.load(_pointer(builder, updates_address, _V16), align=4)
-        update = builder.call(_x86(builder, "llvm.x86.avx512.mask.expand.v16f32"),
-                              [packed, ir.Constant(_V16, None), lanes])
-        splat = builder.insert_element(ir.Constant(_V16, None), decay, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
-        new = builder.fsub(builder.fmul(old, splat), update)
-        builder.store(builder.select(lanes, new, old), target, align=4)
+        lanes, new = _emit_update(builder, *args[:4])
         selected = builder.call(_x86(builder, "llvm.x86.avx512.mask.compress.v16f32"),
                                 [new, ir.Constant(_V16, None), lanes])
-        builder.store(selected, _pointer(builder, kept_address, _V16), align=4)
+        builder.store(selected, _pointer(builder, args[4], _V16), align=4)
         return context.get_dummy_value()
 
     return types.none(types.int64, types.int64, types.uint64, types.float32, types.int64), codegen
