@@ -35,9 +35,20 @@ def test_gather_and_swap_equal_boolean_indexing_bit_for_bit(numel, density, dtyp
     bitscan.swap_selected(flat, packed, stored)
     expected = original.clone()
     expected[selection] = torch.arange(count, dtype=torch.int32).to(bits).view(dtype)
-    assert torch.equal(flat.view(bits), expected.view(bits)) and torch.equal(stored.view(bits), expected_stored.view(bits))
+    assert torch.equal(flat.view(bits), expected.view(bits))
+    assert torch.equal(stored.view(bits), expected_stored.view(bits))
     bitscan.swap_selected(flat, packed, stored)  # an involution: everything back
     assert torch.equal(flat.view(bits), original.view(bits))
+
+
+def test_packed_bits_at_an_unaligned_address_are_read_alike():
+    """A mask's bytes may start anywhere (a slice, a loaded file): the 64-entry words are read unaligned."""
+    flat, selection, packed = _case(1000, 0.2, torch.float32, 7)
+    shifted = np.concatenate([np.zeros(3, dtype=np.uint8), packed])[3:]
+    assert shifted.ctypes.data % 8 != 0
+    count = int(selection.sum())
+    gathered = bitscan.gather_selected(flat, shifted, count)
+    assert torch.equal(gathered.view(torch.int32), flat[selection].view(torch.int32))  # NaN payloads: as bits
 
 
 def test_a_count_that_disagrees_with_the_bits_is_refused_without_writing_past_the_output():
