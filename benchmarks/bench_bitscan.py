@@ -65,7 +65,8 @@ def main(argv=None) -> int:
              f"between steps: int32 positions {4 * count / 2**20:.1f} MiB, packed bits 0 (the mask's own "
              f"{packed.nbytes / 2**20:.1f} MiB).", "", "| operation | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.4f} |" for name, seconds in rows.items()]
-    lines += ["", "Reproduce: `python benchmarks/bench_bitscan.py --density " f"{args.density:g}`", ""]
+    lines += ["", f"Reproduce: `python benchmarks/bench_bitscan.py --density {args.density:g} --rounds {args.rounds}`",
+              ""]
     write_result("\n".join(lines), RESULTS_DIR / "bitscan.md")
     return 0
 

@@ -4,11 +4,12 @@ The compact gradient hooks and the shared reference visit the selected entries o
 step. Through int32 positions that costs 4 bytes per selected entry for as long as training runs (51 MiB for a 10%
 mask of SmolLM2-135M), on top of the 1 bit per entry the :class:`~sparse_rl.mask.SubnetworkMask` already holds. A
 numba loop walks the packed bits instead (``np.packbits`` order: most significant bit first), 64 entries per word
-and one step per selected entry (the word's lowest set bit, by a de Bruijn lookup), so the visit needs no memory
-beyond the output and runs near the speed of int32 positions (``benchmarks/results/bitscan.md``, a 10% mask of
-SmolLM2-135M's 134.5M entries, one thread: swap 0.108 s against 0.096 s through positions, gather 0.118 s against
-0.169 s for ``index_select``). Values are moved as integers of their width, so every dtype
-(bf16 included) is copied bit for bit. Without numba, callers fall back to int32 positions (``available()`` is False).
+and one step per selected entry (the word's lowest set bit, ``tzcnt``), so the visit needs no memory beyond the
+output and runs about as fast as int32 positions (``benchmarks/results/bitscan.md``, a 10% mask of SmolLM2-135M's
+134.5M entries, one thread, shared machine: swap 0.077 s against 0.099 s through positions, gather 0.201 s against
+0.166 s for ``index_select``; repeated runs move by about 25%). Values are moved as integers of their width, so
+every dtype (bf16 included) is copied bit for bit. Without numba, callers fall back to int32 positions
+(``available()`` is False).
 """
 
 from __future__ import annotations
@@ -29,12 +30,10 @@ def _compile() -> dict | None:
             _kernels = {}
             return _kernels
 
+        from ..kernels.cpu_common import lowest_bit  # tzcnt, shared with the optimizer's CPU kernels
+
         m4, m2, m1 = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0x3333333333333333), np.uint64(0x5555555555555555)
-        one, debruijn = np.uint64(1), np.uint64(0x03F79D71B4CB0A89)
-        # position of a word's lowest set bit from (lowbit * debruijn) >> 58
-        lowest = np.zeros(64, dtype=np.int64)
-        for bit in range(64):
-            lowest[((1 << bit) * 0x03F79D71B4CB0A89 % 2**64) >> 58] = bit
+        one = np.uint64(1)
 
         @numba.njit(inline="always")
         def entry_order(word):
@@ -58,8 +57,7 @@ def _compile() -> dict | None:
                 while word:
                     if k == other.shape[0]:
                         return k + 1
-                    low = word & (~word + one)
-                    j = base + lowest[(low * debruijn) >> np.uint64(58)]
+                    j = base + lowest_bit(word)
                     if swap:
                         kept = values[j]
                         values[j] = other[k]
@@ -67,7 +65,7 @@ def _compile() -> dict | None:
                     else:
                         other[k] = values[j]
                     k += 1
-                    word ^= low
+                    word &= word - one
             for b in range(words * 8, packed.shape[0]):  # the last < 8 bytes
                 byte = packed[b]
                 for j in range(8):
