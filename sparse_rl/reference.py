@@ -111,7 +111,7 @@ class SharedReference(torch.nn.Module):
                                      "through a flat view")
                 slot = len(self._names)
                 flat = param.detach().view(-1)
-                if _packed_path(param):  # CPU: values gathered and later swapped straight from the packed bits
+                if bitscan.walks(param):  # CPU: values gathered and later swapped straight from the packed bits
                     values = bitscan.gather_selected(flat, mask.packed_bits(name), mask.count(name))
                 else:
                     index = self._index(mask, name, param.device)
@@ -168,7 +168,7 @@ class SharedReference(torch.nn.Module):
         if stored.dtype != param.dtype:
             raise RuntimeError(f"{name!r} is {param.dtype} now but was {stored.dtype} when the reference was built")
         flat = param.data.view(-1)  # .data: no autograd version bump (see module docstring)
-        if _packed_path(param):
+        if bitscan.walks(param):
             bitscan.swap_selected(flat, self.mask.packed_bits(name), stored)
             return
         index = getattr(self, f"index_{slot}", None)
@@ -230,11 +230,6 @@ class SharedReference(torch.nn.Module):
         # TRL and accelerate replace the *instance* ``forward`` of reference models; the policy already carries the
         # same patches, so always run the class's own forward.
         return SharedReference.forward(self, *args, **kwargs)
-
-
-def _packed_path(param: torch.Tensor) -> bool:
-    """Whether ``param``'s entries are gathered and swapped straight from the mask's packed bits (CPU, numba)."""
-    return param.device.type == "cpu" and param.numel() < 2**31 and bitscan.available()
 
 
 @contextlib.contextmanager

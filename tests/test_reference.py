@@ -85,7 +85,6 @@ def test_extra_memory_on_cpu_is_the_selected_values_alone():
 def test_positions_off_the_packed_path_are_shared_with_compact_gradient_hooks(monkeypatch):
     """Where the packed bits cannot be walked (other devices, no numba), the reference and the compact gradient hooks
     keep one int32 position tensor per parameter, not one each; on CPU neither keeps any for plain matrices."""
-    from sparse_rl import reference as reference_module
     from sparse_rl.restrict import bitscan
 
     policy = make_tiny_model()
@@ -96,7 +95,7 @@ def test_positions_off_the_packed_path_are_shared_with_compact_gradient_hooks(mo
     restriction.remove()
 
     monkeypatch.setattr(bitscan, "available", lambda: False)
-    monkeypatch.setattr(reference_module, "_packed_path", lambda param: False)
+    monkeypatch.setattr(bitscan, "walks", lambda param: False)
     restriction = restrict_gradients(policy, mask, compact=True)
     reference = SharedReference(policy, mask)
     for slot, name in enumerate(reference._names):
@@ -110,7 +109,7 @@ def test_positions_off_the_packed_path_are_shared_with_compact_gradient_hooks(mo
 def test_in_place_swap_equals_the_torch_swap(dtype, monkeypatch):
     """The packed-bit numba swap and the positions + scratch-buffer torch swap (other devices) exchange the same
     bits, also when the reference was bound on the packed path and swaps through positions later."""
-    from sparse_rl import reference as module
+    from sparse_rl.restrict import bitscan
 
     results = []
     for in_place in (True, False):
@@ -122,7 +121,7 @@ def test_in_place_swap_equals_the_torch_swap(dtype, monkeypatch):
                 param.add_(1.0)  # the "trained" values differ from the stored ones everywhere
         trained = {n: p.detach().clone() for n, p in policy.named_parameters()}
         if not in_place:
-            monkeypatch.setattr(module, "_packed_path", lambda param: False)
+            monkeypatch.setattr(bitscan, "walks", lambda param: False)
         with reference.swapped():
             results.append({n: p.detach().clone() for n, p in policy.named_parameters()})
         for name, param in policy.named_parameters():

@@ -90,6 +90,12 @@ def available() -> bool:
     return bool(_compile())
 
 
+def walks(param: torch.Tensor) -> bool:
+    """Whether ``param``'s selected entries are gathered and swapped here (CPU, int32-addressable, numba present)
+    rather than through int32 positions: the one rule the compact gradient hooks and the shared reference share."""
+    return param.device.type == "cpu" and param.numel() < 2**31 and available()
+
+
 def _check(flat: torch.Tensor, packed: np.ndarray, count: int, other: torch.Tensor) -> None:
     if flat.device.type != "cpu" or other.device.type != "cpu":
         raise ValueError("packed-bit gather/swap runs on CPU tensors only")

@@ -57,7 +57,7 @@ def register_compact_gradient(param: torch.nn.Parameter, selection: torch.Tensor
     if shape != tuple(param.shape):
         raise ValueError(f"selection of shape {shape} does not fit the parameter of shape {tuple(param.shape)}")
     packed = None
-    if from_mask and param.device.type == "cpu" and bitscan.available() and param.numel() < 2**31:
+    if from_mask and bitscan.walks(param):
         packed, count, indices = selection.packed_bits(name), selection.count(name), None
     else:
         indices = (selection.selected_indices(name, param.device) if from_mask
