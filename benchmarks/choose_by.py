@@ -5,7 +5,8 @@ runs whose JSON exists are skipped, so the sweep resumes where it stopped. Which
 ``benchmarks/choosing/plan.py`` (learning-rate sweeps of the decisive rows first). ``--report`` writes
 ``benchmarks/results/choose_by.md`` and the plot from whatever runs exist.
 
-    # the sweep (resumable; one process because the machine is shared; `kill <its pid>` stops it and its runs)
+    # the sweep (resumable; `kill <its pid>` stops it and its runs, `kill -9 <its pid>` only the sweep: a sweep
+    # started again counts the runs still training toward --parallel, so new code can take over without a loss)
     nohup env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1 \\
         > outputs/choose_by/sweep.log 2>&1 &
     # the report from the finished runs
@@ -149,7 +150,11 @@ def sweep(args, argv) -> int:
         for p in todo:  # a regeneration can be planned by several post-hoc rows: keep its first place
             first.setdefault(p.config.run_id(), p)
         todo = list(first.values())
-        todo = [p for p in todo if running_pid(work, p.config.run_id()) in (None, os.getpid())]
+        # a run still training under an earlier sweep process (stopped with `kill -9`, so its runs go on) holds a
+        # slot: the sweep can be restarted with new code without losing or doubling runs
+        elsewhere = {p.config.run_id() for p in plan.ready if p.config.run_id() not in running
+                     and running_pid(work, p.config.run_id()) not in (None, os.getpid())}
+        todo = [p for p in todo if p.config.run_id() not in elsewhere]
         if args.dry_run:
             done = sum(load_result(runs_dir, p.config) is not None for p in plan.ready)
             print(f"{done} done, {len(todo)} ready to run (others running), {len(plan.waiting)} waiting")
@@ -159,7 +164,7 @@ def sweep(args, argv) -> int:
                 print(f"  waits  {w}")
             return 0
         limit_reached = args.max_runs is not None and started_runs >= args.max_runs
-        while todo and len(running) < args.parallel and not limit_reached:
+        while todo and len(running) + len(elsewhere) < args.parallel and not limit_reached:
             item = todo.pop(0)
             run_id = item.config.run_id()
             job = {"config": item.config.to_dict(), "runs_dir": str(runs_dir), "model_dir": model_dir,
@@ -176,6 +181,9 @@ def sweep(args, argv) -> int:
             started_runs += 1
             limit_reached = args.max_runs is not None and started_runs >= args.max_runs
             print(f"[{run_id}] started ({item.stage}), pid {process.pid}", flush=True)
+        if elsewhere:  # their end is seen by the next plan only, so look again at a slower pace
+            time.sleep(30)
+            continue
         if not running:
             if failed:
                 print(f"failed runs: {sorted(failed)}", flush=True)

@@ -235,7 +235,8 @@ def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_pat
     full_s0 = protocol.replace(method="full", learning_rate=SWEEPS["full"][0])
     plan = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",))
     regenerate = [p for p in plan.ready if p.regenerate]
-    assert {p.config.run_id() for p in regenerate} == {full_s0.run_id()}  # seeds 1, 2 never ran: they wait
+    # planned once though every post-hoc density needs it; seeds 1, 2 never ran: they wait
+    assert [p.config.run_id() for p in regenerate] == [full_s0.run_id()]
     assert any("sparse-posthoc-0.1 seed 0" in w for w in plan.waiting)
     args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(tmp_path / "results"),
                   "--work", str(tmp_path / "work"), "--dry-run"]
@@ -254,3 +255,81 @@ def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_pat
     posthoc = [p for p in build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",)).ready
                if p.config.mask == "posthoc" and p.config.seed == 0]
     assert posthoc and all(p.posthoc_source == weights_path(weights, full_s0) for p in posthoc)
+    # once every post-hoc run of seed 0 has finished, losing the full run's weights again plans no rerun
+    for p in posthoc:
+        _fake_run(runs, p.config, [1] * 8)
+    weights_path(weights, full_s0).unlink()
+    plan = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",))
+    assert not any(p.regenerate for p in plan.ready)
+    assert not any("posthoc" in w and "seed 0" in w for w in plan.waiting)
+
+
+def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_plus_random(tmp_path, tiny_checkpoint):
+    from choosing.plan import SWEEPS, widen
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    rows = {"full": dict(method="full"), "random": dict(method="sparse", mask="random", density=0.1),
+            "gradient": dict(method="sparse", mask="gradient", density=0.1),
+            "lora": dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))}
+    family = {"full": "full", "random": "sparse", "gradient": "sparse", "lora": "lora"}
+    best = {name: SWEEPS[family[name]][0] for name in rows}  # the middle lr: no widening
+    best["random"] = max(SWEEPS["sparse"])  # random's best sits at the top edge: one more point, which is worse
+    for name, row in rows.items():
+        for lr in SWEEPS[family[name]] + ((widen(SWEEPS["sparse"], best["random"]),) if name == "random" else ()):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if lr == best[name] else [1] * 8)
+
+    def plan():
+        return build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition", "subtraction"))
+
+    p = plan()
+    assert p.best_lr[("addition", "sparse-random-0.1")] == best["random"] != best["gradient"]
+    lrs = {(c.config.task, c.config.row): c.config.learning_rate for c in p.ready}
+    for density in (0.01, 0.05, 0.3):  # the density axis keeps each mask's lr: random's is not the probe's
+        assert lrs[("addition", f"sparse-random-{density:g}")] == best["random"]
+        assert lrs[("addition", f"sparse-gradient-{density:g}")] == best["gradient"]
+        assert lrs[("addition", f"sparse-magnitude-{density:g}")] == best["gradient"]
+    assert not any(c.config.task == "subtraction" and c.config.method == "sparse" for c in p.ready)
+    assert any("subtraction sparse 10%" in w for w in p.waiting)
+    # every 10% mask with 3 seeds at its lr (seed 0 of gradient and random is their sweep's best run): Fisher and
+    # smallest-|w| score best, so the second task runs them plus random, each at its own lr
+    score = {"gradient": 0, "fisher": 2, "random": 0, "magnitude": 2, "posthoc": 1}
+    for mask, points in score.items():
+        lr = best["random"] if mask == "random" else best["gradient"]
+        for seed in range(1 if mask in ("gradient", "random") else 0, 3):
+            _fake_run(runs, protocol.replace(method="sparse", mask=mask, density=0.1, learning_rate=lr, seed=seed),
+                      [points] * 8)
+    second = [(c.config.mask, c.config.learning_rate) for c in plan().ready
+              if c.config.task == "subtraction" and c.config.method == "sparse"]
+    assert set(second) == {("fisher", best["gradient"]), ("magnitude", best["gradient"]), ("random", best["random"])}
+    # in the order: the best mask (Fisher wins the tie with smallest |w| by MASKS' order), random, the second best
+    assert [mask for mask, _ in second[::3]] == ["fisher", "random", "magnitude"]
+
+
+def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, tiny_checkpoint, monkeypatch):
+    import subprocess
+    import time
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    base = _protocol()  # the first run the plan schedules
+    staged = tmp_path / "staged"
+    _fake_run(staged, base, [1] * 8)
+    (work / "jobs").mkdir(parents=True)
+    result_path(results / "runs", base).parent.mkdir(parents=True)
+    # a worker of an earlier sweep (killed with -9), still training: its command line names the run, its pid file
+    # points at it, and it writes the run's JSON when it ends (atomically, as run_one does)
+    orphan = subprocess.Popen([sys.executable, "-c", "import os, shutil, sys, time; time.sleep(3); "
+                               "shutil.copy(sys.argv[1], sys.argv[2] + '.tmp'); os.replace(sys.argv[2] + '.tmp', "
+                               "sys.argv[2])", str(result_path(staged, base)),
+                               str(result_path(results / "runs", base)), base.run_id()])
+    (work / "jobs" / f"{base.run_id()}.pid").write_text(str(orphan.pid))
+    monkeypatch.setattr(time, "sleep", lambda s, _sleep=time.sleep: _sleep(min(s, 0.2)))
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(work),
+                  "--parallel", "1", "--max-runs", "1"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert choose_by.main(args) == 0
+    orphan.wait()
+    started = [line.split("]")[0].strip("[") for line in buffer.getvalue().splitlines() if "started" in line]
+    # the one slot was held until the orphan ended: one run started after its JSON appeared, never the orphan's own
+    assert len(started) == 1 and started[0] != base.run_id()
+    assert (work / "logs" / f"{started[0]}.log").stat().st_mtime >= result_path(results / "runs", base).stat().st_mtime

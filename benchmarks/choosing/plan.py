@@ -9,13 +9,17 @@ A. learning-rate sweep, seed 0, for the four rows that decide the choice: full f
 B. those four rows at their best lr with seeds 1, 2;
 C. the other masks at 10% (Fisher probe, smallest |w|, post-hoc diff of the full run), 3 seeds (a finished full
    run whose final weights are missing, e.g. swept on another machine, is rerun to rewrite them);
-D. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10%, 3 seeds;
+D. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10% plus random (the
+   baseline every mask is compared with), 3 seeds;
 E. gradient probe and random at 1, 5 and 30%, 3 seeds;
-F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, 3 seeds;
-G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds.
+G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds;
+F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, 3 seeds (last: 36 runs that refine the density axis
+   for masks that the 10% rows already rank).
 
-Rows without a sweep of their own take the best lr of their family's swept row (sparse: the 10% gradient probe;
-LoRA: the matched-count LoRA; entropy rows: the row they restrict). ``extra_seeds`` adds seeds to every main row.
+Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
+the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
+every other mask the 10% gradient probe's; LoRA rank 16 the matched-count LoRA's; entropy rows the row they
+restrict. ``extra_seeds`` adds seeds to every main row.
 """
 
 from __future__ import annotations
@@ -134,6 +138,13 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         return plan.best_lr.get((main_task, row))
 
     sparse_row, lora_row = f"sparse-gradient-{MAIN_DENSITY:g}", f"lora-r{plan.lora_rank}"
+    random_row = f"sparse-random-{MAIN_DENSITY:g}"
+
+    def mask_row(mask: str) -> str:
+        """The swept row whose lr a mask's rows use."""
+        return random_row if mask == "random" else sparse_row
+
+    regenerating: set[str] = set()
 
     def add_seeds(task: str, stage: str, method: str, lr_row: str, seeds=seeds, **kw) -> None:
         lr = lr_of(lr_row)
@@ -144,13 +155,15 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         for seed in seeds:
             c = config(task, method, lr, seed, **kw)
             source = None
-            if kw.get("mask") == "posthoc":
+            if kw.get("mask") == "posthoc" and done(c) is None:  # a finished run needs no weights any more
                 full = done(config(task, "full", lr_of("full"), seed)) if lr_of("full") else None
                 if full is None or not weights_path(weights_dir, config(task, "full", lr_of("full"), seed)).exists():
                     plan.waiting.append(f"{c.row} seed {seed} ({stage}): waits for the full run of seed {seed} at "
                                         "its best lr (its final weights give the post-hoc mask)")
-                    if full is not None:  # finished, but its weights are gone (another machine's work folder)
-                        plan.ready.append(Planned(config(task, "full", lr_of("full"), seed), stage, regenerate=True))
+                    rerun = config(task, "full", lr_of("full"), seed)
+                    if full is not None and rerun.run_id() not in regenerating:  # finished, weights gone
+                        regenerating.add(rerun.run_id())  # (another machine's work folder): rerun it once
+                        plan.ready.append(Planned(rerun, stage, regenerate=True))
                     continue
                 source = weights_path(weights_dir, config(task, "full", lr_of("full"), seed))
             plan.ready.append(Planned(c, stage, source))
@@ -163,41 +176,47 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         add_seeds(main_task, "C masks at 10%", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
     # D: second task
     for task in tasks[1:]:
-        best_masks = _best_masks(plan, protocol, runs_dir, main_task, lr_of(sparse_row), seeds)
+        best_masks = _best_masks(runs_dir, main_task, seeds, lambda mask: None if lr_of(mask_row(mask)) is None
+                                 else config(main_task, "sparse", lr_of(mask_row(mask)), 0, mask=mask,
+                                             density=MAIN_DENSITY))
         add_seeds(task, "D second task", "full", "full")
         add_seeds(task, "D second task", "lora", lora_row, lora_rank=plan.lora_rank)
         if best_masks is None:
             plan.waiting.append(f"{task} sparse 10%: waits for every 10% mask of {main_task} to have "
-                                f"{len(seeds)} seeds (it uses the best two)")
+                                f"{len(seeds)} seeds (it uses the best two, and random as the baseline)")
         else:
-            for mask in best_masks:
-                add_seeds(task, "D second task", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
+            # the best mask, then random (their paired difference is the question a part-done sweep answers
+            # first), then the second best
+            order = [best_masks[0]] + ["random"] * ("random" not in best_masks) + best_masks[1:]
+            for mask in order:
+                add_seeds(task, "D second task", "sparse", mask_row(mask), mask=mask, density=MAIN_DENSITY)
     # E: density axis for the probe and random
     for density in DENSITIES:
         if density != MAIN_DENSITY:
             for mask in ("gradient", "random"):
-                add_seeds(main_task, "E densities", "sparse", sparse_row, mask=mask, density=density)
-    # F: the other masks at the other densities
-    for density in DENSITIES:
-        if density != MAIN_DENSITY:
-            for mask in ("fisher", "magnitude", "posthoc"):
-                add_seeds(main_task, "F densities", "sparse", sparse_row, mask=mask, density=density)
+                add_seeds(main_task, "E densities", "sparse", mask_row(mask), mask=mask, density=density)
     # G: LoRA rank 16, high-entropy tokens
     add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
     add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
     add_seeds(main_task, "G", "sparse", sparse_row, mask="gradient", density=MAIN_DENSITY, entropy_quantile=0.2)
+    # F: the other masks at the other densities
+    for density in DENSITIES:
+        if density != MAIN_DENSITY:
+            for mask in ("fisher", "magnitude", "posthoc"):
+                add_seeds(main_task, "F densities", "sparse", mask_row(mask), mask=mask, density=density)
     return plan
 
 
-def _best_masks(plan: Plan, protocol: RunConfig, runs_dir: Path, task: str, lr: float | None, seeds) -> list | None:
-    """The two masks with the highest mean final held-out reward at 10% on ``task`` once all have every seed."""
-    if lr is None:
-        return None
+def _best_masks(runs_dir: Path, task: str, seeds, mask_config) -> list | None:
+    """The two masks with the highest mean final held-out reward at 10% on ``task``, each at its own lr
+    (``mask_config(mask)`` gives its seed-0 run, None while its lr is unknown), once every mask has every seed;
+    None before that."""
     means = {}
     for mask in MASKS:
-        results = [load_result(runs_dir, protocol.replace(task=task, method="sparse", learning_rate=lr, seed=s,
-                                                          density=MAIN_DENSITY, mask=mask, lora_rank=None,
-                                                          entropy_quantile=1.0)) for s in seeds]
+        template = mask_config(mask)
+        if template is None:
+            return None
+        results = [load_result(runs_dir, template.replace(seed=s)) for s in seeds]
         if not all(results):
             return None
         means[mask] = sum(r["final_reward"] for r in results) / len(results)
@@ -208,5 +227,5 @@ def grid_size(tasks=("addition", "subtraction"), extra_seeds: int = 0) -> int:
     """Runs of the whole experiment (every stage, sweeps complete), base evaluations included."""
     s = len(SEEDS) + extra_seeds
     others = len(DENSITIES) - 1
-    return (len(tasks) + 12 + 4 * (s - 1) + 3 * s + others * 2 * s + (len(tasks) - 1) * 4 * s + others * 3 * s
+    return (len(tasks) + 12 + 4 * (s - 1) + 3 * s + others * 2 * s + (len(tasks) - 1) * 5 * s + others * 3 * s
             + 3 * s)
