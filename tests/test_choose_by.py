@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def test_runs_write_their_json_and_the_sweep_skips_them(tmp_path, tiny_checkpoin
     full = run_one(full_config, runs, **kw)
     saved = json.loads(result_path(runs, full_config).read_text())
     assert saved["config"] == full_config.to_dict() and saved["command"] == "pytest"
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert saved["code"].removesuffix("+dirty") == head  # which code made the run
     assert [e["step"] for e in saved["evals"]] == [1, 2] and len(saved["step_seconds"]) == 2
     assert all(0 <= c <= 2 for e in saved["evals"] for c in e["correct"]) and len(saved["evals"][1]["correct"]) == 8
     assert saved["final_reward"] == sum(saved["evals"][-1]["correct"]) / 16

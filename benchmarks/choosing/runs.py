@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -137,6 +138,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def code_version() -> str | None:
+    """The git commit the benchmark code runs from, ``+dirty`` with uncommitted changes to the code it runs (result
+    JSONs do not count), None outside a checkout: masks change between commits, so a run records its code."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                "../choose_by.py", "../_common.py", "../../sparse_rl", "../../kernels"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 # ---------------------------------------------------------------------------------------------- the run
 def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike | None = None,
             work_dir: Path | None = None, weights_dir: Path | None = None, posthoc_source: Path | None = None,
@@ -163,8 +179,9 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     task = make_task(config.task, config.steps, config.prompts_per_step, config.eval_pairs)
     record: dict = {"id": config.run_id(), "row": config.row, "config": config.to_dict(), "command": command,
-                    "model": str(model_dir), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
-                    "load_average_start": os.getloadavg()[0], "evals": [], "step_seconds": [], "train_reward": []}
+                    "code": code_version(), "model": str(model_dir), "cpu": cpu_name(),
+                    "torch_threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
+                    "evals": [], "step_seconds": [], "train_reward": []}
     previous = load_result(runs_dir, config)
     if previous is not None:  # rerun to rewrite lost final weights: keep what the first run found, to compare
         record["previous_run"] = {k: previous.get(k) for k in ("final_reward", "finished", "cpu", "command")}
