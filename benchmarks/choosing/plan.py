@@ -222,10 +222,3 @@ def _best_masks(runs_dir: Path, task: str, seeds, mask_config) -> list | None:
         means[mask] = sum(r["final_reward"] for r in results) / len(results)
     return sorted(means, key=means.get, reverse=True)[:2]
 
-
-def grid_size(tasks=("addition", "subtraction"), extra_seeds: int = 0) -> int:
-    """Runs of the whole experiment (every stage, sweeps complete), base evaluations included."""
-    s = len(SEEDS) + extra_seeds
-    others = len(DENSITIES) - 1
-    return (len(tasks) + 12 + 4 * (s - 1) + 3 * s + others * 2 * s + (len(tasks) - 1) * 5 * s + others * 3 * s
-            + 3 * s)

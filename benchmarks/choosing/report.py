@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan, grid_size
+from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import difference_interval, gain_share_interval, mean_interval, seed_sd, success_matrix
 
@@ -62,7 +62,10 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
         "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
     seconds = [r["seconds"] for r in trained]
-    remaining = grid_size(tasks, extra_seeds) - len(records)
+    done_ids = {r["id"] for r in records}
+    # a regenerating full run has a record already but still has to train again (its final weights were lost)
+    pending = [p for p in plan.ready if p.regenerate or p.config.run_id() not in done_ids]
+    remaining = len(pending) + len(plan.waiting)
     per_run = statistics.mean(seconds) if seconds else None
 
     lines = [
@@ -81,16 +84,16 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
         f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
         "## Status", "",
-        f"{len(records)} of {grid_size(tasks, extra_seeds)} planned runs finished "
-        f"({len(trained)} trained, {len(base)} base evaluations)."
-        + (f" Mean wall time per finished training run {per_run / 60:.0f} min; the remaining {remaining} runs "
-           f"need about {remaining * per_run / 3600:.0f} h of one process at that pace." if per_run else ""), "",
+        f"{len(records)} runs finished ({len(trained)} trained, {len(base)} base evaluations); {remaining} to go "
+        f"({len(pending)} schedulable now, {len(plan.waiting)} waiting for earlier runs)."
+        + (f" Mean wall time per finished training run {per_run / 60:.0f} min: the rest needs about "
+           f"{remaining * per_run / 3600:.0f} h of one process." if per_run else ""), "",
     ]
-    pending = [p for p in plan.ready if not any(r["id"] == p.config.run_id() for r in records)]
     if pending:
         def state(p) -> str:
             pid = running_pid(work, p.config.run_id())
-            return f"`{p.config.run_id()}`" + (f" (running, pid {pid})" if pid else "")
+            return f"`{p.config.run_id()}`" + (f" (running, pid {pid})" if pid else "") \
+                + (" (again, for its final weights)" if p.regenerate else "")
 
         lines.append(f"Next runs, in order ({len(pending)} schedulable now): "
                      + ", ".join(state(p) for p in pending[:6]) + (" ..." if len(pending) > 6 else ""))
