@@ -181,7 +181,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                 f"| {_ci(share, 2)} | {_ci(versus)} | {cost['trained_entries']:,} | "
                 f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
-            figure_rows.append((task, key[1], cost["trained_entries"], reward, len(runs)))
+            figure_rows.append((task, key[1], cost["trained_entries"], reward, runs))
         lines += ["", _verdict(rows, base_matrix, full_key), ""]
         if full_key:
             lines += [_still_rising(rows[full_key]), ""]
@@ -246,51 +246,70 @@ def _still_rising(runs: list[dict]) -> str:
     return (f"Full finetuning's held-out reward from step {before} to {last}: {_ci(change)} ({verdict}).")
 
 
+def _style(row: str) -> tuple[str, str, str]:
+    """(legend name, colour, marker) of a row: one colour per way of choosing the trained entries, so the same mask
+    reads the same at every density and on both tasks; filled markers for every token, open ones for q=0.2."""
+    parts = row.split("-")
+    name = "LoRA" if parts[0] == "lora" else ("full finetuning" if parts[0] == "full" else f"sparse, {parts[1]}")
+    colors = {"full finetuning": "C0", "LoRA": "C1", "sparse, gradient": "C2", "sparse, fisher": "C4",
+              "sparse, random": "C7", "sparse, magnitude": "C5", "sparse, posthoc": "C3"}
+    marker = {"full": "s", "lora": "D"}.get(parts[0], "o")
+    if row.endswith("entropy0.2"):
+        name += ", top-20% entropy tokens"
+    return name, colors.get(name.split(", top")[0], "C8"), marker
+
+
 def _plot(trained: list[dict], figure_rows: list, base: dict, path: Path) -> bool:
-    if not trained:
+    """Per task: held-out reward against trained entries (rows at their chosen lr, 95% CI; faint dots: each seed), and
+    each row's mean curve over steps. Rows at the same count (every 10% mask, LoRA at the matched rank) are spread a
+    little sideways so their bars do not cover each other."""
+    if not figure_rows:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    ax = axes[0]
-    colors = {"full": "C0", "lora": "C1", "sparse": "C2"}
-    for r in trained:  # every run, faint
-        ax.scatter(r["trained_entries"], r["final_reward"], color=colors[r["config"]["method"]], alpha=0.25, s=14)
-    for task, row, entries, reward, seeds in figure_rows:
-        method = row.split("-")[0]
-        label = row if task == figure_rows[0][0] else f"{task}: {row}"
-        ax.errorbar(entries, reward.estimate, yerr=[[reward.estimate - reward.low], [reward.high - reward.estimate]],
-                    fmt="o", color=colors.get(method, "C3"), capsize=3)
-        ax.annotate(f"{label} ({seeds})", (entries, reward.estimate), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
-    for task, record in base.items():
-        ax.axhline(record["final_reward"], color="grey", linestyle=":", linewidth=1)
-        ax.annotate(f"base ({task})", (1, record["final_reward"]), xycoords=("axes fraction", "data"), fontsize=7,
-                    ha="right", va="bottom", color="grey")
-    ax.set_xscale("log")
-    ax.set_xlabel("trained entries")
-    ax.set_ylabel("final held-out reward")
-    ax.set_title("Held-out reward vs trained entries (bars: 95% CI, rows at their chosen lr; dots: every run)")
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    for r in sorted(trained, key=lambda r: r["id"]):
-        task = r["config"]["task"]
-        steps = [0] + [e["step"] for e in r["evals"]]
-        values = [base[task]["final_reward"] if task in base else np.nan] + [e["reward"] for e in r["evals"]]
-        ax.plot(steps, values, marker="o", markersize=3, color=colors[r["config"]["method"]], alpha=0.7,
-                label=r["id"].split("__")[1] + f" lr{r['config']['learning_rate']:g} s{r['config']['seed']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out reward")
-    ax.set_title("Held-out reward over steps (every run)")
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3)
-    if len(trained) <= 16:
-        ax.legend(fontsize=6)
+    tasks = list(dict.fromkeys(t for t, *_ in figure_rows))
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9), squeeze=False)
+    counts = [entries for _, _, entries, *_ in figure_rows]
+    for column, task in enumerate(tasks):
+        rows = [r for r in figure_rows if r[0] == task]
+        ax, curves = axes[0][column], axes[1][column]
+        order = sorted({_style(row)[0] for _, row, *_ in rows})
+        seen = set()
+        for _, row, entries, reward, runs in rows:
+            name, color, marker = _style(row)
+            x = entries * 1.07 ** (order.index(name) - (len(order) - 1) / 2)
+            fill = "none" if row.endswith("entropy0.2") else color
+            label = None if name in seen else name
+            seen.add(name)
+            ax.errorbar(x, reward.estimate, yerr=[[reward.estimate - reward.low], [reward.high - reward.estimate]],
+                        fmt=marker, color=color, mfc=fill, capsize=3, label=label)
+            ax.scatter([x] * len(runs), [r["final_reward"] for r in runs], color=color, alpha=0.3, s=10)
+            steps = [0] + [e["step"] for e in runs[0]["evals"]]
+            start = base[task]["final_reward"] if task in base else np.nan
+            mean = [start] + [float(np.mean([r["evals"][i]["reward"] for r in runs])) for i in range(len(steps) - 1)]
+            density = row.split("-")[2] if row.startswith("sparse") else ""
+            curves.plot(steps, mean, marker=marker, color=color, mfc=fill, markersize=4,
+                        linestyle={"0.01": ":", "0.05": "-.", "0.3": "--"}.get(density, "-"), alpha=0.8,
+                        label=f"{row} ({len(runs)})")
+        if task in base:
+            for a in (ax, curves):
+                a.axhline(base[task]["final_reward"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlim(min(counts) / 1.6, max(counts) * 1.6)  # one scale for every task
+        ax.set_xlabel("trained entries (rows at one count spread sideways)")
+        ax.set_ylabel("final held-out reward")
+        ax.set_title(f"{task}: final held-out reward (bars: 95% CI; dots: seeds; dotted: base)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        curves.set_xlabel("step")
+        curves.set_ylabel("held-out reward, mean over seeds")
+        curves.set_title(f"{task}: mean curves (density 1% dotted, 5% dash-dot, 10% solid, 30% dashed)", fontsize=9)
+        curves.grid(alpha=0.3)
+        curves.legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
