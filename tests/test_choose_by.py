@@ -241,7 +241,7 @@ def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_pat
     regenerate = [p for p in plan.ready if p.regenerate]
     # planned once though every post-hoc density needs it; seeds 1, 2 never ran: they wait
     assert [p.config.run_id() for p in regenerate] == [full_s0.run_id()]
-    assert any("sparse-posthoc-0.1 seed 0" in w for w in plan.waiting)
+    assert any("sparse-posthoc-0.1 lr" in w and "seed 0" in w for w in plan.waiting)
     args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(tmp_path / "results"),
                   "--work", str(tmp_path / "work"), "--dry-run"]
 
@@ -256,12 +256,20 @@ def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_pat
     weights.mkdir(parents=True)
     weights_path(weights, full_s0).write_bytes(b"")
     assert full_s0.run_id() not in ready_ids()
-    posthoc = [p for p in build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",)).ready
-               if p.config.mask == "posthoc" and p.config.seed == 0]
-    assert posthoc and all(p.posthoc_source == weights_path(weights, full_s0) for p in posthoc)
-    # once every post-hoc run of seed 0 has finished, losing the full run's weights again plans no rerun
-    for p in posthoc:
-        _fake_run(runs, p.config, [1] * 8)
+    def posthoc_s0():
+        return [p for p in build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",)).ready
+                if p.config.mask == "posthoc" and p.config.seed == 0 and load_result(runs, p.config) is None]
+
+    posthoc = posthoc_s0()
+    # the 10% row at the probe's lr and the post-hoc mask's own lr sweep, all from the one full run's weights
+    assert {(p.config.density, p.config.learning_rate) for p in posthoc} == {(0.1, lr) for lr in SWEEPS["sparse"]}
+    assert all(p.posthoc_source == weights_path(weights, full_s0) for p in posthoc)
+    # once every post-hoc run of seed 0 has finished (its sweep's, then the other densities' at the best lr of that
+    # sweep), losing the full run's weights again plans no rerun
+    while posthoc:
+        for p in posthoc:
+            _fake_run(runs, p.config, [1] * 8)
+        posthoc = posthoc_s0()
     weights_path(weights, full_s0).unlink()
     plan = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",))
     assert not any(p.regenerate for p in plan.ready)
@@ -291,7 +299,7 @@ def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_p
     for density in (0.01, 0.05, 0.3):  # the density axis keeps each mask's lr: random's is not the probe's
         assert lrs[("addition", f"sparse-random-{density:g}")] == best["random"]
         assert lrs[("addition", f"sparse-gradient-{density:g}")] == best["gradient"]
-        assert lrs[("addition", f"sparse-magnitude-{density:g}")] == best["gradient"]
+        assert ("addition", f"sparse-magnitude-{density:g}") not in lrs  # waits for its own sweep (stage H)
     assert not any(c.config.task == "subtraction" and c.config.method == "sparse" for c in p.ready)
     assert any("subtraction sparse 10%" in w for w in p.waiting)
     # every 10% mask with 3 seeds at its lr (seed 0 of gradient and random is their sweep's best run): Fisher and
@@ -307,6 +315,48 @@ def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_p
     assert set(second) == {("fisher", best["gradient"]), ("magnitude", best["gradient"]), ("random", best["random"])}
     # in the order: the best mask (Fisher wins the tie with smallest |w| by MASKS' order), random, the second best
     assert [mask for mask, _ in second[::3]] == ["fisher", "random", "magnitude"]
+
+
+def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_path, tiny_checkpoint):
+    """Stage H: Fisher, smallest |w| and post-hoc first run at the probe's lr; their own seed-0 sweep then decides the
+    lr of their other densities, and adds seeds 1, 2 at 10% where it differs from the probe's."""
+    from choosing.plan import SWEEPS
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    rows = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+            dict(method="sparse", mask="gradient", density=0.1),
+            dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    for row in rows:  # complete sweeps, best at the middle lr (3e-5 for sparse), so no widening
+        family = row["method"]
+        for i, lr in enumerate(SWEEPS[family]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    probe_lr = SWEEPS["sparse"][0]
+    magnitude = dict(method="sparse", mask="magnitude", density=0.1)
+
+    def plan():
+        return build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
+
+    def planned(p, **kw):
+        return {(c.stage, c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
+                if all(getattr(c.config, k) == v for k, v in kw.items()) and load_result(runs, c.config) is None}
+
+    p = plan()
+    assert {(d, lr) for _, d, lr, _ in planned(p, mask="magnitude")} == {(0.1, lr) for lr in SWEEPS["sparse"]}
+    assert any("sparse-magnitude-0.01 (F densities): waits for the lr sweep of sparse-magnitude-0.1" in w
+               for w in p.waiting)
+    # smallest |w| is best at the sweep's top edge: one more grid point, worse, then its own lr is 1e-4
+    for lr, points in zip(SWEEPS["sparse"], (1, 2, 0)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **magnitude), [points] * 8)
+    assert planned(plan(), mask="magnitude", seed=0) >= {("H lr sweep of the other masks (widened)", 0.1, 3e-4, 0)}
+    _fake_run(runs, protocol.replace(learning_rate=3e-4, **magnitude), [0] * 8)
+    p = plan()
+    assert p.best_lr[("addition", "sparse-magnitude-0.1")] == 1e-4 != probe_lr
+    own = planned(p, mask="magnitude", density=0.1, learning_rate=1e-4)
+    assert own == {("H other masks at their own lr", 0.1, 1e-4, seed) for seed in (1, 2)}
+    assert {(c.config.density, c.config.learning_rate) for c in p.ready if c.config.mask == "magnitude"
+            and c.stage == "F densities"} == {(d, 1e-4) for d in (0.01, 0.05, 0.3)}
+    # the 10% row at the probe's lr keeps its seeds (stage C), so both rows can be compared
+    assert {seed for _, _, _, seed in planned(p, mask="magnitude", density=0.1, learning_rate=probe_lr)} == {1, 2}
 
 
 def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, tiny_checkpoint, monkeypatch):

@@ -12,14 +12,17 @@ C. the other masks at 10% (Fisher probe, smallest |w|, post-hoc diff of the full
 D. the second task: base reward, then full, LoRA and sparse 10% with the two best masks at 10% plus random (the
    baseline every mask is compared with), 3 seeds;
 E. gradient probe and random at 1, 5 and 30%, 3 seeds;
+H. the lr sweep (seed 0, widened like A's) of Fisher, smallest |w| and post-hoc at 10%, which C ran at the probe's
+   lr; where a mask's own best differs, seeds 1, 2 at it (the C row stays: both are reported);
 G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds;
-F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, 3 seeds (last: 36 runs that refine the density axis
-   for masks that the 10% rows already rank).
+F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
+   refine the density axis for masks that the 10% rows already rank).
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
-every other mask the 10% gradient probe's; LoRA rank 16 the matched-count LoRA's; entropy rows the row they
-restrict. ``extra_seeds`` adds seeds to every main row.
+Fisher, smallest |w| and post-hoc the probe's in C and D (the second task's choice of masks keeps that rule), their
+own from H in F; LoRA rank 16 the matched-count LoRA's; entropy rows the row they restrict. ``extra_seeds`` adds
+seeds to every main row.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MAX_WIDENING = 2  # grid points a row's sweep may add beyond its family's three 
 DENSITIES = (0.01, 0.05, 0.1, 0.3)
 MAIN_DENSITY = 0.1
 SEEDS = (0, 1, 2)
+OTHER_MASKS = ("fisher", "magnitude", "posthoc")  # the masks without an lr sweep in stage A
 
 
 @dataclass
@@ -117,7 +121,37 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for i in range(3):
         for method, kw, family in rows.values():
             plan.ready.append(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
-    for name, (method, kw, family) in rows.items():
+    regenerating: set[str] = set()
+
+    def schedule(c: RunConfig, stage: str) -> bool:
+        """Plan ``c`` (once: a sweep's point can be another stage's row); a post-hoc run first needs the final
+        weights of the full run of its seed (rerun once when they are lost). False when it has to wait."""
+        if any(p.config.run_id() == c.run_id() for p in plan.ready):
+            return True
+        source = None
+        if c.mask == "posthoc" and done(c) is None:  # a finished run needs no weights any more
+            full_lr = plan.best_lr.get((main_task, "full"))
+            if full_lr is None:
+                plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for full "
+                                    "finetuning's lr sweep (its best run's weights give the post-hoc mask)")
+                return False
+            full = done(config(c.task, "full", full_lr, c.seed))
+            if full is None or not weights_path(weights_dir, config(c.task, "full", full_lr, c.seed)).exists():
+                plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for the full "
+                                    f"run of seed {c.seed} at "
+                                    "its best lr (its final weights give the post-hoc mask)")
+                rerun = config(c.task, "full", full_lr, c.seed)
+                if full is not None and rerun.run_id() not in regenerating:  # finished, weights gone
+                    regenerating.add(rerun.run_id())  # (another machine's work folder): rerun it once
+                    plan.ready.append(Planned(rerun, stage, regenerate=True))
+                return False
+            source = weights_path(weights_dir, config(c.task, "full", full_lr, c.seed))
+        plan.ready.append(Planned(c, stage, source))
+        return True
+
+    def sweep(name: str, method: str, kw: dict, family: str, stage: str) -> None:
+        """Seed 0 of ``name`` at its family's lrs (scheduled by the caller or here), widened one 1-3-10 grid point
+        at a time while the best sits at an edge; sets ``plan.best_lr`` once complete."""
         lrs = list(SWEEPS[family])
         while True:
             results = {lr: done(config(main_task, method, lr, 0, **kw)) for lr in lrs}
@@ -125,14 +159,17 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
             if not all(results.values()):
                 plan.waiting.append(f"{main_task} {name}: seeds 1+ wait for its lr sweep "
                                     f"({sum(map(bool, results.values()))}/{len(lrs)} done)")
-                break
+                return
             best = max(results, key=lambda lr: results[lr]["final_reward"])
             wider = widen(lrs, best)
             if wider is None or len(lrs) >= len(SWEEPS[family]) + MAX_WIDENING:
                 plan.best_lr[(main_task, name)] = best
-                break
+                return
             lrs.append(wider)
-            plan.ready.append(Planned(config(main_task, method, wider, 0, **kw), "A lr sweep (widened)"))
+            schedule(config(main_task, method, wider, 0, **kw), f"{stage} (widened)")
+
+    for name, (method, kw, family) in rows.items():
+        sweep(name, method, kw, family, "A lr sweep")
 
     def lr_of(row: str) -> float | None:
         return plan.best_lr.get((main_task, row))
@@ -141,10 +178,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     random_row = f"sparse-random-{MAIN_DENSITY:g}"
 
     def mask_row(mask: str) -> str:
-        """The swept row whose lr a mask's rows use."""
+        """The swept row whose lr a mask's rows use (in stages C and D; stage H sweeps the other masks' own)."""
         return random_row if mask == "random" else sparse_row
-
-    regenerating: set[str] = set()
 
     def add_seeds(task: str, stage: str, method: str, lr_row: str, seeds=seeds, **kw) -> None:
         lr = lr_of(lr_row)
@@ -153,26 +188,13 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                                 f"sweep of {lr_row}")
             return
         for seed in seeds:
-            c = config(task, method, lr, seed, **kw)
-            source = None
-            if kw.get("mask") == "posthoc" and done(c) is None:  # a finished run needs no weights any more
-                full = done(config(task, "full", lr_of("full"), seed)) if lr_of("full") else None
-                if full is None or not weights_path(weights_dir, config(task, "full", lr_of("full"), seed)).exists():
-                    plan.waiting.append(f"{c.row} seed {seed} ({stage}): waits for the full run of seed {seed} at "
-                                        "its best lr (its final weights give the post-hoc mask)")
-                    rerun = config(task, "full", lr_of("full"), seed)
-                    if full is not None and rerun.run_id() not in regenerating:  # finished, weights gone
-                        regenerating.add(rerun.run_id())  # (another machine's work folder): rerun it once
-                        plan.ready.append(Planned(rerun, stage, regenerate=True))
-                    continue
-                source = weights_path(weights_dir, config(task, "full", lr_of("full"), seed))
-            plan.ready.append(Planned(c, stage, source))
+            schedule(config(task, method, lr, seed, **kw), stage)
 
     # B: the decisive rows with more seeds
     for name, (method, kw, _) in rows.items():
         add_seeds(main_task, "B seeds", method, name, seeds=seeds[1:], **kw)
     # C: the other masks at 10%
-    for mask in ("fisher", "magnitude", "posthoc"):
+    for mask in OTHER_MASKS:
         add_seeds(main_task, "C masks at 10%", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
     # D: second task
     for task in tasks[1:]:
@@ -195,15 +217,25 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         if density != MAIN_DENSITY:
             for mask in ("gradient", "random"):
                 add_seeds(main_task, "E densities", "sparse", mask_row(mask), mask=mask, density=density)
+    # H: each other mask's own lr sweep at 10% (seed 0; its family lr's run is the C row's seed 0), then seeds 1, 2
+    # at its own best lr where that is not the family's
+    for mask in OTHER_MASKS:
+        name, kw = f"sparse-{mask}-{MAIN_DENSITY:g}", {"mask": mask, "density": MAIN_DENSITY}
+        for lr in SWEEPS["sparse"]:
+            schedule(config(main_task, "sparse", lr, 0, **kw), "H lr sweep of the other masks")
+        sweep(name, "sparse", kw, "sparse", "H lr sweep of the other masks")
+        if lr_of(name) is not None and lr_of(name) != lr_of(sparse_row):
+            add_seeds(main_task, "H other masks at their own lr", "sparse", name, seeds=seeds[1:], **kw)
     # G: LoRA rank 16, high-entropy tokens
     add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
     add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
     add_seeds(main_task, "G", "sparse", sparse_row, mask="gradient", density=MAIN_DENSITY, entropy_quantile=0.2)
-    # F: the other masks at the other densities
+    # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:
-            for mask in ("fisher", "magnitude", "posthoc"):
-                add_seeds(main_task, "F densities", "sparse", mask_row(mask), mask=mask, density=density)
+            for mask in OTHER_MASKS:
+                add_seeds(main_task, "F densities", "sparse", f"sparse-{mask}-{MAIN_DENSITY:g}", mask=mask,
+                          density=density)
     return plan
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
+from choosing.plan import MAIN_DENSITY, MAX_WIDENING, OTHER_MASKS, SWEEPS, build_plan
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import difference_interval, gain_share_interval, mean_interval, seed_sd, success_matrix
 
@@ -58,14 +58,13 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     for r in trained:
         groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
     chosen = {(p.config.task, p.config.row, p.config.learning_rate) for p in plan.ready
-              if not p.stage.startswith(("0 base", "A lr sweep"))}  # widened sweep points are sweep runs too
+              if not p.stage.startswith(("0 base", "A lr sweep", "H lr sweep"))}  # widened points are sweep runs too
     command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
         "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
     seconds = [r["seconds"] for r in trained]
     done_ids = {r["id"] for r in records}
     # a regenerating full run has a record already but still has to train again (its final weights were lost)
     pending = [p for p in plan.ready if p.regenerate or p.config.run_id() not in done_ids]
-    remaining = len(pending) + len(plan.waiting)
     per_run = statistics.mean(seconds) if seconds else None
 
     lines = [
@@ -84,10 +83,10 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
         f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
         "## Status", "",
-        f"{len(records)} runs finished ({len(trained)} trained, {len(base)} base evaluations); {remaining} to go "
-        f"({len(pending)} schedulable now, {len(plan.waiting)} waiting for earlier runs)."
-        + (f" Mean wall time per finished training run {per_run / 60:.0f} min: the rest needs about "
-           f"{remaining * per_run / 3600:.0f} h of one process." if per_run else ""), "",
+        f"{len(records)} runs finished ({len(trained)} trained, {len(base)} base evaluations); {len(pending)} "
+        f"schedulable now, more once the {len(plan.waiting)} items below that wait for earlier runs can start."
+        + (f" Mean wall time per finished training run {per_run / 60:.0f} min: the schedulable runs need about "
+           f"{len(pending) * per_run / 3600:.0f} h of one process." if per_run else ""), "",
     ]
     if pending:
         def state(p) -> str:
@@ -115,8 +114,11 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     # learning-rate sweeps
     lines += ["## Learning-rate sweeps (seed 0)", "",
               "Final held-out reward [95% CI over prompts]; the best lr of each row (bold: highest final held-out "
-              "reward of seed 0) is used for its other seeds and for the rows of its family (sparse rows: the 10% "
-              "gradient probe's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they restrict). The "
+              "reward of seed 0) is used for its other seeds and for the rows of its family (random masks at every "
+              "density: the 10% random row's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they "
+              "restrict). The Fisher, smallest-|w| and post-hoc masks first ran at the 10% gradient probe's lr (their "
+              "rows at that lr, and the second task's choice of masks, keep it); their own sweeps came later, and "
+              "their other densities and, where their best differs, 3 seeds at 10% use their own. The "
               "second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
               "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
               "below).", "",
@@ -207,7 +209,8 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
 
 
 def _is_swept(row: str) -> bool:
-    return row == "full" or row in (f"sparse-random-{MAIN_DENSITY:g}", f"sparse-gradient-{MAIN_DENSITY:g}") or (
+    masks = ("random", "gradient", *OTHER_MASKS)
+    return row == "full" or row in {f"sparse-{mask}-{MAIN_DENSITY:g}" for mask in masks} or (
         row.startswith("lora-r") and not row.endswith("r16"))
 
 
