@@ -13,6 +13,7 @@ from choosing.stats import (  # noqa: E402
     difference_interval,
     gain_share_interval,
     mean_interval,
+    sampling_sd,
     seed_sd,
     success_matrix,
 )
@@ -108,3 +109,17 @@ def test_success_matrix_reads_runs_and_checks_prompt_counts():
     with pytest.raises(ValueError, match="same held-out prompts"):
         bootstrap({"a": np.zeros((1, 3)), "b": np.zeros((1, 2))}, lambda m: m["a"])
     assert seed_sd(np.array([[0.0, 0.0], [1.0, 1.0]])) == pytest.approx(np.sqrt(0.5))
+
+
+def test_sampling_sd_matches_the_spread_of_repeated_evaluations_of_one_model():
+    """Evaluate one fixed "model" (per-prompt success probabilities) many times with k samples per prompt: the SD of
+    its mean reward across evaluations is what ``sampling_sd`` estimates from a single evaluation."""
+    rng = np.random.default_rng(3)
+    probabilities, samples = rng.beta(0.7, 0.7, size=256), 4
+    evaluations = rng.binomial(samples, probabilities, size=(4000, 256)) / samples
+    true_sd = evaluations.mean(axis=1).std()
+    estimates = [sampling_sd(evaluations[i:i + 3], samples) for i in range(0, 300, 3)]
+    assert abs(np.mean(estimates) / true_sd - 1) < 0.05
+    # a model that always or never succeeds has no sampling noise; one sample per prompt cannot estimate it
+    assert sampling_sd(np.array([[0.0, 1.0, 1.0]]), samples) == 0.0
+    assert np.isnan(sampling_sd(evaluations[:1], 1))

@@ -15,7 +15,14 @@ import numpy as np
 
 from choosing.plan import MAIN_DENSITY, MAX_WIDENING, OTHER_MASKS, SWEEPS, build_plan
 from choosing.runs import RunConfig, running_pid
-from choosing.stats import difference_interval, gain_share_interval, mean_interval, seed_sd, success_matrix
+from choosing.stats import (
+    difference_interval,
+    gain_share_interval,
+    mean_interval,
+    sampling_sd,
+    seed_sd,
+    success_matrix,
+)
 
 
 def _protocol_matches(record: dict, protocol: RunConfig) -> bool:
@@ -78,7 +85,10 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         "Costs come from the same runs: peak resident memory while training, median time per step (the machine is "
         "shared, so times vary with its load), optimizer-state bytes, trained entries. With 3 seeds a bootstrap "
         "over seeds has only 10 distinct draws and its intervals are somewhat too narrow; the seed SD column shows "
-        "the raw spread. A difference is resolved when its paired interval excludes 0.", "",
+        "the raw spread. The sampling SD column is the part of one run's score that comes from sampling "
+        f"{protocol.eval_samples} completions per prompt (the evaluation noise; the seed SD contains it). A reward's "
+        "interval is mostly which prompts were drawn (prompt resampling), which cancels in paired comparisons: a "
+        "difference is resolved when its paired interval excludes 0.", "",
         f"Sweep command (resumable: finished runs are skipped): `{command}`; report: "
         "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
         f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
@@ -157,9 +167,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                       "(the sweeps are not complete).", ""]
             continue
         lines += [f"## {task}: rows at their chosen lr", "",
-                  "| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD "
+                  "| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD | sampling SD "
                   "| share of full FT's gain [95% CI] | vs random, same density [95% CI] | trained entries "
-                  "| optimizer state (MiB) | peak RSS (MiB) | median step (s) |", "|---" * 12 + "|"]
+                  "| optimizer state (MiB) | peak RSS (MiB) | median step (s) |", "|---" * 13 + "|"]
         full_key = next((k for k in rows if k[1] == "full"), None)
         base_matrix = success_matrix([base[task]]) if task in base else None
         for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
@@ -180,6 +190,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
             cost = runs[-1]
             lines.append(
                 f"| {key[1]} | {key[2]:g} | {len(runs)} | {_ci(reward)} | {reward.width:.3f} | {seed_sd(matrix):.3f} "
+                f"| {sampling_sd(matrix, runs[0]['config']['eval_samples']):.3f} "
                 f"| {_ci(share, 2)} | {_ci(versus)} | {cost['trained_entries']:,} | "
                 f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")

@@ -107,3 +107,14 @@ def seed_sd(matrix: np.ndarray) -> float:
     """Standard deviation of the per-seed mean rewards (0 for one seed)."""
     means = matrix.mean(axis=1)
     return float(means.std(ddof=1)) if len(means) > 1 else 0.0
+
+
+def sampling_sd(matrix: np.ndarray, samples: int) -> float:
+    """Standard deviation of one run's mean reward that comes from sampling ``samples`` completions per prompt alone
+    (the prompts held fixed), root-mean-square over the row's seeds: the evaluation noise, to set beside
+    :func:`seed_sd` (which contains it). From the unbiased within-prompt variance p(1-p) k/(k-1) of each prompt."""
+    if samples < 2:
+        return float("nan")
+    within = matrix * (1 - matrix) * samples / (samples - 1)  # per seed and prompt
+    variance = within.sum(axis=1) / samples / matrix.shape[1] ** 2
+    return float(np.sqrt(variance.mean()))
