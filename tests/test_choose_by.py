@@ -315,6 +315,9 @@ def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_p
     assert set(second) == {("fisher", best["gradient"]), ("magnitude", best["gradient"]), ("random", best["random"])}
     # in the order: the best mask (Fisher wins the tie with smallest |w| by MASKS' order), random, the second best
     assert [mask for mask, _ in second[::3]] == ["fisher", "random", "magnitude"]
+    # stage I: seeds 3, 4 only for the probe's and the random 10% mask, each at its own lr
+    more = {(c.config.row, c.config.learning_rate, c.config.seed) for c in plan().ready if c.stage == "I more seeds"}
+    assert more == {(f"sparse-{mask}-0.1", best[mask], seed) for mask in ("gradient", "random") for seed in (3, 4)}
 
 
 def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_path, tiny_checkpoint):

@@ -15,6 +15,8 @@ E. gradient probe and random at 1, 5 and 30%, 3 seeds;
 H. the lr sweep (seed 0, widened like A's) of Fisher, smallest |w| and post-hoc at 10%, which C ran at the probe's
    lr; where a mask's own best differs, seeds 1, 2 at it (the C row stays: both are reported);
 G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds;
+I. seeds 3, 4 of the probe's and the random 10% mask on the main task (their paired difference was unresolved
+   with 3 seeds, because random's seeds spread widely);
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank).
 
@@ -39,6 +41,7 @@ DENSITIES = (0.01, 0.05, 0.1, 0.3)
 MAIN_DENSITY = 0.1
 SEEDS = (0, 1, 2)
 OTHER_MASKS = ("fisher", "magnitude", "posthoc")  # the masks without an lr sweep in stage A
+DECISIVE_EXTRA_SEEDS = (3, 4)  # stage I: the random 10% mask's seeds spread 0.66-0.81, too wide to rank it in 3
 
 
 @dataclass
@@ -230,6 +233,10 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
     add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
     add_seeds(main_task, "G", "sparse", sparse_row, mask="gradient", density=MAIN_DENSITY, entropy_quantile=0.2)
+    # I: two more seeds for the question 3 seeds left open: does the probe's 10% mask beat a random one
+    for mask in ("gradient", "random"):
+        add_seeds(main_task, "I more seeds", "sparse", mask_row(mask), seeds=DECISIVE_EXTRA_SEEDS, mask=mask,
+                  density=MAIN_DENSITY)
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:
