@@ -179,23 +179,26 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
             share = None
             if full_key and base_matrix is not None and key != full_key:
                 share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix)
-            versus = None
+            versus, few = None, len(runs)
             config = runs[0]["config"]
             if config["method"] == "sparse" and config["mask"] != "random":
                 ref = next((g for (t, row, lr), g in rows.items()
                             if row == f"sparse-random-{config['density']:g}"), None)
                 if ref:
-                    versus = difference_interval(matrix, success_matrix(ref),
-                                                 same_seeds=len(ref) == len(runs))
+                    ref = sorted(ref, key=lambda r: r["config"]["seed"])
+                    versus = difference_interval(matrix, success_matrix(ref), same_seeds=_seeds(ref) == _seeds(runs))
+                    few = min(few, len(ref))
             cost = runs[-1]
             lines.append(
                 f"| {key[1]} | {key[2]:g} | {len(runs)} | {_ci(reward)} | {reward.width:.3f} | {seed_sd(matrix):.3f} "
                 f"| {sampling_sd(matrix, runs[0]['config']['eval_samples']):.3f} "
-                f"| {_ci(share, 2)} | {_ci(versus)} | {cost['trained_entries']:,} | "
+                f"| {_ci(share, 2)}{'†' * (share is not None and len(runs) < 3)} "
+                f"| {_ci(versus)}{'†' * (versus is not None and few < 3)} | {cost['trained_entries']:,} | "
                 f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
             figure_rows.append((task, key[1], cost["trained_entries"], reward, runs))
-        lines += ["", _verdict(rows, base_matrix, full_key), ""]
+        lines += ["", "† a row (or its random reference) with fewer than 3 seeds: the interval misses most of "
+                  "the seed spread.", "", _verdict(rows, base_matrix, full_key), ""]
         if full_key:
             lines += [_still_rising(rows[full_key]), ""]
 
@@ -217,6 +220,10 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return out
+
+
+def _seeds(runs: list[dict]) -> list[int]:
+    return sorted(r["config"]["seed"] for r in runs)
 
 
 def _is_swept(row: str) -> bool:
