@@ -116,20 +116,25 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         f"sparse-gradient-{MAIN_DENSITY:g}": ("sparse", {"mask": "gradient", "density": MAIN_DENSITY}, "sparse"),
         f"lora-r{plan.lora_rank}": ("lora", {"lora_rank": plan.lora_rank}, "lora"),
     }
-    stage = "0 base"
+    planned: set[str] = set()  # run ids in plan.ready (a sweep's point can be another stage's row: plan it once)
+    regenerating: set[str] = set()  # finished full runs planned again to rewrite their lost final weights
+
+    def add(p: Planned) -> None:
+        planned.add(p.config.run_id())
+        plan.ready.append(p)
+
     for task in tasks:  # the base reward of every task first (cheap; a task outside 0.1-0.8 gives GRPO no signal)
-        plan.ready.append(Planned(config(task, "base", 0.0, 0), stage))
+        add(Planned(config(task, "base", 0.0, 0), "0 base"))
 
     # A: sweeps, widened one grid point at a time while the best lr of a complete sweep sits at its edge
     for i in range(3):
         for method, kw, family in rows.values():
-            plan.ready.append(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
-    regenerating: set[str] = set()
+            add(Planned(config(main_task, method, SWEEPS[family][i], 0, **kw), "A lr sweep"))
 
     def schedule(c: RunConfig, stage: str) -> bool:
-        """Plan ``c`` (once: a sweep's point can be another stage's row); a post-hoc run first needs the final
-        weights of the full run of its seed (rerun once when they are lost). False when it has to wait."""
-        if any(p.config.run_id() == c.run_id() for p in plan.ready):
+        """Plan ``c`` once; a post-hoc run first needs the final weights of the full run of its seed (rerun once when
+        they are lost). False when it has to wait."""
+        if c.run_id() in planned:
             return True
         source = None
         if c.mask == "posthoc" and done(c) is None:  # a finished run needs no weights any more
@@ -138,18 +143,16 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                 plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for full "
                                     "finetuning's lr sweep (its best run's weights give the post-hoc mask)")
                 return False
-            full = done(config(c.task, "full", full_lr, c.seed))
-            if full is None or not weights_path(weights_dir, config(c.task, "full", full_lr, c.seed)).exists():
+            full_run = config(c.task, "full", full_lr, c.seed)
+            source = weights_path(weights_dir, full_run)
+            if done(full_run) is None or not source.exists():
                 plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for the full "
-                                    f"run of seed {c.seed} at "
-                                    "its best lr (its final weights give the post-hoc mask)")
-                rerun = config(c.task, "full", full_lr, c.seed)
-                if full is not None and rerun.run_id() not in regenerating:  # finished, weights gone
-                    regenerating.add(rerun.run_id())  # (another machine's work folder): rerun it once
-                    plan.ready.append(Planned(rerun, stage, regenerate=True))
+                                    f"run of seed {c.seed} at its best lr (its final weights give the post-hoc mask)")
+                if done(full_run) is not None and full_run.run_id() not in regenerating:  # finished, weights gone
+                    regenerating.add(full_run.run_id())  # (another machine's work folder): rerun it once
+                    add(Planned(full_run, stage, regenerate=True))
                 return False
-            source = weights_path(weights_dir, config(c.task, "full", full_lr, c.seed))
-        plan.ready.append(Planned(c, stage, source))
+        add(Planned(c, stage, source))
         return True
 
     def sweep(name: str, method: str, kw: dict, family: str, stage: str) -> None:

@@ -214,7 +214,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                      f"{r['load_average_start']:.1f} |")
     lines.append("")
     figure = Path(results).with_suffix(".png")
-    if _plot(trained, figure_rows, base, figure):
+    if _plot(figure_rows, base, figure):
         lines += [f"![held-out reward against trained entries]({figure.name})", ""]
     out = Path(results).with_suffix(".md")
     out.write_text("\n".join(lines))
@@ -280,7 +280,7 @@ def _style(row: str) -> tuple[str, str, str]:
     return name, colors.get(name.split(", top")[0], "C8"), marker
 
 
-def _plot(trained: list[dict], figure_rows: list, base: dict, path: Path) -> bool:
+def _plot(figure_rows: list, base: dict, path: Path) -> bool:
     """Per task: held-out reward against trained entries (rows at their chosen lr, 95% CI; faint dots: each seed), and
     each row's mean curve over steps. Rows at the same count (every 10% mask, LoRA at the matched rank) are spread a
     little sideways so their bars do not cover each other."""
