@@ -238,15 +238,16 @@ def _verdict(rows: dict, base_matrix, full_key) -> str:
         return "Share of full finetuning's gain: pending (full finetuning or the base evaluation is missing)."
     full = success_matrix(rows[full_key])
     clear, unresolved = [], []
-    for (_, row, _), runs in rows.items():
+    for (_, row, lr), runs in rows.items():
         config = runs[0]["config"]
         if config["method"] != "sparse" or config["density"] > MAIN_DENSITY or len(runs) < 3:
             continue
         share = gain_share_interval(success_matrix(runs), full, base_matrix)
+        named = f"{row} at lr {lr:g} ({_ci(share, 2)})"  # a row can be reported at two lrs (stage H)
         if share.low >= 0.95:
-            clear.append(f"{row} ({_ci(share, 2)})")
+            clear.append(named)
         elif share.high >= 0.95:
-            unresolved.append(f"{row} ({_ci(share, 2)})")
+            unresolved.append(named)
     if not clear and not unresolved:
         return ("No sparse row at <= 10% density with 3 seeds has an interval reaching 95% of full finetuning's "
                 "gain yet.")
