@@ -143,18 +143,19 @@ def sweep(args, argv) -> int:
             time.sleep(5)
             continue
         plan = build_plan(protocol, runs_dir, work / "weights", model_dir, tasks, args.extra_seeds)
-        todo = [p for p in plan.ready if p.config.run_id() not in running and p.config.run_id() not in failed
+        # a run still training under an earlier sweep process (stopped with `kill -9`, so its runs go on) holds a
+        # slot: the sweep can be restarted with new code without losing or doubling runs. Looked up before the
+        # finished runs: a worker writes its JSON before it exits, so one that ends in between is seen as finished
+        elsewhere = {p.config.run_id() for p in plan.ready if p.config.run_id() not in running
+                     and running_pid(work, p.config.run_id()) not in (None, os.getpid())}
+        busy = running.keys() | failed | elsewhere
+        todo = [p for p in plan.ready if p.config.run_id() not in busy
                 and (load_result(runs_dir, p.config) is None
                      or (p.regenerate and not weights_path(work / "weights", p.config).exists()))]
         first: dict[str, object] = {}
         for p in todo:  # a regeneration can be planned by several post-hoc rows: keep its first place
             first.setdefault(p.config.run_id(), p)
         todo = list(first.values())
-        # a run still training under an earlier sweep process (stopped with `kill -9`, so its runs go on) holds a
-        # slot: the sweep can be restarted with new code without losing or doubling runs
-        elsewhere = {p.config.run_id() for p in plan.ready if p.config.run_id() not in running
-                     and running_pid(work, p.config.run_id()) not in (None, os.getpid())}
-        todo = [p for p in todo if p.config.run_id() not in elsewhere]
         if args.dry_run:
             done = sum(load_result(runs_dir, p.config) is not None for p in plan.ready)
             print(f"{done} done, {len(todo)} ready to run (others running), {len(plan.waiting)} waiting")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import choose_by  # noqa: E402
 from choosing.evaluate import sample_completions  # noqa: E402
 from choosing.plan import build_plan, matched_lora_rank, trained_count  # noqa: E402
-from choosing.runs import RunConfig, load_result, result_path, run_one, weights_path  # noqa: E402
+from choosing.runs import RunConfig, load_result, result_path, run_one, running_pid, weights_path  # noqa: E402
 from choosing.tasks import make_task  # noqa: E402
 
 CLI = ["--steps", "2", "--prompts", "2", "--generations", "4", "--tokens", "3", "--probe-steps", "1",
@@ -379,6 +379,10 @@ def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, 
                                "sys.argv[2])", str(result_path(staged, base)),
                                str(result_path(results / "runs", base)), base.run_id()])
     (work / "jobs" / f"{base.run_id()}.pid").write_text(str(orphan.pid))
+    deadline = time.time() + 30  # Popen can return before /proc shows the new command line: wait until it does
+    while running_pid(work, base.run_id()) is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert running_pid(work, base.run_id()) == orphan.pid
     monkeypatch.setattr(time, "sleep", lambda s, _sleep=time.sleep: _sleep(min(s, 0.2)))
     args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(work),
                   "--parallel", "1", "--max-runs", "1"]
