@@ -196,7 +196,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                 f"| {_ci(versus)}{'†' * (versus is not None and few < 3)} | {cost['trained_entries']:,} | "
                 f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
-            figure_rows.append((task, key[1], cost["trained_entries"], reward, runs))
+            figure_rows.append((task, key[1], key[2], cost["trained_entries"], reward, runs))
         lines += ["", "† a row (or its random reference) with fewer than 3 seeds: the interval misses most of "
                   "the seed spread.", "", _verdict(rows, base_matrix, full_key), ""]
         if full_key:
@@ -294,15 +294,18 @@ def _plot(figure_rows: list, base: dict, path: Path) -> bool:
 
     tasks = list(dict.fromkeys(t for t, *_ in figure_rows))
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9), squeeze=False)
-    counts = [entries for _, _, entries, *_ in figure_rows]
+    counts = [entries for _, _, _, entries, *_ in figure_rows]
     for column, task in enumerate(tasks):
         rows = [r for r in figure_rows if r[0] == task]
         ax, curves = axes[0][column], axes[1][column]
-        order = sorted({_style(row)[0] for _, row, *_ in rows})
+        # a row at two lrs (stage H: the probe's, then its own) gets two places and a triangle at the larger lr
+        order = sorted({(_style(row)[0], lr) for _, row, lr, *_ in rows})
+        lrs_of = {row: [lr for _, r, lr, *_ in rows if r == row] for _, row, *_ in rows}
         seen = set()
-        for _, row, entries, reward, runs in rows:
+        for _, row, lr, entries, reward, runs in rows:
             name, color, marker = _style(row)
-            x = entries * 1.07 ** (order.index(name) - (len(order) - 1) / 2)
+            marker = "^" if lr > min(lrs_of[row]) else marker
+            x = entries * 1.07 ** (order.index((name, lr)) - (len(order) - 1) / 2)
             fill = "none" if row.endswith("entropy0.2") else color
             label = None if name in seen else name
             seen.add(name)
@@ -315,7 +318,7 @@ def _plot(figure_rows: list, base: dict, path: Path) -> bool:
             density = row.split("-")[2] if row.startswith("sparse") else ""
             curves.plot(steps, mean, marker=marker, color=color, mfc=fill, markersize=4,
                         linestyle={"0.01": ":", "0.05": "-.", "0.3": "--"}.get(density, "-"), alpha=0.8,
-                        label=f"{row} ({len(runs)})")
+                        label=f"{row}{f' lr {lr:g}' if len(lrs_of[row]) > 1 else ''} ({len(runs)})")
         if task in base:
             for a in (ax, curves):
                 a.axhline(base[task]["final_reward"], color="grey", linestyle=":", linewidth=1)
@@ -323,7 +326,8 @@ def _plot(figure_rows: list, base: dict, path: Path) -> bool:
         ax.set_xlim(min(counts) / 1.6, max(counts) * 1.6)  # one scale for every task
         ax.set_xlabel("trained entries (rows at one count spread sideways)")
         ax.set_ylabel("final held-out reward")
-        ax.set_title(f"{task}: final held-out reward (bars: 95% CI; dots: seeds; dotted: base)", fontsize=9)
+        ax.set_title(f"{task}: final held-out reward (bars: 95% CI; dots: seeds; dotted: base;\n"
+                     "triangles: a mask at its own larger lr)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         curves.set_xlabel("step")
