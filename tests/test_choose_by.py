@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -394,3 +395,43 @@ def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, 
     # the one slot was held until the orphan ended: one run started after its JSON appeared, never the orphan's own
     assert len(started) == 1 and started[0] != base.run_id()
     assert (work / "logs" / f"{started[0]}.log").stat().st_mtime >= result_path(results / "runs", base).stat().st_mtime
+
+
+def test_paired_script_pairs_rows_by_seed_whatever_the_lr_spelling(tmp_path):
+    import choose_by_paired
+    from choosing.stats import difference_interval
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    sparse = dict(method="sparse", mask="gradient", density=0.1)
+    rows = {seed: ([2] * 6 + [seed, 0], [1] * 8) for seed in (2, 0, 1)}  # written out of seed order
+    for seed, (correct, reference) in rows.items():
+        _fake_run(runs, protocol.replace(learning_rate=1e-4, seed=seed, **sparse), correct)
+        _fake_run(runs, protocol.replace(method="full", learning_rate=3e-6, seed=seed), reference)
+    _fake_run(runs, protocol.replace(learning_rate=1e-4, seed=3, steps=9, **sparse), [0] * 8)  # another protocol
+    _fake_run(runs, protocol.replace(learning_rate=3e-5, seed=0, **sparse), [0] * 8)  # another lr
+
+    seeds_a, seeds_b, interval = choose_by_paired.paired_difference(runs, protocol, "addition",
+                                                                    "sparse-gradient-0.1@0.0001", "full@3e-6")
+    assert seeds_a == seeds_b == [0, 1, 2]
+    sparse_matrix = np.array([[1, 1, 1, 1, 1, 1, s / 2, 0] for s in (0, 1, 2)])  # correct / eval_samples, by seed
+    expected = difference_interval(sparse_matrix, np.full((3, 8), 0.5))
+    assert interval == expected and interval.estimate > 0.3
+    # "1e-4" names the same runs; the step-wise evaluation is reachable too (step steps-1: every prompt at 0)
+    assert choose_by_paired.paired_difference(runs, protocol, "addition", "sparse-gradient-0.1@1e-4",
+                                              "full@0.000003")[2] == interval
+    at_first = choose_by_paired.paired_difference(runs, protocol, "addition", "sparse-gradient-0.1@1e-4",
+                                                  "full@3e-6", step=protocol.steps - 1)[2]
+    assert at_first.estimate == 0.0
+    # a reference with other seeds is resampled unpaired
+    _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6, seed=5), [1] * 8)
+    seeds_a, seeds_b, unpaired = choose_by_paired.paired_difference(runs, protocol, "addition",
+                                                                    "sparse-gradient-0.1@1e-4", "full@1e-6")
+    assert seeds_b == [5] and unpaired == difference_interval(sparse_matrix, np.full((1, 8), 0.5), same_seeds=False)
+    unknown = "no finished runs of addition lora-r16 at lr 3e-05; .* rows of addition:.*sparse-gradient-0.1@0.0001"
+    with pytest.raises(ValueError, match=unknown):
+        choose_by_paired.paired_difference(runs, protocol, "addition", "lora-r16@3e-5", "full@3e-6")
+    with pytest.raises(ValueError, match="expected ROW@LR"):
+        choose_by_paired.paired_difference(runs, protocol, "addition", "sparse-gradient-0.1", "full@3e-6")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        choose_by_paired.main(["addition", "full@abc", "full@3e-6", "--runs", str(runs)])
+    assert "expected ROW@LR" in err.getvalue()

@@ -144,11 +144,11 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                                     "finetuning's lr sweep (its best run's weights give the post-hoc mask)")
                 return False
             full_run = config(c.task, "full", full_lr, c.seed)
-            source = weights_path(weights_dir, full_run)
-            if done(full_run) is None or not source.exists():
+            source, full_finished = weights_path(weights_dir, full_run), done(full_run) is not None
+            if not full_finished or not source.exists():
                 plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for the full "
                                     f"run of seed {c.seed} at its best lr (its final weights give the post-hoc mask)")
-                if done(full_run) is not None and full_run.run_id() not in regenerating:  # finished, weights gone
+                if full_finished and full_run.run_id() not in regenerating:  # finished, weights gone
                     regenerating.add(full_run.run_id())  # (another machine's work folder): rerun it once
                     add(Planned(full_run, stage, regenerate=True))
                 return False
