@@ -435,3 +435,40 @@ def test_paired_script_pairs_rows_by_seed_whatever_the_lr_spelling(tmp_path):
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
         choose_by_paired.main(["addition", "full@abc", "full@3e-6", "--runs", str(runs)])
     assert "expected ROW@LR" in err.getvalue()
+
+
+def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tmp_path):
+    import choose_by_reproduced
+
+    runs, config = tmp_path / "results" / "runs", _protocol().replace(method="full", learning_rate=3e-6)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    _fake_run(runs, config, [2, 1, 0, 2, 2, 1, 0, 1])
+    other = config.replace(seed=1)
+    _fake_run(runs, other, [1] * 8)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "first runs"], check=True)
+    assert choose_by_reproduced.check(runs) == []  # no reruns yet
+
+    def rerun(cfg, correct, **changes):
+        first = json.loads(result_path(runs, cfg).read_text())
+        _fake_run(runs, cfg, correct)
+        record = json.loads(result_path(runs, cfg).read_text())
+        record.update(previous_run={"final_reward": first["final_reward"]}, seconds=999.0, **changes)
+        result_path(runs, cfg).write_text(json.dumps(record))
+
+    rerun(config, [2, 1, 0, 2, 2, 1, 0, 1], median_step_seconds=7.0)  # only times differ
+    rerun(other, [1] * 7 + [2])  # one prompt's count differs at the last evaluation
+    subprocess.run(git + ["commit", "-qam", "reruns"], check=True)
+    assert choose_by_reproduced.check(runs) == [(config.run_id(), []),
+                                                (other.run_id(), ["evals.correct", "final_reward"])]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert choose_by_reproduced.main(["--runs", str(runs)]) == 1
+    assert f"{config.run_id()}: reproduced" in buffer.getvalue()
+    assert f"{other.run_id()}: DIFFERS in evals.correct, final_reward" in buffer.getvalue()
+    # a rerun whose first run never reached git cannot be checked, and says so
+    fresh = config.replace(seed=2)
+    _fake_run(runs, fresh, [1] * 8)
+    rerun(fresh, [1] * 8)
+    assert (fresh.run_id(), None) in choose_by_reproduced.check(runs)
