@@ -363,6 +363,60 @@ def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_p
     assert {seed for _, _, _, seed in planned(p, mask="magnitude", density=0.1, learning_rate=probe_lr)} == {1, 2}
 
 
+def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_checkpoint):
+    """Stage J: D picked the second task's masks with every other mask at the probe's lr; once H's own-lr rows have 3
+    seeds, the two best at their own lr run on the second task (a post-hoc mask from that task's full runs)."""
+    from choosing.plan import SWEEPS
+
+    runs, weights, protocol = tmp_path / "runs", tmp_path / "w", _protocol()
+    probe_lr = SWEEPS["sparse"][0]
+    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+             dict(method="sparse", mask="gradient", density=0.1),
+             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    for row in swept:  # complete sweeps, best at the middle lr; seeds 1, 2 there (stage B)
+        for i, lr in enumerate(SWEEPS[row["method"]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [1] * 8 if i == 0 else [0] * 8)
+        for seed in (1, 2):
+            _fake_run(runs, protocol.replace(learning_rate=SWEEPS[row["method"]][0], seed=seed, **row), [0] * 8)
+    # the other masks: Fisher scores best at the probe's lr (its own too); post-hoc scores nothing there, but its
+    # own sweep peaks at 1e-4 (the widened 3e-4 is worse) where it beats every mask
+    own = {"fisher": (probe_lr, 1), "magnitude": (probe_lr, 0), "posthoc": (1e-4, 2)}
+    for mask, (best, points) in own.items():
+        row = dict(method="sparse", mask=mask, density=0.1)
+        for lr in SWEEPS["sparse"] + ((3e-4,) if mask == "posthoc" else ()):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [points if lr == best else 0] * 8)
+        for seed in (1, 2):
+            for lr in {probe_lr, best}:
+                _fake_run(runs, protocol.replace(learning_rate=lr, seed=seed, **row), [points if lr == best else 0] * 8)
+
+    def second_task(stage=None):
+        p = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition", "subtraction"))
+        return p, {(c.config.row, c.config.learning_rate, c.regenerate) for c in p.ready
+                   if c.config.task == "subtraction" and (stage is None or c.stage.startswith(stage))}
+
+    p, rows = second_task()
+    assert p.best_lr[("addition", "sparse-posthoc-0.1")] == 1e-4
+    # D (at the probe's lr): Fisher, random, then the probe (ties broken by MASKS' order); post-hoc is not among them
+    assert {row for row, lr, _ in rows if row.startswith("sparse")} == {
+        "sparse-fisher-0.1", "sparse-random-0.1", "sparse-gradient-0.1"}
+    # J: post-hoc at its own lr waits for the second task's full runs; Fisher's own lr is D's, so nothing new
+    assert any(f"sparse-posthoc-0.1 lr 0.0001 seed {s} (J second task" in w for w in p.waiting for s in (0, 1, 2))
+    for seed in (0, 1, 2):
+        _fake_run(runs, protocol.replace(task="subtraction", method="full", learning_rate=SWEEPS["full"][0], seed=seed),
+                  [1] * 8)
+    _, rows = second_task("J")
+    assert rows == {("full", SWEEPS["full"][0], True)}  # finished without weights: rerun once per seed for them
+    weights.mkdir()
+    for seed in (0, 1, 2):
+        full = protocol.replace(task="subtraction", method="full", learning_rate=SWEEPS["full"][0], seed=seed)
+        weights_path(weights, full).write_bytes(b"")
+    p, rows = second_task("J")
+    assert rows == {("sparse-posthoc-0.1", 1e-4, False)}
+    posthoc = [c for c in p.ready if c.config.task == "subtraction" and c.config.mask == "posthoc"]
+    assert [c.config.seed for c in posthoc] == [0, 1, 2]
+    assert all(c.posthoc_source.name.startswith("subtraction__full__") for c in posthoc)
+
+
 def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, tiny_checkpoint, monkeypatch):
     import subprocess
     import time

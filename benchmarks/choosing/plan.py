@@ -15,6 +15,9 @@ E. gradient probe and random at 1, 5 and 30%, 3 seeds;
 H. the lr sweep (seed 0, widened like A's) of Fisher, smallest |w| and post-hoc at 10%, which C ran at the probe's
    lr; where a mask's own best differs, seeds 1, 2 at it (the C row stays: both are reported);
 G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gradient probe), 3 seeds;
+J. the second task with the two best 10% masks of the main task each at its own lr (H's sweeps can reorder the
+   masks D chose from at the probe's lr), 3 seeds; a post-hoc mask first reruns the second task's full runs for
+   their final weights;
 I. seeds 3, 4 of the probe's and the random 10% mask on the main task (their paired difference was unresolved
    with 3 seeds, because random's seeds spread widely);
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
@@ -23,7 +26,7 @@ F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H,
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
 Fisher, smallest |w| and post-hoc the probe's in C and D (the second task's choice of masks keeps that rule), their
-own from H in F; LoRA rank 16 the matched-count LoRA's; entropy rows the row they restrict. ``extra_seeds`` adds
+own from H in J and F; LoRA rank 16 the matched-count LoRA's; entropy rows the row they restrict. ``extra_seeds`` adds
 seeds to every main row.
 """
 
@@ -236,6 +239,23 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
     add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
     add_seeds(main_task, "G", "sparse", sparse_row, mask="gradient", density=MAIN_DENSITY, entropy_quantile=0.2)
+    # J: the second task again with the two best 10% masks, each at its own lr (D chose with Fisher, smallest |w|
+    # and post-hoc at the probe's lr; their own sweeps in H can change the ranking); a mask D already ran at that lr
+    # adds nothing
+    def own_row(mask: str) -> str:
+        return mask_row(mask) if mask in ("gradient", "random") else f"sparse-{mask}-{MAIN_DENSITY:g}"
+
+    for task in tasks[1:]:
+        best_own = _best_masks(runs_dir, main_task, seeds, lambda mask: None if lr_of(own_row(mask)) is None
+                               else config(main_task, "sparse", lr_of(own_row(mask)), 0, mask=mask,
+                                           density=MAIN_DENSITY))
+        if best_own is None:
+            plan.waiting.append(f"{task} sparse 10% at each mask's own lr (J): waits for every 10% mask of "
+                                f"{main_task} to have {len(seeds)} seeds at its own lr")
+            continue
+        for mask in best_own:
+            add_seeds(task, "J second task, masks at their own lr", "sparse", own_row(mask), mask=mask,
+                      density=MAIN_DENSITY)
     # I: two more seeds for the question 3 seeds left open: does the probe's 10% mask beat a random one
     for mask in ("gradient", "random"):
         add_seeds(main_task, "I more seeds", "sparse", mask_row(mask), seeds=DECISIVE_EXTRA_SEEDS, mask=mask,

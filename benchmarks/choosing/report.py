@@ -127,9 +127,10 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
               "reward of seed 0) is used for its other seeds and for the rows of its family (random masks at every "
               "density: the 10% random row's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they "
               "restrict). The Fisher, smallest-|w| and post-hoc masks first ran at the 10% gradient probe's lr (their "
-              "rows at that lr, and the second task's choice of masks, keep it); their own sweeps came later, and "
-              "their other densities and, where their best differs, 3 seeds at 10% use their own. The "
-              "second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
+              "rows at that lr, and the second task's first choice of masks, keep it); their own sweeps came later, "
+              "and their other densities, 3 seeds at 10% where their best differs, and the second task's two best "
+              "masks by that measure use their own. The second task has no sweep of its own: its rows use the main "
+              "task's lr. One seed per lr, so a sweep "
               "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
               "below).", "",
               "A row whose best lr sits at the edge of its sweep gets the next lr of the 1-3-10 grid beyond it (up to "
