@@ -264,8 +264,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for density in DENSITIES:
         if density != MAIN_DENSITY:
             for mask in OTHER_MASKS:
-                add_seeds(main_task, "F densities", "sparse", f"sparse-{mask}-{MAIN_DENSITY:g}", mask=mask,
-                          density=density)
+                add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density)
     return plan
 
 
