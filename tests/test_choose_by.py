@@ -202,18 +202,18 @@ def test_sweep_widens_while_its_best_lr_sits_at_an_edge(tmp_path, tiny_checkpoin
         return build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
 
     def full_runs(p):
-        return [c.config for c in p.ready if c.config.method == "full" and c.config.seed == 0]
+        return [c.config for c in p.ready if c.config.row == "full" and c.config.seed == 0]
 
     for lr in lrs:  # the smallest lr is best: the sweep goes one grid point lower before any seed 1 runs
         _fake_run(runs, protocol.replace(method="full", learning_rate=lr), [2] * 8 if lr == lrs[0] else [0] * 8)
     p = plan()
     assert [c.learning_rate for c in full_runs(p)][-1] == 1e-6 and ("addition", "full") not in p.best_lr
-    assert not [c for c in p.ready if c.config.method == "full" and c.config.seed == 1]
+    assert not [c for c in p.ready if c.config.row == "full" and c.config.seed == 1]
     # the wider lr is worse: the sweep stops and seeds 1, 2 run at the interior best
     _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6), [1] * 8)
     p = plan()
     assert p.best_lr[("addition", "full")] == lrs[0] and p.sweep_lrs[("addition", "full")] == [1e-6] + lrs
-    assert {c.config.learning_rate for c in p.ready if c.config.method == "full" and c.config.seed > 0} == {lrs[0]}
+    assert {c.config.learning_rate for c in p.ready if c.config.row == "full" and c.config.seed > 0} == {lrs[0]}
     # still improving at every widening: the sweep stops after MAX_WIDENING more points and takes the edge
     for lr in lrs:
         correct = [2] * 6 + [1] * 2 if lr == lrs[0] else [1] * 8
@@ -415,6 +415,57 @@ def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_ch
     posthoc = [c for c in p.ready if c.config.task == "subtraction" and c.config.mask == "posthoc"]
     assert [c.config.seed for c in posthoc] == [0, 1, 2]
     assert all(c.posthoc_source.name.startswith("subtraction__full__") for c in posthoc)
+
+
+def test_the_entropy_rows_get_their_own_lr_sweep(tmp_path, tiny_checkpoint):
+    """Stage K: G runs the entropy rows at the lr of the row they restrict; their own seed-0 sweep follows, and seeds
+    1, 2 at its best where that differs. The report's sweep table shows them."""
+    from choosing.plan import SWEEPS
+
+    results, protocol = tmp_path / "choose_by", _protocol()
+    runs = results / "runs"
+    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+             dict(method="sparse", mask="gradient", density=0.1),
+             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    for row in swept:  # complete sweeps, best at the middle lr (the first of SWEEPS), so no widening
+        for i, lr in enumerate(SWEEPS[row["method"]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    full_lr, probe_lr = SWEEPS["full"][0], SWEEPS["sparse"][0]
+    full_entropy = dict(method="full", entropy_quantile=0.2)
+    sparse_entropy = dict(method="sparse", mask="gradient", density=0.1, entropy_quantile=0.2)
+
+    def plan():
+        return build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
+
+    def pending(p, stage):
+        return {(c.config.row, c.config.learning_rate, c.config.seed) for c in p.ready
+                if c.stage.startswith(stage) and load_result(runs, c.config) is None}
+
+    p = plan()
+    assert pending(p, "G") >= {("full-entropy0.2", full_lr, s) for s in (0, 1, 2)}
+    # the sweep's point at the inherited lr is G's seed 0: K plans only the other two of each family
+    assert pending(p, "K lr sweep") == {("full-entropy0.2", lr, 0) for lr in SWEEPS["full"][1:]} | {
+        ("sparse-gradient-0.1-entropy0.2", lr, 0) for lr in SWEEPS["sparse"][1:]}
+    # full's entropy row peaks at the sweep's top edge (3e-5), the widened 1e-4 is worse: its own lr is 3e-5, and
+    # seeds 1, 2 run there; the sparse entropy row peaks at the probe's own lr: nothing more
+    for lr, points in zip(SWEEPS["full"], (1, 2, 0)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **full_entropy), [points] * 8)
+    _fake_run(runs, protocol.replace(learning_rate=1e-4, **full_entropy), [0] * 8)
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **sparse_entropy), [points] * 8)
+    p = plan()
+    assert p.best_lr[("addition", "full-entropy0.2")] == 3e-5 != full_lr
+    assert p.best_lr[("addition", "sparse-gradient-0.1-entropy0.2")] == probe_lr
+    assert pending(p, "K entropy rows at their own lr") == {("full-entropy0.2", 3e-5, s) for s in (1, 2)}
+    assert {("full-entropy0.2", full_lr, s) for s in (1, 2)} <= pending(p, "G")  # the inherited-lr row stays
+    args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(tmp_path / "w"),
+                  "--report"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert choose_by.main(args) == 0
+    sweeps = results.with_suffix(".md").read_text().split("## Learning-rate sweeps")[1].split("\n## ")[0]
+    full_entropy_line = next(line for line in sweeps.splitlines() if line.startswith("| full-entropy0.2 |"))
+    assert "**3e-05: 1.000 [" in full_entropy_line and full_entropy_line.endswith("| 3e-05 |")
+    assert any(line.startswith("| sparse-gradient-0.1-entropy0.2 |") for line in sweeps.splitlines())
 
 
 def test_a_restarted_sweep_counts_runs_still_training_toward_parallel(tmp_path, tiny_checkpoint, monkeypatch):

@@ -18,6 +18,8 @@ G. LoRA rank 16; top-20%-entropy tokens on full finetuning and on sparse 10% (gr
 J. the second task with the two best 10% masks of the main task each at its own lr (H's sweeps can reorder the
    masks D chose from at the probe's lr), 3 seeds; a post-hoc mask first reruns the second task's full runs for
    their final weights;
+K. the lr sweep (seed 0, widened like A's) of the two entropy rows, which G ran at the lr of the row they restrict;
+   where a row's own best differs, seeds 1, 2 at it;
 I. seeds 3, 4 of the probe's and the random 10% mask on the main task (their paired difference was unresolved
    with 3 seeds, because random's seeds spread widely);
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
@@ -26,7 +28,8 @@ F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H,
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
 Fisher, smallest |w| and post-hoc the probe's in C and D (the second task's choice of masks keeps that rule), their
-own from H in J and F; LoRA rank 16 the matched-count LoRA's; entropy rows the row they restrict. ``extra_seeds`` adds
+own from H in J and F; LoRA rank 16 the matched-count LoRA's; entropy rows the row they restrict in G, their own
+from K. ``extra_seeds`` adds
 seeds to every main row.
 """
 
@@ -166,7 +169,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
             results = {lr: done(config(main_task, method, lr, 0, **kw)) for lr in lrs}
             plan.sweep_lrs[(main_task, name)] = sorted(lrs)
             if not all(results.values()):
-                plan.waiting.append(f"{main_task} {name}: seeds 1+ wait for its lr sweep "
+                plan.waiting.append(f"{main_task} {name}: the runs at its own best lr wait for its lr sweep "
                                     f"({sum(map(bool, results.values()))}/{len(lrs)} done)")
                 return
             best = max(results, key=lambda lr: results[lr]["final_reward"])
@@ -226,15 +229,19 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         if density != MAIN_DENSITY:
             for mask in ("gradient", "random"):
                 add_seeds(main_task, "E densities", "sparse", mask_row(mask), mask=mask, density=density)
-    # H: each other mask's own lr sweep at 10% (seed 0; its family lr's run is the C row's seed 0), then seeds 1, 2
-    # at its own best lr where that is not the family's
+    def own_sweep(name: str, method: str, kw: dict, inherited_row: str, sweep_stage: str, seeds_stage: str) -> None:
+        """A row that first ran at ``inherited_row``'s lr gets its own seed-0 sweep (the inherited lr's run is its
+        seed 0 there), then seeds 1, 2 at its own best lr where that differs (both rows are reported)."""
+        for lr in SWEEPS[method]:  # the family of a row is its method
+            schedule(config(main_task, method, lr, 0, **kw), sweep_stage)
+        sweep(name, method, kw, method, sweep_stage)
+        if lr_of(name) is not None and lr_of(name) != lr_of(inherited_row):
+            add_seeds(main_task, seeds_stage, method, name, seeds=seeds[1:], **kw)
+
+    # H: each other mask's own lr sweep at 10%
     for mask in OTHER_MASKS:
-        name, kw = f"sparse-{mask}-{MAIN_DENSITY:g}", {"mask": mask, "density": MAIN_DENSITY}
-        for lr in SWEEPS["sparse"]:
-            schedule(config(main_task, "sparse", lr, 0, **kw), "H lr sweep of the other masks")
-        sweep(name, "sparse", kw, "sparse", "H lr sweep of the other masks")
-        if lr_of(name) is not None and lr_of(name) != lr_of(sparse_row):
-            add_seeds(main_task, "H other masks at their own lr", "sparse", name, seeds=seeds[1:], **kw)
+        own_sweep(f"sparse-{mask}-{MAIN_DENSITY:g}", "sparse", {"mask": mask, "density": MAIN_DENSITY}, sparse_row,
+                  "H lr sweep of the other masks", "H other masks at their own lr")
     # G: LoRA rank 16, high-entropy tokens
     add_seeds(main_task, "G", "lora", lora_row, lora_rank=16)
     add_seeds(main_task, "G", "full", "full", entropy_quantile=0.2)
@@ -256,6 +263,13 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         for mask in best_own:
             add_seeds(task, "J second task, masks at their own lr", "sparse", own_row(mask), mask=mask,
                       density=MAIN_DENSITY)
+    # K: the entropy rows' own lr sweep (G ran them at the lr of the row they restrict: with the loss gradient of 20%
+    # of the tokens a row may want another)
+    own_sweep("full-entropy0.2", "full", {"entropy_quantile": 0.2}, "full", "K lr sweep of the entropy rows",
+              "K entropy rows at their own lr")
+    own_sweep(f"{sparse_row}-entropy0.2", "sparse", {"mask": "gradient", "density": MAIN_DENSITY,
+                                                      "entropy_quantile": 0.2}, sparse_row,
+              "K lr sweep of the entropy rows", "K entropy rows at their own lr")
     # I: two more seeds for the question 3 seeds left open: does the probe's 10% mask beat a random one
     for mask in ("gradient", "random"):
         add_seeds(main_task, "I more seeds", "sparse", mask_row(mask), seeds=DECISIVE_EXTRA_SEEDS, mask=mask,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import MAIN_DENSITY, MAX_WIDENING, OTHER_MASKS, SWEEPS, build_plan
+from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import (
     difference_interval,
@@ -65,7 +65,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     for r in trained:
         groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
     chosen = {(p.config.task, p.config.row, p.config.learning_rate) for p in plan.ready
-              if not p.stage.startswith(("0 base", "A lr sweep", "H lr sweep"))}  # widened points are sweep runs too
+              if not p.stage.startswith("0 base") and "lr sweep" not in p.stage}  # widened points are sweep runs too
     command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
         "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
     seconds = [r["seconds"] for r in trained]
@@ -125,8 +125,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     lines += ["## Learning-rate sweeps (seed 0)", "",
               "Final held-out reward [95% CI over prompts]; the best lr of each row (bold: highest final held-out "
               "reward of seed 0) is used for its other seeds and for the rows of its family (random masks at every "
-              "density: the 10% random row's; LoRA rank 16: the matched-count LoRA's; entropy rows: the row they "
-              "restrict). The Fisher, smallest-|w| and post-hoc masks first ran at the 10% gradient probe's lr (their "
+              "density: the 10% random row's; LoRA rank 16: the matched-count LoRA's; entropy rows: first the row "
+              "they restrict's, then their own sweep's where its best differs). The Fisher, smallest-|w| and "
+              "post-hoc masks first ran at the 10% gradient probe's lr (their "
               "rows at that lr, and the second task's first choice of masks, keep it); their own sweeps came later, "
               "and their other densities, 3 seeds at 10% where their best differs, and the second task's two best "
               "masks by that measure use their own. The second task has no sweep of its own: its rows use the main "
@@ -136,7 +137,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
               "A row whose best lr sits at the edge of its sweep gets the next lr of the 1-3-10 grid beyond it (up to "
               f"{MAX_WIDENING} more) before its lr is chosen.", ""]
     main_task = tasks[0]
-    swept_rows = sorted({row for (task, row, lr) in groups if task == main_task and _is_swept(row)})
+    swept_rows = sorted({row for (task, row, lr) in groups if (task, row) in plan.sweep_lrs})
     columns = max([len(plan.sweep_lrs.get((main_task, row), ())) for row in swept_rows] + [3])
     lines += ["| row | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " | best |",
               "|---|" + "---|" * (columns + 1)]
@@ -225,12 +226,6 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
 
 def _seeds(runs: list[dict]) -> list[int]:
     return sorted(r["config"]["seed"] for r in runs)
-
-
-def _is_swept(row: str) -> bool:
-    masks = ("random", "gradient", *OTHER_MASKS)
-    return row == "full" or row in {f"sparse-{mask}-{MAIN_DENSITY:g}" for mask in masks} or (
-        row.startswith("lora-r") and not row.endswith("r16"))
 
 
 def _verdict(rows: dict, base_matrix, full_key) -> str:
