@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import choose_by  # noqa: E402
 from choosing.report import load_runs  # noqa: E402
 from choosing.runs import RunConfig  # noqa: E402
-from choosing.stats import Interval, difference_interval, success_matrix  # noqa: E402
+from choosing.stats import Interval, difference_interval, same_seeds, success_matrix  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "results" / "choose_by" / "runs"
 
@@ -56,7 +56,7 @@ def paired_difference(runs_dir: Path, protocol: RunConfig, task: str, row: str, 
     a = runs_of(records, task, *parse_row(row))
     b = runs_of(records, task, *parse_row(reference))
     seeds_a, seeds_b = [r["config"]["seed"] for r in a], [r["config"]["seed"] for r in b]
-    interval = difference_interval(success_matrix(a, step), success_matrix(b, step), same_seeds=seeds_a == seeds_b)
+    interval = difference_interval(success_matrix(a, step), success_matrix(b, step), same_seeds=same_seeds(a, b))
     return seeds_a, seeds_b, interval
 
 

@@ -13,6 +13,7 @@ from choosing.stats import (  # noqa: E402
     difference_interval,
     gain_share_interval,
     mean_interval,
+    same_seeds,
     sampling_sd,
     seed_sd,
     success_matrix,
@@ -109,6 +110,14 @@ def test_success_matrix_reads_runs_and_checks_prompt_counts():
     with pytest.raises(ValueError, match="same held-out prompts"):
         bootstrap({"a": np.zeros((1, 3)), "b": np.zeros((1, 2))}, lambda m: m["a"])
     assert seed_sd(np.array([[0.0, 0.0], [1.0, 1.0]])) == pytest.approx(np.sqrt(0.5))
+
+
+def test_rows_are_paired_over_seeds_only_when_they_ran_the_same_seeds():
+    def runs(*seeds):
+        return [{"config": {"seed": s}} for s in seeds]
+    assert same_seeds(runs(2, 0, 1), runs(0, 1, 2))  # order of loading does not matter
+    assert not same_seeds(runs(0, 1), runs(0, 1, 2))
+    assert not same_seeds(runs(3, 4), runs(0, 1))  # same count, other seeds: unpaired
 
 
 def test_sampling_sd_matches_the_spread_of_repeated_evaluations_of_one_model():

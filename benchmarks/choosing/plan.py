@@ -193,6 +193,17 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         """The swept row whose lr a mask's rows use (in stages C and D; stage H sweeps the other masks' own)."""
         return random_row if mask == "random" else sparse_row
 
+    def own_row(mask: str) -> str:
+        """The row whose lr a mask uses once stage H has swept its own (the probe and random were swept in A)."""
+        return mask_row(mask) if mask in ("gradient", "random") else f"sparse-{mask}-{MAIN_DENSITY:g}"
+
+    def best_two_masks(lr_row) -> list | None:
+        """The main task's two best 10% masks, each at the lr of ``lr_row(mask)`` (see ``_best_masks``)."""
+        def seed0(mask: str) -> RunConfig | None:
+            lr = lr_of(lr_row(mask))
+            return None if lr is None else config(main_task, "sparse", lr, 0, mask=mask, density=MAIN_DENSITY)
+        return _best_masks(runs_dir, main_task, seeds, seed0)
+
     def add_seeds(task: str, stage: str, method: str, lr_row: str, seeds=seeds, **kw) -> None:
         lr = lr_of(lr_row)
         if lr is None:
@@ -209,10 +220,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for mask in OTHER_MASKS:
         add_seeds(main_task, "C masks at 10%", "sparse", sparse_row, mask=mask, density=MAIN_DENSITY)
     # D: second task
+    best_masks = best_two_masks(mask_row)
     for task in tasks[1:]:
-        best_masks = _best_masks(runs_dir, main_task, seeds, lambda mask: None if lr_of(mask_row(mask)) is None
-                                 else config(main_task, "sparse", lr_of(mask_row(mask)), 0, mask=mask,
-                                             density=MAIN_DENSITY))
         add_seeds(task, "D second task", "full", "full")
         add_seeds(task, "D second task", "lora", lora_row, lora_rank=plan.lora_rank)
         if best_masks is None:
@@ -249,13 +258,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # J: the second task again with the two best 10% masks, each at its own lr (D chose with Fisher, smallest |w|
     # and post-hoc at the probe's lr; their own sweeps in H can change the ranking); a mask D already ran at that lr
     # adds nothing
-    def own_row(mask: str) -> str:
-        return mask_row(mask) if mask in ("gradient", "random") else f"sparse-{mask}-{MAIN_DENSITY:g}"
-
+    best_own = best_two_masks(own_row)
     for task in tasks[1:]:
-        best_own = _best_masks(runs_dir, main_task, seeds, lambda mask: None if lr_of(own_row(mask)) is None
-                               else config(main_task, "sparse", lr_of(own_row(mask)), 0, mask=mask,
-                                           density=MAIN_DENSITY))
         if best_own is None:
             plan.waiting.append(f"{task} sparse 10% at each mask's own lr (J): waits for every 10% mask of "
                                 f"{main_task} to have {len(seeds)} seeds at its own lr")

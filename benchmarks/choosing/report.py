@@ -19,6 +19,7 @@ from choosing.stats import (
     difference_interval,
     gain_share_interval,
     mean_interval,
+    same_seeds,
     sampling_sd,
     seed_sd,
     success_matrix,
@@ -163,7 +164,8 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     figure_rows = []
     for task in tasks:
         # seed 0 of a swept row ran in the sweep, at the lr now chosen: it is part of the row's group
-        rows = {(t, row, lr): g for (t, row, lr), g in groups.items() if t == task and (t, row, lr) in chosen}
+        rows = {(t, row, lr): sorted(g, key=lambda r: r["config"]["seed"])  # by seed: paired rows line up
+                for (t, row, lr), g in groups.items() if t == task and (t, row, lr) in chosen}
         if not rows:
             lines += [f"## {task}: rows at their chosen lr", "", "No row has its learning rate chosen yet "
                       "(the sweeps are not complete).", ""]
@@ -175,20 +177,20 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         full_key = next((k for k in rows if k[1] == "full"), None)
         base_matrix = success_matrix([base[task]]) if task in base else None
         for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
-            runs = sorted(rows[key], key=lambda r: r["config"]["seed"])
+            runs = rows[key]
             matrix = success_matrix(runs)
             reward = mean_interval(matrix)
             share = None
             if full_key and base_matrix is not None and key != full_key:
-                share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix)
+                share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix,
+                                            same_seeds=same_seeds(runs, rows[full_key]))
             versus, few = None, len(runs)
             config = runs[0]["config"]
             if config["method"] == "sparse" and config["mask"] != "random":
                 ref = next((g for (t, row, lr), g in rows.items()
                             if row == f"sparse-random-{config['density']:g}"), None)
                 if ref:
-                    ref = sorted(ref, key=lambda r: r["config"]["seed"])
-                    versus = difference_interval(matrix, success_matrix(ref), same_seeds=_seeds(ref) == _seeds(runs))
+                    versus = difference_interval(matrix, success_matrix(ref), same_seeds=same_seeds(runs, ref))
                     few = min(few, len(ref))
             cost = runs[-1]
             lines.append(
@@ -224,10 +226,6 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     return out
 
 
-def _seeds(runs: list[dict]) -> list[int]:
-    return sorted(r["config"]["seed"] for r in runs)
-
-
 def _verdict(rows: dict, base_matrix, full_key) -> str:
     """Which mask at <= 10% density recovers at least 95% of full finetuning's gain (issue 18's target)."""
     if full_key is None or base_matrix is None:
@@ -238,7 +236,8 @@ def _verdict(rows: dict, base_matrix, full_key) -> str:
         config = runs[0]["config"]
         if config["method"] != "sparse" or config["density"] > MAIN_DENSITY or len(runs) < 3:
             continue
-        share = gain_share_interval(success_matrix(runs), full, base_matrix)
+        share = gain_share_interval(success_matrix(runs), full, base_matrix,
+                                    same_seeds=same_seeds(runs, rows[full_key]))
         named = f"{row} at lr {lr:g} ({_ci(share, 2)})"  # a row can be reported at two lrs (stage H)
         if share.low >= 0.95:
             clear.append(named)

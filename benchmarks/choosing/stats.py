@@ -48,6 +48,11 @@ def success_matrix(records: list[dict], step: int | None = None) -> np.ndarray:
     return np.stack(rows)
 
 
+def same_seeds(runs: list[dict], reference: list[dict]) -> bool:
+    """Whether two rows ran the same seeds (then seed ``s`` of both saw the same data order and is drawn jointly)."""
+    return sorted(r["config"]["seed"] for r in runs) == sorted(r["config"]["seed"] for r in reference)
+
+
 def bootstrap(rows: Mapping[str, np.ndarray], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
               replicates: int = 2000, seed: int = 0, seed_ids: Mapping[str, tuple] | None = None) -> Interval:
     """Interval of ``statistic`` (a function of the rows' mean rewards, vectorised over replicates) by resampling
