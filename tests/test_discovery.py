@@ -1,6 +1,7 @@
 """Mask discovery: checkpoint diffs (in memory, single-file, sharded, tied), baselines and budget rules."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_diff_with_density_keeps_largest_changes(base_and_finetuned):
         selected = mask[name].reshape(-1)
         assert int(selected.sum()) == k, name
         assert delta[selected].min() >= delta[~selected].max(), name
+
+
+def test_diff_with_density_warns_when_fewer_entries_changed_than_asked(base_and_finetuned):
+    base, finetuned, planted = base_and_finetuned  # 5% of every tensor changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diff_mask(base, finetuned, density=0.02)  # enough changed entries everywhere: no warning
+    tensors = len(list(finetuned.parameters()))
+    with pytest.warns(UserWarning, match=f"in {tensors} of {tensors} tensors .* lowest index first"):
+        mask = diff_mask(base, finetuned, density=0.1)
+    assert mask.intersection(planted) == planted  # the changed entries are all in, the fill comes on top
+    with pytest.warns(UserWarning, match="changed overall"):
+        diff_mask(base, finetuned, density=0.1, budget="global")
 
 
 def test_tied_embeddings_counted_once(tmp_path):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -189,7 +191,26 @@ def diff_mask(
         scores[name] = delta.abs() > tolerance if density is None else delta.abs().float()
     if density is None:
         return SubnetworkMask(scores)
+    _warn_if_filled(scores, density, tolerance, budget)
     return mask_from_scores(scores, density, budget)
+
+
+def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget) -> None:
+    """Say when fewer entries changed than ``density`` asks for: the top-k then takes unchanged entries, lowest
+    index first (a structured block, the same for every checkpoint), which a user reading "the changed entries"
+    would not expect. Short RL runs compared in bf16 do this (the choose-by full runs changed 9.3%)."""
+    changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
+    total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
+    if budget == "global":
+        short = int(total_changed < math.ceil(density * total))
+    else:
+        short = sum(changed[n] < math.ceil(density * s.numel()) for n, s in scores.items())
+    if short:
+        where = "overall" if budget == "global" else f"in {short} of {len(scores)} tensors"
+        warnings.warn(f"diff_mask: fewer than density={density:g} of the entries changed {where} (|delta| > "
+                      f"tolerance={tolerance:g}; {total_changed / total:.1%} of all entries changed): the mask fills "
+                      "the rest with unchanged entries, lowest index first. Pass density=None for exactly the "
+                      "changed entries, or a lower density.", stacklevel=3)
 
 
 @contextlib.contextmanager
