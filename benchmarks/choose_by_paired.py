@@ -5,8 +5,10 @@
 
 A row is named as in the report (``RunConfig.row``) and its learning rate as any float spelling (``1e-4`` and
 ``0.0001`` are the same run). Runs are those of the sweep's protocol (``choose_by.py``'s default sizes), read by the
-report's own loader. Rows with the same seeds are paired over seeds and prompts
-(``choosing.stats.difference_interval``); otherwise the two are resampled independently.
+report's own loader. Rows are paired over seeds and prompts (``choosing.stats.difference_interval``) on the seeds
+both ran (a row with extra seeds, e.g. stage I's seeds 3-4, is compared on the shared ones, so a figure computed
+before those seeds existed still reproduces); ``--all-seeds``, or rows without a shared seed, resample the two rows'
+seeds independently instead.
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ def runs_of(records: list[dict], task: str, row: str, lr: float) -> list[dict]:
 
 
 def paired_difference(runs_dir: Path, protocol: RunConfig, task: str, row: str, reference: str,
-                      step: int | None = None) -> tuple[list[int], list[int], Interval]:
-    """Seeds of each row and the interval of (row - reference) held-out reward."""
+                      step: int | None = None, all_seeds: bool = False) -> tuple[list[int], list[int], Interval]:
+    """Seeds used of each row and the interval of (row - reference) held-out reward."""
     records = load_runs(runs_dir, protocol)
     a = runs_of(records, task, *parse_row(row))
     b = runs_of(records, task, *parse_row(reference))
+    shared = {r["config"]["seed"] for r in a} & {r["config"]["seed"] for r in b}
+    if shared and not all_seeds:
+        a, b = ([r for r in runs if r["config"]["seed"] in shared] for runs in (a, b))
     seeds_a, seeds_b = [r["config"]["seed"] for r in a], [r["config"]["seed"] for r in b]
     interval = difference_interval(success_matrix(a, step), success_matrix(b, step), same_seeds=same_seeds(a, b))
     return seeds_a, seeds_b, interval
@@ -67,11 +72,13 @@ def main(argv=None) -> None:
     parser.add_argument("reference", help="row@lr subtracted from the first")
     parser.add_argument("--step", type=int, default=None, help="evaluation step (default: the last)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of run JSONs (default: %(default)s)")
+    parser.add_argument("--all-seeds", action="store_true",
+                        help="every seed of both rows, resampled independently (default: the shared seeds, paired)")
     args = parser.parse_args(argv)
     protocol = choose_by.protocol_of(choose_by.parse_args([]))
     try:
         seeds_a, seeds_b, interval = paired_difference(args.runs, protocol, args.task, args.row, args.reference,
-                                                       args.step)
+                                                       args.step, args.all_seeds)
     except ValueError as error:
         parser.error(str(error))
     print(f"{args.task} {args.row} - {args.reference} (seeds {seeds_a} vs {seeds_b}, step {args.step or 'last'}): "

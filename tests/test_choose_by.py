@@ -527,6 +527,15 @@ def test_paired_script_pairs_rows_by_seed_whatever_the_lr_spelling(tmp_path):
     at_first = choose_by_paired.paired_difference(runs, protocol, "addition", "sparse-gradient-0.1@1e-4",
                                                   "full@3e-6", step=protocol.steps - 1)[2]
     assert at_first.estimate == 0.0
+    # a row with an extra seed is paired with the reference on the seeds both ran, unless every seed is asked for
+    _fake_run(runs, protocol.replace(method="full", learning_rate=3e-6, seed=4), [0] * 8)
+    assert choose_by_paired.paired_difference(runs, protocol, "addition", "sparse-gradient-0.1@1e-4",
+                                              "full@3e-6") == ([0, 1, 2], [0, 1, 2], interval)
+    seeds_a, seeds_b, every = choose_by_paired.paired_difference(runs, protocol, "addition",
+                                                                 "sparse-gradient-0.1@1e-4", "full@3e-6",
+                                                                 all_seeds=True)
+    assert seeds_b == [0, 1, 2, 4]
+    assert every == difference_interval(sparse_matrix, np.array([[0.5] * 8] * 3 + [[0.0] * 8]), same_seeds=False)
     # a reference with other seeds is resampled unpaired
     _fake_run(runs, protocol.replace(method="full", learning_rate=1e-6, seed=5), [1] * 8)
     seeds_a, seeds_b, unpaired = choose_by_paired.paired_difference(runs, protocol, "addition",
