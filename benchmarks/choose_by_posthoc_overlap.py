@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, Subn
     mask = mask_from_scores(scores, density, "per_tensor")
     moved = SubnetworkMask({n: mask.selections[n] & changed[n] for n in changed})
     total = sum(c.numel() for c in changed.values())
-    short = sum(int(c.sum()) < density * c.numel() for c in changed.values())
+    short = sum(int(c.sum()) < math.ceil(density * c.numel()) for c in changed.values())  # k of mask_from_scores
     return mask, moved, sum(int(c.sum()) for c in changed.values()) / total, short
 
 
@@ -75,8 +76,7 @@ def main(argv=None) -> None:
               "only each mask's entries that changed in bf16 (the index-filled rest is the same in every run).", "",
               "| mask 1 | mask 2 | overlap (chance) | moved entries only: overlap (chance) | Jaccard |",
               "|---|---|---|---|---|"]
-    pairs = [(a, b) for a, b in itertools.combinations(masks, 2)]
-    for a, b in pairs:
+    for a, b in itertools.combinations(masks, 2):
         whole, part = mask_overlap(masks[a], masks[b]), mask_overlap(moved[a], moved[b])
         lines.append(f"| `{a}` | `{b}` | {whole.overlap:.3f} ({whole.chance_overlap:.3f}) | {part.overlap:.3f} "
                      f"({part.chance_overlap:.3f}) | {whole.jaccard:.3f} |")
