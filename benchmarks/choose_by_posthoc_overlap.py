@@ -17,6 +17,7 @@ import argparse
 import itertools
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,22 +28,21 @@ import choose_by  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sparse_rl.analysis import mask_overlap  # noqa: E402
-from sparse_rl.discovery import iter_deltas, magnitude_mask  # noqa: E402
-from sparse_rl.discovery.strategies import mask_from_scores  # noqa: E402
+from sparse_rl.discovery import diff_mask, magnitude_mask  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
 
 
 def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, SubnetworkMask, float, int]:
-    """The post-hoc mask (as ``diff_mask(..., compare_dtype=bf16)`` cuts it), its part that changed in bf16, the
-    share of all entries that changed, and how many tensors changed fewer than ``density`` of theirs (filled)."""
-    scores, changed = {}, {}
-    for name, _, delta in iter_deltas(base, finetuned, desc="bf16 diff", compare_dtype=torch.bfloat16):
-        scores[name], changed[name] = delta.abs().float(), delta != 0
-    mask = mask_from_scores(scores, density, "per_tensor")
-    moved = SubnetworkMask({n: mask.selections[n] & changed[n] for n in changed})
-    total = sum(c.numel() for c in changed.values())
-    short = sum(int(c.sum()) < math.ceil(density * c.numel()) for c in changed.values())  # k of mask_from_scores
-    return mask, moved, sum(int(c.sum()) for c in changed.values()) / total, short
+    """The post-hoc mask (``diff_mask(..., compare_dtype=bf16)``, as the choose-by runs cut it), its part that
+    changed in bf16, the share of all entries that changed, and how many tensors changed fewer than ``density`` of
+    theirs (filled). Two passes over the diff, so the mask is diff_mask's own rather than a copy of its scoring."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fill diff_mask warns about is counted in the table
+        mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16)
+    changed = diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16)  # delta != 0 in bf16
+    moved = SubnetworkMask({n: mask.selections[n] & c for n, c in changed.selections.items()})
+    short = sum(int(c.sum()) < math.ceil(density * c.numel()) for c in changed.selections.values())  # mask's k
+    return mask, moved, changed.num_selected / changed.num_total, short
 
 
 def main(argv=None) -> None:
