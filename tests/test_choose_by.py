@@ -417,6 +417,55 @@ def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_ch
     assert all(c.posthoc_source.name.startswith("subtraction__full__") for c in posthoc)
 
 
+def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, tiny_checkpoint):
+    """Stage L: each task trains the post-hoc mask cut from the other task's full run of the same seed, at the
+    post-hoc mask's own lr; its rows are named apart, and records written before the field existed still load."""
+    from choosing.plan import SWEEPS
+
+    runs, weights, protocol = tmp_path / "runs", tmp_path / "w", _protocol()
+    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+             dict(method="sparse", mask="gradient", density=0.1),
+             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    for row in swept:  # complete sweeps, best at the middle lr, so no widening
+        for i, lr in enumerate(SWEEPS[row["method"]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [1] * 8 if i == 0 else [0] * 8)
+    posthoc = dict(method="sparse", mask="posthoc", density=0.1)
+    for lr, points in zip(SWEEPS["sparse"] + (3e-4,), (0, 2, 0, 0)):  # post-hoc's own lr is 1e-4 (widened once)
+        _fake_run(runs, protocol.replace(learning_rate=lr, **posthoc), [points] * 8)
+    full_lr = SWEEPS["full"][0]
+
+    def stage_l():
+        p = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition", "subtraction"))
+        return p, [c for c in p.ready if c.stage.startswith("L")]
+
+    p, planned = stage_l()
+    # no full run has its final weights yet: the one finished (addition's seed 0, from the sweep) is rerun for them
+    assert [(c.config.task, c.config.method, c.config.seed, c.regenerate) for c in planned] == [
+        ("addition", "full", 0, True)]
+    assert any("sparse-posthoc-0.1-from-addition lr 0.0001 seed 0 (L" in w for w in p.waiting)
+    weights.mkdir()
+    for task in ("addition", "subtraction"):
+        for seed in (0, 1, 2):
+            full = protocol.replace(task=task, method="full", learning_rate=full_lr, seed=seed)
+            _fake_run(runs, full, [1] * 8)
+            weights_path(weights, full).write_bytes(b"")
+    _, planned = stage_l()
+    assert [(c.config.task, c.config.row, c.config.learning_rate, c.config.seed) for c in planned] == [
+        (task, f"sparse-posthoc-0.1-from-{source}", 1e-4, seed)
+        for task, source in (("subtraction", "addition"), ("addition", "subtraction")) for seed in (0, 1, 2)]
+    for c in planned:  # the mask is the other task's full run of the same seed
+        other = "addition" if c.config.task == "subtraction" else "subtraction"
+        assert c.posthoc_source == weights_path(weights, protocol.replace(
+            task=other, method="full", learning_rate=full_lr, seed=c.config.seed))
+    own = protocol.replace(task="subtraction", learning_rate=1e-4, **posthoc)
+    assert planned[0].config.run_id() != own.run_id()
+    assert "mask_from_task" not in own.to_dict() and planned[0].config.to_dict()["mask_from_task"] == "addition"
+    with pytest.raises(ValueError, match="mask_from_task"):
+        own.replace(mask_from_task="subtraction")  # its own task: that is the plain post-hoc row
+    with pytest.raises(ValueError, match="mask_from_task"):
+        own.replace(mask="random", mask_from_task="addition")
+
+
 def test_the_entropy_rows_get_their_own_lr_sweep(tmp_path, tiny_checkpoint):
     """Stage K: G runs the entropy rows at the lr of the row they restrict; their own seed-0 sweep follows, and seeds
     1, 2 at its best where that differs. The report's sweep table shows them."""

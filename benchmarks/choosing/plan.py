@@ -22,6 +22,8 @@ K. the lr sweep (seed 0, widened like A's) of the two entropy rows, which G ran 
    where a row's own best differs, seeds 1, 2 at it;
 I. seeds 3, 4 of the probe's and the random 10% mask on the main task (their paired difference was unresolved
    with 3 seeds, because random's seeds spread widely);
+L. the post-hoc 10% mask cut from the *other* task's full run (same seed), at post-hoc's own lr, 3 seeds, the
+   second task first: whether one full run's mask serves another task;
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank).
 
@@ -35,6 +37,7 @@ seeds to every main row.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +114,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     def config(task: str, method: str, lr: float, seed: int, **kw) -> RunConfig:
         return protocol.replace(task=task, method=method, learning_rate=lr, seed=seed, density=kw.get("density"),
                                 mask=kw.get("mask"), lora_rank=kw.get("lora_rank"),
-                                entropy_quantile=kw.get("entropy_quantile", 1.0))
+                                entropy_quantile=kw.get("entropy_quantile", 1.0),
+                                mask_from_task=kw.get("mask_from_task"))
 
     def done(c: RunConfig) -> dict | None:
         return load_result(runs_dir, c)
@@ -149,7 +153,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                 plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for full "
                                     "finetuning's lr sweep (its best run's weights give the post-hoc mask)")
                 return False
-            full_run = config(c.task, "full", full_lr, c.seed)
+            full_run = config(c.mask_from_task or c.task, "full", full_lr, c.seed)
             source, full_finished = weights_path(weights_dir, full_run), done(full_run) is not None
             if not full_finished or not source.exists():
                 plan.waiting.append(f"{c.row} lr {c.learning_rate:g} seed {c.seed} ({stage}): waits for the full "
@@ -278,6 +282,12 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for mask in ("gradient", "random"):
         add_seeds(main_task, "I more seeds", "sparse", mask_row(mask), seeds=DECISIVE_EXTRA_SEEDS, mask=mask,
                   density=MAIN_DENSITY)
+    # L: does one task's post-hoc mask train the other as well as its own? (the masks share half their moved entries
+    # across tasks; if so one full run serves several tasks) Same seed's full run, post-hoc's own lr, both directions
+    posthoc_row = own_row("posthoc")
+    for source, task in itertools.permutations(tasks[:2], 2):  # the second task first
+        add_seeds(task, "L post-hoc mask from the other task", "sparse", posthoc_row, mask="posthoc",
+                  density=MAIN_DENSITY, mask_from_task=source)
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:

@@ -40,6 +40,7 @@ class RunConfig:
     mask: str | None = None  # sparse: one of MASKS
     lora_rank: int | None = None
     entropy_quantile: float = 1.0  # < 1: loss gradient on the top-q entropy completion tokens (GRPO's own option)
+    mask_from_task: str | None = None  # post-hoc: the mask comes from this task's full run (None: the run's own task)
     # protocol (the same for every run of a sweep; part of the file name through a hash)
     steps: int = 60
     prompts_per_step: int = 4
@@ -58,6 +59,9 @@ class RunConfig:
             raise ValueError(f"a sparse run needs mask in {MASKS} and a density, got {self.mask!r}, {self.density!r}")
         if self.method == "lora" and not self.lora_rank:
             raise ValueError("a LoRA run needs lora_rank")
+        if self.mask_from_task is not None and (self.mask != "posthoc" or self.mask_from_task == self.task):
+            raise ValueError(f"mask_from_task names another task whose full run cuts a post-hoc mask, got "
+                             f"{self.mask_from_task!r} for a {self.mask!r} mask on {self.task!r}")
         if self.method != "base" and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -72,6 +76,8 @@ class RunConfig:
             name = f"lora-r{self.lora_rank}"
         else:
             name = f"sparse-{self.mask}-{self.density:g}"
+            if self.mask_from_task is not None:
+                name += f"-from-{self.mask_from_task}"
         return name if self.entropy_quantile == 1.0 else f"{name}-entropy{self.entropy_quantile:g}"
 
     def protocol(self) -> dict:
@@ -89,7 +95,12 @@ class RunConfig:
         return f"{self.task}__{self.row}__lr{self.learning_rate:g}__s{self.seed}__{digest}"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, without ``mask_from_task`` while it is unset: records written before it existed still match
+        their config (``load_result`` compares them)."""
+        values = dataclasses.asdict(self)
+        if values["mask_from_task"] is None:
+            del values["mask_from_task"]
+        return values
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
