@@ -196,9 +196,10 @@ def diff_mask(
 
 
 def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget) -> None:
-    """Say when fewer entries changed than ``density`` asks for: the top-k then takes unchanged entries, lowest
-    index first (a structured block, the same for every checkpoint), which a user reading "the changed entries"
-    would not expect. Short RL runs compared in bf16 do this (the choose-by full runs changed 9.3%)."""
+    """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance,
+    and among exact ties (unchanged entries) the lowest index first (a structured block, the same for every
+    checkpoint), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do
+    this (the choose-by full runs changed 9.3%)."""
     changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
     total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
     if budget == "global":
@@ -209,8 +210,9 @@ def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: 
         where = "overall" if budget == "global" else f"in {short} of {len(scores)} tensors"
         warnings.warn(f"diff_mask: fewer than density={density:g} of the entries changed {where} (|delta| > "
                       f"tolerance={tolerance:g}; {total_changed / total:.1%} of all entries changed): the mask fills "
-                      "the rest with unchanged entries, lowest index first. Pass density=None for exactly the "
-                      "changed entries, or a lower density.", stacklevel=3)
+                      "the rest with entries that moved by at most the tolerance, largest |delta| first and ties "
+                      "(unchanged entries) by lowest index. Pass density=None for exactly the changed entries, or a "
+                      "lower density.", stacklevel=3)
 
 
 @contextlib.contextmanager
