@@ -270,10 +270,14 @@ def _style(row: str) -> tuple[str, str, str]:
     name = "LoRA" if parts[0] == "lora" else ("full finetuning" if parts[0] == "full" else f"sparse, {parts[1]}")
     colors = {"full finetuning": "C0", "LoRA": "C1", "sparse, gradient": "C2", "sparse, fisher": "C4",
               "sparse, random": "C7", "sparse, magnitude": "C5", "sparse, posthoc": "C3"}
+    color = colors.get(name, "C8")
     marker = {"full": "s", "lora": "D"}.get(parts[0], "o")
+    if "-from-" in row:  # a post-hoc mask cut from another task's full run (stage L): its colour, its own marker
+        name += f" from {row.split('-from-')[1].split('-')[0]}"
+        marker = "X"
     if row.endswith("entropy0.2"):
         name += ", top-20% entropy tokens"
-    return name, colors.get(name.split(", top")[0], "C8"), marker
+    return name, color, marker
 
 
 def _plot(figure_rows: list, base: dict, path: Path) -> bool:
