@@ -635,3 +635,12 @@ def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tm
     _fake_run(runs, fresh, [1] * 8)
     rerun(fresh, [1] * 8)
     assert (fresh.run_id(), None) in choose_by_reproduced.check(runs)
+
+
+def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
+    from choosing.report import _style
+
+    assert _style("sparse-posthoc-0.1") == ("sparse, posthoc", "C3", "o")
+    assert _style("sparse-posthoc-0.1-from-addition") == ("sparse, posthoc from addition", "C3", "X")
+    assert _style("sparse-gradient-0.1-entropy0.2") == ("sparse, gradient, top-20% entropy tokens", "C2", "o")
+    assert _style("lora-r44")[1:] == ("C1", "D") and _style("full")[1:] == ("C0", "s")
