@@ -130,9 +130,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
               "they restrict's, then their own sweep's where its best differs). The Fisher, smallest-|w| and "
               "post-hoc masks first ran at the 10% gradient probe's lr (their "
               "rows at that lr, and the second task's first choice of masks, keep it); their own sweeps came later, "
-              "and their other densities, 3 seeds at 10% where their best differs, and the second task's two best "
-              "masks by that measure use their own. The second task has no sweep of its own: its rows use the main "
-              "task's lr. One seed per lr, so a sweep "
+              "and their other densities, 3 seeds at 10% where their best differs, the second task's two best "
+              "masks by that measure and the post-hoc masks cut from the other task's full run use their own. "
+              "The second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
               "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
               "below).", "",
               "A row whose best lr sits at the edge of its sweep gets the next lr of the 1-3-10 grid beyond it (up to "
