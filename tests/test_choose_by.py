@@ -296,7 +296,7 @@ def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_p
 
     p = plan()
     assert p.best_lr[("addition", "sparse-random-0.1")] == best["random"] != best["gradient"]
-    lrs = {(c.config.task, c.config.row): c.config.learning_rate for c in p.ready}
+    lrs = {(c.config.task, c.config.row): c.config.learning_rate for c in p.ready if not c.stage.startswith("M")}
     for density in (0.01, 0.05, 0.3):  # the density axis keeps each mask's lr: random's is not the probe's
         assert lrs[("addition", f"sparse-random-{density:g}")] == best["random"]
         assert lrs[("addition", f"sparse-gradient-{density:g}")] == best["gradient"]
@@ -464,6 +464,42 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
         own.replace(mask_from_task="subtraction")  # its own task: that is the plain post-hoc row
     with pytest.raises(ValueError, match="mask_from_task"):
         own.replace(mask="random", mask_from_task="addition")
+
+
+def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_checkpoint):
+    """Stage M: E runs the probe at 1 and 5% at its 10% lr; their own seed-0 sweep follows (the inherited lr's run
+    is its seed 0), then seeds 1, 2 at a best lr that differs; both rows are kept."""
+    from choosing.plan import SWEEPS
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+             dict(method="sparse", mask="gradient", density=0.1),
+             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
+    for row in swept:  # complete sweeps, best at the middle lr (the first of SWEEPS), so no widening
+        for i, lr in enumerate(SWEEPS[row["method"]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    probe_lr = SWEEPS["sparse"][0]
+
+    def pending(stage):
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
+        return p, {(c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
+                   if c.stage.startswith(stage) and c.config.mask == "gradient" and load_result(runs, c.config) is None}
+
+    _, sweep = pending("M lr sweep")
+    assert sweep == {(d, lr, 0) for d in (0.01, 0.05) for lr in SWEEPS["sparse"][1:]}
+    # 1% peaks at 1e-4 (the widened 3e-4 is worse); 5% at the inherited lr: seeds 1, 2 only for 1% at 1e-4
+    for lr, points in zip(SWEEPS["sparse"] + (3e-4,), (1, 2, 0, 0)):
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.01, learning_rate=lr),
+                  [points] * 8)
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.05, learning_rate=lr),
+                  [points] * 8)
+    p, own = pending("M probe")
+    assert p.best_lr[("addition", "sparse-gradient-0.01")] == 1e-4
+    assert p.best_lr[("addition", "sparse-gradient-0.05")] == probe_lr
+    assert own == {(0.01, 1e-4, seed) for seed in (1, 2)}
+    _, inherited = pending("E densities")
+    assert {(0.01, probe_lr, seed) for seed in (1, 2)} <= inherited  # E's row at the 10% lr stays
 
 
 def test_the_entropy_rows_get_their_own_lr_sweep(tmp_path, tiny_checkpoint):

@@ -24,6 +24,9 @@ I. seeds 3, 4 of the probe's and the random 10% mask on the main task (their pai
    with 3 seeds, because random's seeds spread widely);
 L. the post-hoc 10% mask cut from the *other* task's full run (same seed), at post-hoc's own lr, 3 seeds, the
    second task first: whether one full run's mask serves another task;
+M. the lr sweep (seed 0, widened like A's) of the probe at 1 and 5%, which E ran at its 10% lr, and seeds 1, 2 at
+   its own best where that differs (a 1% Fisher mask at 3x that lr matched the 10% probe: the density axis may be
+   an lr effect);
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank).
 
@@ -288,6 +291,11 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for source, task in itertools.permutations(tasks[:2], 2):  # the second task first
         add_seeds(task, "L post-hoc mask from the other task", "sparse", posthoc_row, mask="posthoc",
                   density=MAIN_DENSITY, mask_from_task=source)
+    # M: the probe's own lr at 1% and 5% (E ran them at its 10% lr; a 1% Fisher mask at 3x that lr matched the 10%
+    # probe, so the density axis may be an lr effect, and a lower default density would cut optimizer state 10x)
+    for density in (0.01, 0.05):
+        own_sweep(f"sparse-gradient-{density:g}", "sparse", {"mask": "gradient", "density": density}, sparse_row,
+                  "M lr sweep of the probe at 1 and 5%", "M probe at 1 and 5% at its own lr")
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:
