@@ -144,6 +144,20 @@ def _fake_run(runs: Path, config: RunConfig, correct: list[int], entries: int = 
     result_path(runs, config).write_text(json.dumps(record))
 
 
+def _complete_sweeps(runs: Path, protocol: RunConfig, checkpoint, best: list[int], other: list[int]) -> list[dict]:
+    """Stage A finished: the four swept rows (full, random 10%, probe 10%, matched LoRA) at their family's lrs, the
+    middle lr (first of SWEEPS) scoring ``best`` and the others ``other``, so no sweep widens. Returns the rows."""
+    from choosing.plan import SWEEPS
+
+    rows = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
+            dict(method="sparse", mask="gradient", density=0.1),
+            dict(method="lora", lora_rank=matched_lora_rank(checkpoint))]
+    for row in rows:
+        for i, lr in enumerate(SWEEPS[row["method"]]):
+            _fake_run(runs, protocol.replace(learning_rate=lr, **row), best if i == 0 else other)
+    return rows
+
+
 def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     from choosing.plan import SWEEPS
 
@@ -230,13 +244,7 @@ def test_a_full_run_whose_weights_are_lost_is_rerun_for_its_posthoc_mask(tmp_pat
     from choosing.plan import SWEEPS
 
     runs, weights, protocol = tmp_path / "results" / "runs", tmp_path / "work" / "weights", _protocol()
-    rows = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-            dict(method="sparse", mask="gradient", density=0.1),
-            dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    family = {"full": "full", "sparse": "sparse", "lora": "lora"}
-    for row in rows:  # complete sweeps, best at the middle lr, so no widening
-        for i, lr in enumerate(SWEEPS[family[row["method"]]]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
     full_s0 = protocol.replace(method="full", learning_rate=SWEEPS["full"][0])
     plan = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition",))
     regenerate = [p for p in plan.ready if p.regenerate]
@@ -327,13 +335,7 @@ def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_p
     from choosing.plan import SWEEPS
 
     runs, protocol = tmp_path / "runs", _protocol()
-    rows = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-            dict(method="sparse", mask="gradient", density=0.1),
-            dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    for row in rows:  # complete sweeps, best at the middle lr (3e-5 for sparse), so no widening
-        family = row["method"]
-        for i, lr in enumerate(SWEEPS[family]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
     probe_lr = SWEEPS["sparse"][0]
     magnitude = dict(method="sparse", mask="magnitude", density=0.1)
 
@@ -370,13 +372,8 @@ def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_ch
 
     runs, weights, protocol = tmp_path / "runs", tmp_path / "w", _protocol()
     probe_lr = SWEEPS["sparse"][0]
-    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-             dict(method="sparse", mask="gradient", density=0.1),
-             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    for row in swept:  # complete sweeps, best at the middle lr; seeds 1, 2 there (stage B)
-        for i, lr in enumerate(SWEEPS[row["method"]]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [1] * 8 if i == 0 else [0] * 8)
-        for seed in (1, 2):
+    for row in _complete_sweeps(runs, protocol, tiny_checkpoint, best=[1] * 8, other=[0] * 8):
+        for seed in (1, 2):  # seeds 1, 2 at the best lr (stage B)
             _fake_run(runs, protocol.replace(learning_rate=SWEEPS[row["method"]][0], seed=seed, **row), [0] * 8)
     # the other masks: Fisher scores best at the probe's lr (its own too); post-hoc scores nothing there, but its
     # own sweep peaks at 1e-4 (the widened 3e-4 is worse) where it beats every mask
@@ -423,12 +420,7 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
     from choosing.plan import SWEEPS
 
     runs, weights, protocol = tmp_path / "runs", tmp_path / "w", _protocol()
-    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-             dict(method="sparse", mask="gradient", density=0.1),
-             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    for row in swept:  # complete sweeps, best at the middle lr, so no widening
-        for i, lr in enumerate(SWEEPS[row["method"]]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [1] * 8 if i == 0 else [0] * 8)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[1] * 8, other=[0] * 8)
     posthoc = dict(method="sparse", mask="posthoc", density=0.1)
     for lr, points in zip(SWEEPS["sparse"] + (3e-4,), (0, 2, 0, 0)):  # post-hoc's own lr is 1e-4 (widened once)
         _fake_run(runs, protocol.replace(learning_rate=lr, **posthoc), [points] * 8)
@@ -472,12 +464,7 @@ def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_check
     from choosing.plan import SWEEPS
 
     runs, protocol = tmp_path / "runs", _protocol()
-    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-             dict(method="sparse", mask="gradient", density=0.1),
-             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    for row in swept:  # complete sweeps, best at the middle lr (the first of SWEEPS), so no widening
-        for i, lr in enumerate(SWEEPS[row["method"]]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
     probe_lr = SWEEPS["sparse"][0]
 
     def pending(stage):
@@ -509,12 +496,7 @@ def test_the_entropy_rows_get_their_own_lr_sweep(tmp_path, tiny_checkpoint):
 
     results, protocol = tmp_path / "choose_by", _protocol()
     runs = results / "runs"
-    swept = [dict(method="full"), dict(method="sparse", mask="random", density=0.1),
-             dict(method="sparse", mask="gradient", density=0.1),
-             dict(method="lora", lora_rank=matched_lora_rank(tiny_checkpoint))]
-    for row in swept:  # complete sweeps, best at the middle lr (the first of SWEEPS), so no widening
-        for i, lr in enumerate(SWEEPS[row["method"]]):
-            _fake_run(runs, protocol.replace(learning_rate=lr, **row), [2] * 8 if i == 0 else [1] * 8)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
     full_lr, probe_lr = SWEEPS["full"][0], SWEEPS["sparse"][0]
     full_entropy = dict(method="full", entropy_quantile=0.2)
     sparse_entropy = dict(method="sparse", mask="gradient", density=0.1, entropy_quantile=0.2)
