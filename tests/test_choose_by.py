@@ -451,7 +451,13 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
             task=other, method="full", learning_rate=full_lr, seed=c.config.seed))
     own = protocol.replace(task="subtraction", learning_rate=1e-4, **posthoc)
     assert planned[0].config.run_id() != own.run_id()
-    assert "mask_from_task" not in own.to_dict() and planned[0].config.to_dict()["mask_from_task"] == "addition"
+    assert planned[0].config.to_dict()["mask_from_task"] == "addition"
+    # a record written before the field existed (no such key) still matches its config; the other row's does not
+    _fake_run(runs, own, [1] * 8)
+    record = json.loads(result_path(runs, own).read_text())
+    del record["config"]["mask_from_task"]
+    result_path(runs, own).write_text(json.dumps(record))
+    assert load_result(runs, own) is not None and load_result(runs, planned[0].config) is None
     with pytest.raises(ValueError, match="mask_from_task"):
         own.replace(mask_from_task="subtraction")  # its own task: that is the plain post-hoc row
     with pytest.raises(ValueError, match="mask_from_task"):

@@ -95,12 +95,7 @@ class RunConfig:
         return f"{self.task}__{self.row}__lr{self.learning_rate:g}__s{self.seed}__{digest}"
 
     def to_dict(self) -> dict:
-        """The fields, without ``mask_from_task`` while it is unset: records written before it existed still match
-        their config (``load_result`` compares them)."""
-        values = dataclasses.asdict(self)
-        if values["mask_from_task"] is None:
-            del values["mask_from_task"]
-        return values
+        return dataclasses.asdict(self)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -116,7 +111,11 @@ def load_result(runs_dir: Path, config: RunConfig) -> dict | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record["config"] == config.to_dict() else None
+    try:  # compared as configs, so a record written before a field with a default existed still matches
+        same = RunConfig(**record["config"]) == config
+    except (TypeError, ValueError):  # a field this code does not know, or a config it refuses
+        same = False
+    return record if same else None
 
 
 def weights_path(weights_dir: Path, config: RunConfig) -> Path:
