@@ -13,7 +13,6 @@ implementation-defined; the radix select takes the lowest indices).
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import time
 
@@ -38,8 +37,10 @@ def topk_selection(scores, density: float):
     """sparse_rl's selection before the radix select: ``torch.topk`` on the whole tensor."""
     import torch
 
+    from sparse_rl.discovery import selected_count
+
     flat = scores.reshape(-1)
-    k = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+    k = selected_count(flat.numel(), density)
     selection = torch.zeros(flat.numel(), dtype=torch.bool)
     if k == flat.numel():
         selection[:] = True

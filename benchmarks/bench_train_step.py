@@ -139,16 +139,14 @@ def _build_dpo(model, tokenizer, setup: Setup, max_steps: int, output_dir: str, 
 def lora_config_matching(model, density: float):
     """LoRA on every linear layer (PEFT's ``"all-linear"``: all ``nn.Linear`` but the output head) with the rank whose
     trainable count is closest to a ``density`` subnetwork's; returns ``(LoraConfig, target count)``."""
-    import math
-
     import torch
     from peft import LoraConfig
 
-    from sparse_rl.discovery.strategies import trainable_parameters
+    from sparse_rl.discovery.strategies import selected_count, trainable_parameters
 
     # what random_mask(model, density) selects, ceil(density * n) entries per tensor, counted without drawing the
     # mask: its scores and top-k would set this row's construction peak (about 0.6 GB here), which LoRA never needs
-    target = sum(max(1, math.ceil(density * p.numel())) for _, p in trainable_parameters(model))
+    target = sum(selected_count(p.numel(), density) for _, p in trainable_parameters(model))
     output_head = model.get_output_embeddings()
     per_rank = sum(m.in_features + m.out_features for m in model.modules()
                    if isinstance(m, torch.nn.Linear) and m is not output_head)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ import choose_by  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sparse_rl.analysis import mask_overlap  # noqa: E402
-from sparse_rl.discovery import diff_mask, magnitude_mask  # noqa: E402
+from sparse_rl.discovery import diff_mask, magnitude_mask, selected_count  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
 
 
@@ -41,7 +40,7 @@ def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, Subn
         mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16)
     changed = diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16)  # delta != 0 in bf16
     moved = SubnetworkMask({n: mask.selections[n] & c for n, c in changed.selections.items()})
-    short = sum(int(c.sum()) < math.ceil(density * c.numel()) for c in changed.selections.values())  # mask's k
+    short = sum(int(c.sum()) < selected_count(c.numel(), density) for c in changed.selections.values())
     return mask, moved, changed.num_selected / changed.num_total, short
 
 

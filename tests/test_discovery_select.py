@@ -85,6 +85,19 @@ def test_random_mask_keeps_its_counts_and_draws_uniformly():
     assert random_mask(model, 0.1, seed=0) == mask and random_mask(model, 0.1, seed=1) != mask
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=4), st.floats(1e-6, 1.0))
+def test_selected_count_is_what_each_budget_selects(sizes, density):
+    """The count other code plans with (LoRA's matched rank, diff_mask's fill warning) is the count selected."""
+    from sparse_rl.discovery import mask_from_scores, selected_count
+
+    scores = {f"t{i}": torch.rand(n) for i, n in enumerate(sizes)}
+    assert [selected_count(n, density) for n in sizes] == [max(1, math.ceil(density * n)) for n in sizes]
+    per_tensor = mask_from_scores(scores, density)
+    assert [per_tensor.count(name) for name in scores] == [selected_count(n, density) for n in sizes]
+    assert mask_from_scores(scores, density, "global").num_selected == selected_count(sum(sizes), density)
+
+
 def test_magnitude_mask_streams_per_tensor_and_refuses_nan():
     from sparse_rl.discovery import magnitude_mask, mask_from_scores
 

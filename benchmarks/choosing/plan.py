@@ -86,11 +86,11 @@ def widen(lrs, best: float) -> float | None:
 
 
 def trained_count(model_dir, density: float) -> int:
-    """Entries a per-tensor mask of ``density`` selects (``ceil(density * numel)`` of every tensor)."""
-    from sparse_rl.discovery import WeightSource
+    """Entries a per-tensor mask of ``density`` selects (:func:`selected_count` of every tensor)."""
+    from sparse_rl.discovery import WeightSource, selected_count
 
     with WeightSource(model_dir) as source:
-        return sum(max(1, math.ceil(density * math.prod(source.shape(n)))) for n in source.names)
+        return sum(selected_count(math.prod(source.shape(n)), density) for n in source.names)
 
 
 def lora_entries_per_rank(model_dir) -> int:

@@ -11,7 +11,15 @@
 
 from .checkpoints import WeightSource, as_weight_source, diff_mask, iter_deltas, matched_names
 from .probe import PROBE_SCORES, ProbeOptions, accumulate_gradient_scores, gradient_mask
-from .strategies import BUDGETS, half_ulp, magnitude_mask, mask_from_scores, precision_scores, random_mask
+from .strategies import (
+    BUDGETS,
+    half_ulp,
+    magnitude_mask,
+    mask_from_scores,
+    precision_scores,
+    random_mask,
+    selected_count,
+)
 from .trainer_probe import gradient_mask_from_trainer, probe_trainer_state, trainer_loss_fn
 
 __all__ = [
@@ -32,5 +40,6 @@ __all__ = [
     "precision_scores",
     "probe_trainer_state",
     "random_mask",
+    "selected_count",
     "trainer_loss_fn",
 ]

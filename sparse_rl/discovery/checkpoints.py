@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -17,7 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..mask import SubnetworkMask
-from .strategies import Budget, check_budget, check_density, filter_names, mask_from_scores, parameter_aliases
+from .strategies import (
+    Budget,
+    check_budget,
+    check_density,
+    filter_names,
+    mask_from_scores,
+    parameter_aliases,
+    selected_count,
+)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -203,9 +210,9 @@ def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: 
     changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
     total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
     if budget == "global":
-        short = int(total_changed < math.ceil(density * total))
+        short = int(total_changed < selected_count(total, density))
     else:
-        short = sum(changed[n] < math.ceil(density * s.numel()) for n, s in scores.items())
+        short = sum(changed[n] < selected_count(s.numel(), density) for n, s in scores.items())
     if short:
         where = "overall" if budget == "global" else f"in {short} of {len(scores)} tensors"
         warnings.warn(f"diff_mask: fewer than density={density:g} of the entries changed {where} (|delta| > "

@@ -92,18 +92,23 @@ def trainable_parameters(
 
 
 # ---------------------------------------------------------------------------------------------- budget rules
+def selected_count(numel: int, density: float) -> int:
+    """How many of ``numel`` entries a mask of ``density`` selects: ``ceil(density * numel)``, at least one. The one
+    rounding rule every selection, and every count of what a selection will hold, goes by."""
+    return min(numel, max(1, math.ceil(density * numel)))
+
+
 def _top_k_selection(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean tensor selecting the ``ceil(density * n)`` highest scores (ties at the threshold: lowest index first)."""
-    k = min(scores.numel(), max(1, math.ceil(density * scores.numel())))
-    return top_k_selections([scores], k)[0]
+    """Boolean tensor selecting the :func:`selected_count` highest scores (ties at the threshold: lowest index
+    first)."""
+    return top_k_selections([scores], selected_count(scores.numel(), density))[0]
 
 
 def _global_top_k_selection(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """Exactly ``ceil(density * N)`` entries with the highest scores over all tensors pooled; ties at the threshold
     go to the earliest tensors and positions."""
     total = sum(s.numel() for s in scores.values())
-    k = min(total, max(1, math.ceil(density * total)))
-    return dict(zip(scores, top_k_selections(list(scores.values()), k)))
+    return dict(zip(scores, top_k_selections(list(scores.values()), selected_count(total, density))))
 
 
 def mask_from_scores(
