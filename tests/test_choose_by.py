@@ -53,6 +53,7 @@ def test_tasks_hold_out_fixed_prompts_never_trained_on():
         assert not {r["prompt"] for r in task.train_rows} & {r["prompt"] for r in task.held_out}
         assert len(task.train_rows) == 10 * 4 + 64
         assert task.reward([" 7\n", " 8"], answer=[7, 7]) == [1.0, 0.0]
+        assert task.reward.__name__ == f"{name}_reward"  # TRL's log key: rewards/<name>/mean
     with pytest.raises(ValueError, match="unknown task"):
         make_task("division", 1, 1, 1)
 

@@ -1,7 +1,8 @@
 """The verifiable tasks: rows for training, a fixed held-out set, a reward function.
 
 Both tasks are plain-text few-shot prompts whose completion should start with an integer; the reward is 1 when the
-first integer of the completion is the answer (``sparse_rl.demo.addition_reward``, whose check is exactly that).
+first integer of the completion is the answer (``sparse_rl.demo.first_integer_matches``, the demo's check), under a
+reward function named for the task, since TRL logs each reward under its function's name.
 Every prompt of a task starts with the same few-shot text, which the evaluation computes once per batch
 (``evaluate.py``).
 
@@ -52,8 +53,15 @@ def make_task(name: str, steps: int, prompts_per_step: int, eval_pairs: int) -> 
         pool = [p for p in pairs if p not in seen]
         rng = random.Random(0)
         train = [rng.choice(pool) for _ in range(steps * prompts_per_step + 64)]
-        return Task(name, subtraction_rows(train), subtraction_rows(held_out), addition_reward)
+        return Task(name, subtraction_rows(train), subtraction_rows(held_out), subtraction_reward)
     raise ValueError(f"unknown task {name!r}; tasks: {TASKS}")
+
+
+def subtraction_reward(completions: list[str], answer: list[int], **kwargs) -> list[float]:
+    """GRPO reward function: 1.0 when the first integer of the completion is the right difference."""
+    from sparse_rl.demo import first_integer_matches
+
+    return [float(first_integer_matches(c, a)) for c, a in zip(completions, answer)]
 
 
 def subtraction_rows(pairs: list[tuple[int, int]]) -> list[dict]:
