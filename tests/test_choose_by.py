@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import choose_by  # noqa: E402
 from choosing.evaluate import sample_completions  # noqa: E402
 from choosing.plan import build_plan, matched_lora_rank, trained_count  # noqa: E402
+from choosing.report import random_reference  # noqa: E402
 from choosing.runs import RunConfig, load_result, result_path, run_one, running_pid, weights_path  # noqa: E402
 from choosing.tasks import make_task  # noqa: E402
 
@@ -305,7 +306,8 @@ def test_masks_run_at_their_own_rows_lr_and_the_second_task_takes_the_best_two_p
 
     p = plan()
     assert p.best_lr[("addition", "sparse-random-0.1")] == best["random"] != best["gradient"]
-    lrs = {(c.config.task, c.config.row): c.config.learning_rate for c in p.ready if not c.stage.startswith("M")}
+    lrs = {(c.config.task, c.config.row): c.config.learning_rate for c in p.ready
+           if not c.stage.startswith(("M", "N"))}  # the probe's and random's own sweeps at other densities
     for density in (0.01, 0.05, 0.3):  # the density axis keeps each mask's lr: random's is not the probe's
         assert lrs[("addition", f"sparse-random-{density:g}")] == best["random"]
         assert lrs[("addition", f"sparse-gradient-{density:g}")] == best["gradient"]
@@ -494,6 +496,59 @@ def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_check
     assert own == {(0.01, 1e-4, seed) for seed in (1, 2)}
     _, inherited = pending("E densities")
     assert {(0.01, probe_lr, seed) for seed in (1, 2)} <= inherited  # E's row at the 10% lr stays
+
+
+def test_random_at_1_and_30_percent_gets_its_own_lr_and_is_the_reference_there(tmp_path, tiny_checkpoint):
+    """Stage N: E runs random at 1 and 30% at its 10% lr; their own seed-0 sweep follows, then seeds 1, 2 at a best
+    lr that differs. The report's "vs random, same density" column then compares with random at that lr."""
+    from choosing.plan import SWEEPS
+
+    results = tmp_path / "choose_by"
+    runs, protocol = results / "runs", _protocol()
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
+    inherited = SWEEPS["sparse"][0]  # random 10%'s best in _complete_sweeps
+
+    def pending(stage):
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
+        return p, {(c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
+                   if c.stage.startswith(stage) and c.config.mask == "random" and load_result(runs, c.config) is None}
+
+    _, sweep = pending("N lr sweep")
+    assert sweep == {(d, lr, 0) for d in (0.01, 0.3) for lr in SWEEPS["sparse"][1:]}
+    # 1% peaks at 1e-4 (the widened 3e-4 is worse); 30% at the inherited lr: seeds 1, 2 only for 1% at 1e-4
+    random_1 = dict(method="sparse", mask="random", density=0.01)
+    for lr, points in zip(SWEEPS["sparse"] + (3e-4,), (1, 2, 0, 0)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **random_1), [points] * 8)
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):
+        _fake_run(runs, protocol.replace(method="sparse", mask="random", density=0.3, learning_rate=lr), [points] * 8)
+    p, own = pending("N random")
+    assert p.best_lr[("addition", "sparse-random-0.01")] == 1e-4
+    assert p.best_lr[("addition", "sparse-random-0.3")] == inherited
+    assert own == {(0.01, 1e-4, seed) for seed in (1, 2)}
+    # random 1% scores 0.5 at the inherited lr and 1.0 at its own; the probe's 1% (E, inherited lr) scores 1.0
+    _fake_run(runs, protocol.replace(**random_1, learning_rate=1e-4, seed=1), [2] * 8)
+    _fake_run(runs, protocol.replace(**random_1, learning_rate=1e-4, seed=2), [2] * 8)
+    for seed in (0, 1, 2):
+        _fake_run(runs, protocol.replace(**random_1, learning_rate=inherited, seed=seed), [1] * 8)
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.01, learning_rate=inherited,
+                                         seed=seed), [2] * 8)
+    _fake_run(runs, protocol, [0] * 8)  # the base model
+    assert choose_by.main(CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work",
+                                 str(tmp_path / "w"), "--report"]) == 0
+    lines = results.with_suffix(".md").read_text().splitlines()
+    probe_row = next(line for line in lines if line.startswith(f"| sparse-gradient-0.01 | {inherited:g} | 3 |"))
+    assert "| 0.000 [0.000, 0.000] |" in probe_row  # against random at 1e-4 (1.0), not at its inherited lr (0.5)
+    assert any(line.startswith("| sparse-random-0.01 | 0.0001 | 3 |") for line in lines)
+    assert any(line.startswith(f"| sparse-random-0.01 | {inherited:g} | 3 |") for line in lines)  # E's row stays
+    # whatever order the rows come in
+    own_runs, inherited_runs = ["own"], ["inherited"]
+    for rows in ({("addition", "sparse-random-0.01", inherited): inherited_runs,
+                  ("addition", "sparse-random-0.01", 1e-4): own_runs},
+                 {("addition", "sparse-random-0.01", 1e-4): own_runs,
+                  ("addition", "sparse-random-0.01", inherited): inherited_runs}):
+        assert random_reference(rows, p.best_lr, "addition", 0.01) is own_runs
+        assert random_reference(rows, {}, "addition", 0.01) is next(iter(rows.values()))  # no sweep: inherited lr
+    assert random_reference(rows, p.best_lr, "addition", 0.05) is None
 
 
 def test_the_entropy_rows_get_their_own_lr_sweep(tmp_path, tiny_checkpoint):

@@ -296,6 +296,11 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for density in (0.01, 0.05):
         own_sweep(f"sparse-gradient-{density:g}", "sparse", {"mask": "gradient", "density": density}, sparse_row,
                   "M lr sweep of the probe at 1 and 5%", "M probe at 1 and 5% at its own lr")
+    # N: random's own lr at 1% and 30% (E ran them at its 10% lr: at 30% that lr fell to 0.641, and F's rows at 1
+    # and 30%, each at its own lr, are compared with random at the same density)
+    for density in (0.01, 0.3):
+        own_sweep(f"sparse-random-{density:g}", "sparse", {"mask": "random", "density": density}, random_row,
+                  "N lr sweep of random at 1 and 30%", "N random at 1 and 30% at its own lr")
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:

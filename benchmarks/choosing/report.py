@@ -56,6 +56,14 @@ def _family(row: str) -> str:
     return row.split("-")[0]
 
 
+def random_reference(rows: dict, best_lr: dict, task: str, density: float) -> list[dict] | None:
+    """The runs a mask's row at ``density`` is compared with: random at the same density, at random's own lr where
+    its sweep chose one (stage N), else at the lr it inherited (``rows``: (task, row, lr) -> runs)."""
+    row = f"sparse-random-{density:g}"
+    refs = {lr: runs for (t, r, lr), runs in rows.items() if t == task and r == row}
+    return refs.get(best_lr.get((task, row))) or next(iter(refs.values()), None)
+
+
 def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_seeds: int, work: Path) -> Path:
     runs_dir = Path(results) / "runs"
     records = load_runs(runs_dir, protocol)
@@ -126,15 +134,15 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     lines += ["## Learning-rate sweeps (seed 0)", "",
               "Final held-out reward [95% CI over prompts]; the best lr of each row (bold: highest final held-out "
               "reward of seed 0) is used for its other seeds and for the rows of its family (random masks at every "
-              "density: the 10% random row's; LoRA rank 16: the matched-count LoRA's; entropy rows: first the row "
-              "they restrict's, then their own sweep's where its best differs). The Fisher, smallest-|w| and "
-              "post-hoc masks first ran at the 10% gradient probe's lr (their "
+              "density: the 10% random row's first, then at 1 and 30% their own sweep's where its best differs; the "
+              "'vs random' column compares with random at its own lr where it has one; LoRA rank 16: the matched-"
+              "count LoRA's; entropy rows: first the row they restrict's, then their own sweep's where its best "
+              "differs). The Fisher, smallest-|w| and post-hoc masks first ran at the 10% gradient probe's lr (their "
               "rows at that lr, and the second task's first choice of masks, keep it); their own sweeps came later, "
-              "and their other densities, 3 seeds at 10% where their best differs, the second task's two best "
-              "masks by that measure and the post-hoc masks cut from the other task's full run use their own. "
-              "The second task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep "
-              "only separates learning rates whose difference exceeds the seed spread (see the seed SD column "
-              "below).", "",
+              "and their other densities, 3 seeds at 10% where their best differs, the second task's two best masks "
+              "by that measure and the post-hoc masks cut from the other task's full run use their own. The second "
+              "task has no sweep of its own: its rows use the main task's lr. One seed per lr, so a sweep only "
+              "separates learning rates whose difference exceeds the seed spread (see the seed SD column below).", "",
               "A row whose best lr sits at the edge of its sweep gets the next lr of the 1-3-10 grid beyond it (up to "
               f"{MAX_WIDENING} more) before its lr is chosen.", ""]
     main_task = tasks[0]
@@ -187,8 +195,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
             versus, few = None, len(runs)
             config = runs[0]["config"]
             if config["method"] == "sparse" and config["mask"] != "random":
-                ref = next((g for (t, row, lr), g in rows.items()
-                            if row == f"sparse-random-{config['density']:g}"), None)
+                ref = random_reference(rows, plan.best_lr, task, config["density"])
                 if ref:
                     versus = difference_interval(matrix, success_matrix(ref), same_seeds=same_seeds(runs, ref))
                     few = min(few, len(ref))
