@@ -397,8 +397,8 @@ def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_ch
     p, rows = second_task()
     assert p.best_lr[("addition", "sparse-posthoc-0.1")] == 1e-4
     # D (at the probe's lr): Fisher, random, then the probe (ties broken by MASKS' order); post-hoc is not among them
-    assert {row for row, lr, _ in rows if row.startswith("sparse")} == {
-        "sparse-fisher-0.1", "sparse-random-0.1", "sparse-gradient-0.1"}
+    assert {row for row, lr, _ in rows if row.startswith("sparse") and not row.endswith("-0.01")} == {
+        "sparse-fisher-0.1", "sparse-random-0.1", "sparse-gradient-0.1"}  # (1% is stage O's)
     # J: post-hoc at its own lr waits for the second task's full runs; Fisher's own lr is D's, so nothing new
     assert any(f"sparse-posthoc-0.1 lr 0.0001 seed {s} (J second task" in w for w in p.waiting for s in (0, 1, 2))
     for seed in (0, 1, 2):
@@ -496,6 +496,34 @@ def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_check
     assert own == {(0.01, 1e-4, seed) for seed in (1, 2)}
     _, inherited = pending("E densities")
     assert {(0.01, probe_lr, seed) for seed in (1, 2)} <= inherited  # E's row at the 10% lr stays
+
+
+def test_the_second_task_at_1_percent_uses_the_main_tasks_own_1_percent_lrs(tmp_path, tiny_checkpoint):
+    """Stage O: subtraction with the probe's and Fisher's 1% masks, 3 seeds, the probe at its own 1% lr (stage M's
+    sweep) and Fisher at its own 10% lr (stage H's, which its 1% row uses on the main task too); each waits for its
+    sweep."""
+    from choosing.plan import SWEEPS
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
+
+    def second(stage="O"):
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition", "subtraction"))
+        return p, {(c.config.mask, c.config.learning_rate, c.config.seed) for c in p.ready
+                   if c.stage.startswith(stage) and c.config.task == "subtraction"}
+
+    p, planned = second()
+    assert not planned
+    assert any("subtraction sparse-gradient-0.01 (O" in w and "sparse-gradient-0.01" in w for w in p.waiting)
+    assert any("subtraction sparse-fisher-0.01 (O" in w and "sparse-fisher-0.1" in w for w in p.waiting)
+    assert SWEEPS["sparse"][:2] == (3e-5, 1e-4)
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):  # the probe at 1%: best at 3e-5, inside its sweep
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.01, learning_rate=lr),
+                  [points] * 8)
+    for lr, points in zip(SWEEPS["sparse"] + (3e-4,), (1, 2, 1, 0)):  # Fisher at 10%: best at 1e-4 (widened)
+        _fake_run(runs, protocol.replace(method="sparse", mask="fisher", density=0.1, learning_rate=lr), [points] * 8)
+    _, planned = second()
+    assert planned == {(mask, lr, seed) for mask, lr in (("gradient", 3e-5), ("fisher", 1e-4)) for seed in (0, 1, 2)}
 
 
 def test_random_at_1_and_30_percent_gets_its_own_lr_and_is_the_reference_there(tmp_path, tiny_checkpoint):

@@ -296,6 +296,11 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for density in (0.01, 0.05):
         own_sweep(f"sparse-gradient-{density:g}", "sparse", {"mask": "gradient", "density": density}, sparse_row,
                   "M lr sweep of the probe at 1 and 5%", "M probe at 1 and 5% at its own lr")
+    # O: the second task at 1%, the probe and Fisher each at its own 1% lr on the main task (both matched the 10%
+    # probe there at a tenth of its optimizer state; a default of 1% needs a second task to agree)
+    for task in tasks[1:]:
+        add_seeds(task, "O second task at 1%", "sparse", "sparse-gradient-0.01", mask="gradient", density=0.01)
+        add_seeds(task, "O second task at 1%", "sparse", own_row("fisher"), mask="fisher", density=0.01)
     # N: random's own lr at 1% and 30% (E ran them at its 10% lr: at 30% that lr fell to 0.641, and F's rows at 1
     # and 30%, each at its own lr, are compared with random at the same density)
     for density in (0.01, 0.3):
