@@ -160,6 +160,12 @@ def _complete_sweeps(runs: Path, protocol: RunConfig, checkpoint, best: list[int
     return rows
 
 
+def _unfinished(plan, runs: Path, stage: str, mask: str) -> tuple:
+    """``plan`` and the (density, lr, seed) of its ``mask`` runs in stages starting with ``stage`` not yet run."""
+    return plan, {(c.config.density, c.config.learning_rate, c.config.seed) for c in plan.ready
+                  if c.stage.startswith(stage) and c.config.mask == mask and load_result(runs, c.config) is None}
+
+
 def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     from choosing.plan import SWEEPS
 
@@ -477,9 +483,8 @@ def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_check
     probe_lr = SWEEPS["sparse"][0]
 
     def pending(stage):
-        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
-        return p, {(c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
-                   if c.stage.startswith(stage) and c.config.mask == "gradient" and load_result(runs, c.config) is None}
+        return _unfinished(build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",)), runs, stage,
+                           "gradient")
 
     _, sweep = pending("M lr sweep")
     assert sweep == {(d, lr, 0) for d in (0.01, 0.05) for lr in SWEEPS["sparse"][1:]}
@@ -537,9 +542,8 @@ def test_random_at_1_and_30_percent_gets_its_own_lr_and_is_the_reference_there(t
     inherited = SWEEPS["sparse"][0]  # random 10%'s best in _complete_sweeps
 
     def pending(stage):
-        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",))
-        return p, {(c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
-                   if c.stage.startswith(stage) and c.config.mask == "random" and load_result(runs, c.config) is None}
+        return _unfinished(build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition",)), runs, stage,
+                           "random")
 
     _, sweep = pending("N lr sweep")
     assert sweep == {(d, lr, 0) for d in (0.01, 0.3) for lr in SWEEPS["sparse"][1:]}
