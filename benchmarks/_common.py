@@ -88,11 +88,13 @@ def emit_result(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(command: Sequence[str], threads: int | None = 1, timeout: float | None = None) -> dict:
+def run_child(command: Sequence[str], threads: int | None = 1, timeout: float | None = None,
+              env_extra: dict[str, str] | None = None) -> dict:
     """Run ``command`` (usually ``[sys.executable, __file__, "--child", ...]``) and return the dict it passed to
     ``emit_result``. ``threads`` pins OpenMP/MKL threads in the child (on a shared 2-core machine one thread is
-    steadier and faster than two); a failed child raises with the tail of its stderr."""
-    env = dict(os.environ)
+    steadier and faster than two); ``env_extra`` adds variables read at the child's start (e.g. glibc's malloc
+    tunables); a failed child raises with the tail of its stderr."""
+    env = dict(os.environ) | (env_extra or {})
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads is not None:
