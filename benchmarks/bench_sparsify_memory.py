@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import child_command, cpu_description, emit_result, load_average, run_child, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsify_memory.md"
-CASES = ("grpo-gradient-probe", "grpo-random-mask", "grpo-lora", "dpo-shared-reference-freed-copy")
 STEPS = 3
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's starting value, no longer adjusted
 # (case, trim, fixed mmap threshold): trim on/off where sparsify frees a lot, the threshold fixed for the GRPO rows
