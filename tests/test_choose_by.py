@@ -531,6 +531,32 @@ def test_the_second_task_at_1_percent_uses_the_main_tasks_own_1_percent_lrs(tmp_
     assert planned == {(mask, lr, seed) for mask, lr in (("gradient", 3e-5), ("fisher", 1e-4)) for seed in (0, 1, 2)}
 
 
+def test_the_second_task_at_5_percent_uses_the_probes_own_5_percent_lr(tmp_path, tiny_checkpoint):
+    """Stage P: subtraction with the probe's 5% mask, 3 seeds at its own 5% lr (stage M's sweep), which it waits
+    for; not at the 10% lr that E ran 5% with."""
+    from choosing.plan import SWEEPS
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
+
+    def second():
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, ("addition", "subtraction"))
+        return p, {(c.config.mask, c.config.density, c.config.learning_rate, c.config.seed) for c in p.ready
+                   if c.stage.startswith("P") and c.config.task == "subtraction"}
+
+    p, planned = second()
+    assert not planned
+    assert any("subtraction sparse-gradient-0.05 (P" in w for w in p.waiting)
+    assert SWEEPS["sparse"][0] == 3e-5 and sorted(SWEEPS["sparse"]) == [1e-5, 3e-5, 1e-4]  # 3e-5: the 10% probe's
+    for lr, points in zip((1e-5, 3e-5, 1e-4, 3e-4), (1, 1, 2, 0)):  # the probe at 5%: best at 1e-4 (widened)
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.05, learning_rate=lr),
+                  [points] * 8)
+    p, planned = second()
+    assert p.best_lr[("addition", "sparse-gradient-0.1")] == 3e-5
+    assert p.best_lr[("addition", "sparse-gradient-0.05")] == 1e-4
+    assert planned == {("gradient", 0.05, 1e-4, seed) for seed in (0, 1, 2)}
+
+
 def test_random_at_1_and_30_percent_gets_its_own_lr_and_is_the_reference_there(tmp_path, tiny_checkpoint):
     """Stage N: E runs random at 1 and 30% at its 10% lr; their own seed-0 sweep follows, then seeds 1, 2 at a best
     lr that differs. The report's "vs random, same density" column then compares with random at that lr."""

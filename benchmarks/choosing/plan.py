@@ -27,6 +27,10 @@ L. the post-hoc 10% mask cut from the *other* task's full run (same seed), at po
 M. the lr sweep (seed 0, widened like A's) of the probe at 1 and 5%, which E ran at its 10% lr, and seeds 1, 2 at
    its own best where that differs (a 1% Fisher mask at 3x that lr matched the 10% probe: the density axis may be
    an lr effect);
+O. the second task with the probe's and Fisher's 1% masks, each at its own 1% lr on the main task, 3 seeds;
+P. the second task with the probe's 5% mask at its own 5% lr (stage M), 3 seeds: the candidate default density;
+N. the lr sweep (seed 0, widened like A's) of random at 1 and 30%, which E ran at its 10% lr, and seeds 1, 2 at
+   its own best where that differs;
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank).
 
@@ -301,6 +305,10 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for task in tasks[1:]:
         add_seeds(task, "O second task at 1%", "sparse", "sparse-gradient-0.01", mask="gradient", density=0.01)
         add_seeds(task, "O second task at 1%", "sparse", own_row("fisher"), mask="fisher", density=0.01)
+    # P: the second task at 5%, the probe at its own 5% lr (on the main task its 5% cleared 95% of full
+    # finetuning's gain with seeds as steady as 10%: the candidate default density needs a second task to agree)
+    for task in tasks[1:]:
+        add_seeds(task, "P second task at 5%", "sparse", "sparse-gradient-0.05", mask="gradient", density=0.05)
     # N: random's own lr at 1% and 30% (E ran them at its 10% lr: at 30% that lr fell to 0.641, and F's rows at 1
     # and 30%, each at its own lr, are compared with random at the same density)
     for density in (0.01, 0.3):
