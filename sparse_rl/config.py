@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -10,6 +11,19 @@ from .discovery.probe import ProbeOptions
 from .discovery.strategies import check_density
 from .mask import SubnetworkMask
 from .restrict.tokens import check_entropy_quantile
+
+# Best learning rate of a mask / full finetuning's, from the README's "Choose by" sweeps (see
+# SparseConfig.suggested_learning_rate): the gradient probe switches from 3x to 10x between 10% and 5%.
+PROBE_LR_FACTOR_FROM_10_PERCENT = 3.0
+PROBE_LR_FACTOR_BELOW_10_PERCENT = 10.0
+RANDOM_LR_FACTOR = 30.0
+
+
+def learning_rate_factor(discovery: str, density: float) -> float:
+    """How many times full finetuning's learning rate a discovered mask of ``density`` wants."""
+    if discovery == "random":
+        return RANDOM_LR_FACTOR
+    return PROBE_LR_FACTOR_FROM_10_PERCENT if density >= 0.1 else PROBE_LR_FACTOR_BELOW_10_PERCENT
 
 
 @dataclass
@@ -84,6 +98,27 @@ class SparseConfig:
     seed: int = 0
     entropy_quantile: float = 1.0
     skip_nonfinite_steps: bool = False
+
+    def suggested_learning_rate(self, full_finetuning_lr: float) -> float:
+        """The learning rate to train this subnetwork with, given the one you would use for full finetuning.
+
+        sparse_rl trains at the trainer's ``learning_rate`` as given; a mask wants a larger one than full
+        finetuning, and how much larger depends on the mask and its density. The factors are the best learning
+        rates of the README's "Choose by" sweeps (GRPO on SmolLM2-135M, seed 0 per lr, 3 seeds at the best; full
+        finetuning's best was 3e-6) divided by full finetuning's: the gradient probe at 10% 3x, at 5% and 1% 10x
+        (at 3x they recovered resolvably less), a random mask at 10% 30x. The grid steps by ~3x, so each factor is
+        known to about that step; a short sweep of your own around the suggestion decides on another model or
+        task. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x, smallest-|w|
+        masks at ~30x in our runs), so asking for one is an error.
+        """
+        if not (isinstance(full_finetuning_lr, (int, float)) and math.isfinite(full_finetuning_lr)
+                and full_finetuning_lr > 0):
+            raise ValueError(f"full_finetuning_lr must be a positive finite number, got {full_finetuning_lr!r}")
+        if self.mask is not None:
+            raise ValueError("suggested_learning_rate has no measured rule for a given mask (post-hoc diff masks were "
+                             "best at ~10x full finetuning's lr, smallest-|w| masks at ~30x in the README's runs): "
+                             "choose its learning rate by a short sweep")
+        return full_finetuning_lr * learning_rate_factor(self.discovery, self.density)
 
     def __post_init__(self):
         check_density(self.density)

@@ -1,0 +1,64 @@
+"""SparseConfig.suggested_learning_rate: the factors over full finetuning's lr are the committed "Choose by" sweeps'
+best learning rates (so new sweep results that move a best lr fail here until the rule follows them), and bad
+input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_rl import SparseConfig, SubnetworkMask
+from sparse_rl.config import learning_rate_factor
+
+RUNS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "choose_by" / "runs"
+GRID_STEP = math.sqrt(10)  # the sweeps' grid: 1e-6, 3e-6, 1e-5, 3e-5, ...
+
+
+def _best_lr_of_sweeps(task: str = "addition") -> dict[str, float]:
+    """Row -> lr with the highest final held-out reward among its seed-0 runs on ``task`` (rows swept with >= 3
+    lrs: the sweeps; a row that ran at one inherited lr has no best of its own)."""
+    rewards = defaultdict(dict)
+    for path in RUNS.glob(f"{task}__*__s0__*.json"):
+        record = json.loads(path.read_text())
+        config = record["config"]
+        if config.get("entropy_quantile", 1.0) == 1.0 and config.get("mask_from_task") is None:
+            rewards[record["row"]][config["learning_rate"]] = record["final_reward"]
+    return {row: max(by_lr, key=by_lr.get) for row, by_lr in rewards.items() if len(by_lr) >= 3}
+
+
+@pytest.mark.parametrize("row,discovery,density", [
+    ("sparse-gradient-0.1", "gradient", 0.1),
+    ("sparse-gradient-0.05", "gradient", 0.05),
+    ("sparse-gradient-0.01", "gradient", 0.01),
+    ("sparse-random-0.1", "random", 0.1),
+])
+def test_factors_are_the_sweeps_best_lr_over_full_finetunings(row, discovery, density):
+    best = _best_lr_of_sweeps()
+    assert "full" in best and row in best, f"the committed sweeps lack {row!r} or full finetuning"
+    suggested = SparseConfig(density=density, discovery=discovery).suggested_learning_rate(best["full"])
+    # the suggestion lands on the sweep's best grid point: within half a grid step of it
+    assert abs(math.log(suggested / best[row])) < math.log(GRID_STEP) / 2, (row, suggested, best[row])
+
+
+def test_factor_steps_between_10_and_5_percent():
+    assert learning_rate_factor("gradient", 0.3) == learning_rate_factor("gradient", 0.1) == 3.0
+    assert learning_rate_factor("gradient", 0.05) == learning_rate_factor("gradient", 0.01) == 10.0
+    assert learning_rate_factor("random", 0.01) == learning_rate_factor("random", 0.3) == 30.0
+    assert SparseConfig(density=0.05).suggested_learning_rate(1e-6) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("lr", [0, -1e-6, float("nan"), float("inf"), "1e-6", None])
+def test_bad_full_finetuning_lr_is_refused(lr):
+    with pytest.raises(ValueError, match="full_finetuning_lr must be a positive finite number"):
+        SparseConfig().suggested_learning_rate(lr)
+
+
+def test_a_given_mask_has_no_rule():
+    mask = SubnetworkMask({"w": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="no measured rule for a given mask"):
+        SparseConfig(mask=mask).suggested_learning_rate(1e-6)
