@@ -190,6 +190,9 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
             # gradient matches full finetuning; random recovers half of its gain; LoRA recovers none of it
             correct = {"full": full, "gradient": full, "random": [1] * 4 + [1] * 4, "lora": base}[name]
             _fake_run(runs, protocol.replace(learning_rate=best[name], seed=seed, **kw), correct)
+    seed_1 = result_path(runs, protocol.replace(method="full", learning_rate=best["full"], seed=1))
+    record = json.loads(seed_1.read_text())
+    seed_1.write_text(json.dumps({**record, "peak_rss_train_mib": 250.0}))  # one seed peaked higher: the row says so
     # a run of another protocol (more steps) is not part of this report
     _fake_run(runs, protocol.replace(method="full", learning_rate=best["full"], seed=3, steps=9), [0] * 8)
     args = CLI + ["--model-dir", str(tiny_checkpoint), "--results", str(results), "--work", str(tmp_path / "w"),
@@ -201,6 +204,7 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     lines = text.splitlines()
     full_row = next(line for line in lines if line.startswith(f"| full | {best['full']:g} |"))
     assert "| 3 | 0.750 [" in full_row and "| - |" in full_row  # seeds 0-2; its own gain share is not computed
+    assert "| 250 |" in full_row  # peak RSS: the highest seed's, not the last one's
     assert not any(line.startswith("| full | 1e-06 |") for line in lines)  # a widened sweep point is not a row
     assert "1e-06: 0.500 [" in text  # but it is in the sweep table
     gradient_row = next(line for line in lines if line.startswith(f"| sparse-gradient-0.1 | {best['gradient']:g} |"))

@@ -181,7 +181,8 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         lines += [f"## {task}: rows at their chosen lr", "",
                   "| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD | sampling SD "
                   "| share of full FT's gain [95% CI] | vs random, same density [95% CI] | trained entries "
-                  "| optimizer state (MiB) | peak RSS (MiB) | median step (s) |", "|---" * 13 + "|"]
+                  "| optimizer state (MiB) | peak RSS in train(), max over seeds (MiB) | median step (s) |",
+                  "|---" * 13 + "|"]
         full_key = next((k for k in rows if k[1] == "full"), None)
         base_matrix = success_matrix([base[task]]) if task in base else None
         for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
@@ -205,7 +206,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                 f"| {sampling_sd(matrix, runs[0]['config']['eval_samples']):.3f} "
                 f"| {_ci(share, 2)}{'†' * (share is not None and len(runs) < 3)} "
                 f"| {_ci(versus)}{'†' * (versus is not None and few < 3)} | {cost['trained_entries']:,} | "
-                f"{_mib(cost['optimizer_state_bytes'])} | {cost.get('peak_rss_train_mib', 0):.0f} | "
+                f"{_mib(cost['optimizer_state_bytes'])} | {max(r.get('peak_rss_train_mib', 0) for r in runs):.0f} | "
                 f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
             figure_rows.append((task, key[1], key[2], cost["trained_entries"], reward, runs))
         lines += ["", "† a row (or its random reference) with fewer than 3 seeds: the interval misses most of "
