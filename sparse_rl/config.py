@@ -32,20 +32,22 @@ class SparseConfig:
 
     Args:
         density: share of the entries of each trained matrix that is selected, in (0, 1]. The research finds RL
-            updates 5-30% of parameters. The default 0.1 is what the README's "Choose by" table supports (GRPO on
-            SmolLM2-135M): there the gradient probe's 10% mask recovered 1.04 [0.98, 1.12] of full finetuning's
-            held-out gain on one task (5 seeds) and 0.97 [0.89, 1.03] on another (3 seeds); at 0.3 no more. At 0.01
-            and the same lr it recovered resolvably less (0.78), but at 3x the lr as much (1.03 [0.89, 1.18], level
-            with 0.1: paired -0.006 [-0.049, 0.038], 3 seeds, one task so far), for a tenth of the optimizer state;
-            0.05 at 3x the lr recovered 1.08 [1.01, 1.18] (seeds as steady as 0.1's). Below 0.1, raise the learning
-            rate about 3x.
+            updates 5-30% of parameters. The default 0.05 is what the README's "Choose by" table supports (GRPO on
+            SmolLM2-135M, the gradient probe): at 0.05 and its own lr (10x full finetuning's, see
+            :meth:`suggested_learning_rate`) it recovered 1.08 [1.01, 1.18] of full finetuning's held-out gain on one
+            task (3 seeds as steady as 0.1's) and was level with 0.1 on both tasks, for about half the optimizer state
+            (69 against 120 MiB; LoRA at 0.1's count: 103 MiB). At 0.01 and its own lr it was level with 0.1 too
+            (1.03 [0.89, 1.18] and 0.96 [0.89, 1.03]) but its seeds spread 4x wider; at 0.3 it gained nothing over 0.1.
+            Below 0.1 the same lr as 0.1 recovered resolvably less: raise it (:meth:`suggested_learning_rate`).
         discovery: how to pick the entries when no ``mask`` is given. ``"gradient"`` runs a probe of the trainer's
             own loss (``probe``; by default 4 batches, keeping the entries with the largest accumulated |gradient| in
             every matrix); ``"random"`` draws a uniform random subset (a strong baseline: at 10% the probe did not
             resolvably beat it in our runs, +0.049 [-0.019, 0.113] of reward over 5 seeds each, but the probe's seeds
-            spread 7x less (SD 0.010 against 0.074); at 1% it did, by little). The two want different learning
-            rates (the trainer's ``learning_rate`` is used as given): in our sweeps the probe's mask was best at ~3x
-            full finetuning's lr and the random mask at ~30x, an unfair lr decides more than the mask does.
+            spread 7x less (SD 0.010 against 0.074); at 5% +0.033 [-0.003, 0.071], not resolved either; at 1% it
+            did, by little). The two want different learning rates (the trainer's ``learning_rate`` is used as
+            given): in our sweeps the probe's 10% mask was best at ~3x full finetuning's lr, its 5% and 1% masks at
+            ~10x and the random mask at ~30x; an unfair lr decides more than the mask does
+            (:meth:`suggested_learning_rate` gives these).
         probe: how ``"gradient"`` discovery probes: batches, score (``"gradient"`` |g|, ``"fisher"`` g², ``"adam"``
             the size of the AdamW update the entry would get, ``"precision"`` that update relative to half a bf16
             ulp of the weight), budget rule (``"per_tensor"`` or ``"global"``). A
@@ -85,7 +87,7 @@ class SparseConfig:
             (Trainer's gradient clipping multiplies all gradients by the NaN norm); unselected entries stay intact.
     """
 
-    density: float = 0.1
+    density: float = 0.05
     discovery: Literal["gradient", "random"] = "gradient"
     probe: ProbeOptions = field(default_factory=ProbeOptions)
     mask: SubnetworkMask | str | os.PathLike | None = None

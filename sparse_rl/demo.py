@@ -1,4 +1,5 @@
-"""The demo: GRPO on SmolLM2-135M-Instruct training only a 10% subnetwork, on CPU, with a verifiable reward.
+"""The demo: GRPO on SmolLM2-135M-Instruct training only a 5% subnetwork (SparseConfig's default density), on CPU,
+with a verifiable reward.
 
 Task: few-shot addition ("2 + 3 = 5\\n...\\n{a} + {b} ="), reward 1 when the first integer of the completion is a+b.
 With operands up to 19 the base model's sampled reward sits between 0 and 1, so GRPO groups have non-zero advantage.
@@ -18,19 +19,22 @@ from pathlib import Path
 
 import torch
 
+from .config import SparseConfig
+
 FEW_SHOT = "2 + 3 = 5\n4 + 4 = 8\n1 + 6 = 7\n"
 _FIRST_INTEGER = re.compile(r"-?\d+")
 
 
 @dataclass
 class DemoConfig:
-    density: float = 0.1
+    density: float = SparseConfig.density  # the library's default
     steps: int = 30
     max_operand: int = 19
     num_generations: int = 8
     prompts_per_step: int = 2
     max_completion_length: int = 6
-    learning_rate: float = 3e-5  # 5e-5 and above collapsed the held-out reward within 30 steps
+    # at 10% 5e-5 and above collapsed the held-out reward within 30 steps; at 5% 1e-4 did too (0.359 -> 0.293)
+    learning_rate: float = 3e-5
     probe_steps: int = 4
     eval_prompts: int = 256  # distinct addition pairs held out of training
     seed: int = 0
@@ -137,9 +141,10 @@ def quiet_third_party_notices() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
-def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "outputs/demo",
+def run_demo(density: float | None = None, steps: int | None = None, output_dir: str = "outputs/demo",
              config: DemoConfig | None = None) -> dict:
-    """Run the demo; ``config`` (if given) replaces the defaults, and ``density``/``steps``/``output_dir``."""
+    """Run the demo; ``config`` (if given) replaces the defaults, and ``density`` (None: the default)/``steps``/
+    ``output_dir``."""
     quiet_third_party_notices()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +154,8 @@ def run_demo(density: float = 0.1, steps: int | None = None, output_dir: str = "
     from .optim import MaskedAdamW, unwrap_optimizer
 
     if config is None:
-        config = DemoConfig(density=density, output_dir=output_dir)
+        config = DemoConfig(output_dir=output_dir) if density is None else \
+            DemoConfig(density=density, output_dir=output_dir)
     if steps is not None:
         config.steps = steps
     started = time.time()
