@@ -18,7 +18,15 @@ from tqdm.auto import tqdm
 
 from ..distributed import average_gradients, check_same_parameters, is_distributed
 from ..mask import SubnetworkMask
-from .strategies import Budget, check_budget, check_density, mask_from_scores, precision_scores, trainable_parameters
+from .strategies import (
+    Budget,
+    check_budget,
+    check_density,
+    mask_from_scores,
+    per_tensor_selections,
+    precision_scores,
+    trainable_parameters,
+)
 
 ProbeScore = Literal["gradient", "fisher", "adam", "precision"]
 PROBE_SCORES = get_args(ProbeScore)
@@ -50,6 +58,13 @@ class ProbeOptions:
             (0.9, 0.999).
         eps: AdamW eps of the ``"adam"``/``"precision"`` scores. None: the trainer's ``adam_epsilon``, else 1e-8.
         storage_dtype: the dtype whose resolution the ``"precision"`` score measures updates against.
+        passes: how many passes over the same ``steps`` batches score the parameters, each pass a share of about
+            1/passes of the entries (whole tensors in parameter order) with every other parameter's ``requires_grad``
+            off, so no gradient is computed for them. One pass holds an fp32 score for every entry plus the dense
+            gradients of its backward; more passes hold a share of them, for ``passes`` times the probe's forward
+            and backward work. With ``budget="per_tensor"`` each pass's scores become its tensors' selections before
+            the next pass starts; ``"global"`` keeps every score until the end. Given the same batches (the trainer
+            probe prepares each batch once and reuses it) the mask is the one pass's. One process only.
     """
 
     steps: int = 4
@@ -59,10 +74,13 @@ class ProbeOptions:
     betas: tuple[float, float] | None = None
     eps: float | None = None
     storage_dtype: torch.dtype = torch.bfloat16
+    passes: int = 1
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.passes, int) or isinstance(self.passes, bool) or self.passes < 1:
+            raise ValueError(f"passes must be a positive integer, got {self.passes!r}")
         if self.score not in PROBE_SCORES:
             raise ValueError(f"score must be one of {PROBE_SCORES}, got {self.score!r}")
         check_budget(self.budget)
@@ -196,8 +214,58 @@ def gradient_mask(
 ) -> SubnetworkMask:
     """Keep the ``density`` share of entries with the highest probe score of the real training loss, under
     ``options.budget`` (see :func:`accumulate_gradient_scores`). Defaults: 4 batches, accumulated |gradient|, the same
-    density per tensor."""
+    density per tensor, one pass. With ``options.passes > 1``, ``loss_fn(step)`` is called once per step in every
+    pass and must give the same batch for the same ``step`` for the mask to equal one pass's."""
     check_density(density)
     options = as_probe_options(options)
-    scores = accumulate_gradient_scores(model, loss_fn, options, include=include, exclude=exclude)
-    return mask_from_scores(scores, density, options.budget)
+    if options.passes == 1:
+        scores = accumulate_gradient_scores(model, loss_fn, options, include=include, exclude=exclude)
+        return mask_from_scores(scores, density, options.budget)
+    if is_distributed():
+        raise ValueError("ProbeOptions.passes > 1 runs in one process only: DDP/FSDP expect a gradient for every "
+                         "parameter that requires one; probe with passes=1 under torch.distributed")
+    groups = parameter_groups(trainable_parameters(model, exclude, include), options.passes)
+
+    def scores_by_pass():
+        for number, group in enumerate(groups, start=1):
+            with only_these_require_grad(model, group):
+                yield accumulate_gradient_scores(model, loss_fn, options, include=include, exclude=exclude,
+                                                 desc=f"gradient probe, pass {number}/{len(groups)}")
+
+    if options.budget == "global":  # the threshold is over every score: keep them all
+        return mask_from_scores({n: s for scores in scores_by_pass() for n, s in scores.items()}, density, "global")
+    return SubnetworkMask(selection for scores in scores_by_pass()
+                          for selection in per_tensor_selections(scores, density))
+
+
+def parameter_groups(params: list[tuple[str, torch.nn.Parameter]], count: int) -> list[list[str]]:
+    """``params``' names in parameter order cut into at most ``count`` runs of about equal total size (whole
+    tensors: a run closes once it reaches its share of all entries)."""
+    total = sum(p.numel() for _, p in params)
+    groups, current, filled = [], [], 0
+    for name, param in params:
+        current.append(name)
+        filled += param.numel()
+        if len(groups) < count - 1 and filled * count >= total * (len(groups) + 1):
+            groups.append(current)
+            current = []
+    return groups + [current] * bool(current)
+
+
+class only_these_require_grad:
+    """Context manager: of ``model``'s parameters that require a gradient, only those named keep requiring one
+    (the others compute none in backward); the flags are restored on exit."""
+
+    def __init__(self, model: torch.nn.Module, names: Iterable[str]):
+        self.model, self.names = model, set(names)
+
+    def __enter__(self):
+        self.switched = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.names]
+        for param in self.switched:
+            param.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for param in self.switched:
+            param.requires_grad_(True)
+        return False

@@ -16,7 +16,7 @@ take the whole budget; ``"global"`` keeps the top ``density`` share of all score
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal, get_args
 
 import torch
@@ -119,12 +119,24 @@ def mask_from_scores(
     check_budget(budget)
     if not scores:
         raise ValueError("no scores given: the mask would select nothing")
-    for name, score in scores.items():
-        if not bool(torch.isfinite(score).all()):
-            raise ValueError(f"scores for {name!r} contain NaN or inf; check the loss of the probe")
     if budget == "global":
+        for name, score in scores.items():
+            _check_finite(name, score)
         return SubnetworkMask(_global_top_k_selection(scores, density))
-    return SubnetworkMask({name: _top_k_selection(score, density) for name, score in scores.items()})
+    return SubnetworkMask(per_tensor_selections(scores, density))
+
+
+def per_tensor_selections(scores: Mapping[str, torch.Tensor], density: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, selection)`` of each tensor's top-``density`` scores, one tensor at a time (a mask can be built from
+    the pairs as they come)."""
+    for name, score in scores.items():
+        _check_finite(name, score)
+        yield name, _top_k_selection(score, density)
+
+
+def _check_finite(name: str, score: torch.Tensor) -> None:
+    if not bool(torch.isfinite(score).all()):
+        raise ValueError(f"scores for {name!r} contain NaN or inf; check the loss of the probe")
 
 
 # ---------------------------------------------------------------------------------------------- baselines

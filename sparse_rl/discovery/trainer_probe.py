@@ -18,26 +18,34 @@ from ..mask import SubnetworkMask
 from .probe import ProbeOptions, as_probe_options, gradient_mask
 
 
-def trainer_loss_fn(trainer) -> Callable[[int], torch.Tensor]:
+def trainer_loss_fn(trainer, reuse_batches: bool = False) -> Callable[[int], torch.Tensor]:
     """A ``loss_fn(step)`` running the trainer's own data pipeline and ``compute_loss`` on successive batches.
 
     For online trainers (GRPO, RLOO) each probe batch generates fresh completions. Internal counters and logged
-    metrics touched by the probe are restored by :func:`probe_trainer_state`.
+    metrics touched by the probe are restored by :func:`probe_trainer_state`. With ``reuse_batches`` each step's
+    prepared inputs (its generations, for online trainers) are kept, and a later call with the same ``step`` reuses
+    them: what a probe in several passes needs to score every pass on the same batches.
     """
     dataloader = trainer.get_train_dataloader()
     batches = iter(dataloader)
+    prepared = {}
 
     def loss_fn(step: int) -> torch.Tensor:
         nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(dataloader)
-            batch = next(batches)
-        if hasattr(trainer, "_buffered_inputs"):
-            trainer._buffered_inputs = None  # force generation for every probe batch
         trainer.model.train()
-        inputs = trainer._prepare_inputs(batch)
+        if step in prepared:
+            inputs = prepared[step]
+        else:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(dataloader)
+                batch = next(batches)
+            if hasattr(trainer, "_buffered_inputs"):
+                trainer._buffered_inputs = None  # force generation for every probe batch
+            inputs = trainer._prepare_inputs(batch)
+            if reuse_batches:
+                prepared[step] = inputs
         with trainer.compute_loss_context_manager():
             return trainer.compute_loss(trainer.model, inputs)
 
@@ -89,5 +97,5 @@ def gradient_mask_from_trainer(
     options = as_probe_options(options).with_adamw_defaults(
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     with probe_trainer_state(trainer):
-        return gradient_mask(trainer.model, trainer_loss_fn(trainer), density, options, include=include,
-                             exclude=exclude)
+        return gradient_mask(trainer.model, trainer_loss_fn(trainer, reuse_batches=options.passes > 1), density,
+                             options, include=include, exclude=exclude)
