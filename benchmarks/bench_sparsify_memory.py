@@ -38,7 +38,9 @@ STEPS = 3
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's starting value, no longer adjusted
 # (case, trim, fixed mmap threshold): trim on/off where sparsify frees a lot, the threshold fixed for the GRPO rows
 JOBS = [("grpo-gradient-probe", False, False), ("grpo-gradient-probe", True, False),
-        ("grpo-gradient-probe", True, True), ("grpo-random-mask", True, False), ("grpo-random-mask", True, True),
+        ("grpo-gradient-probe", True, True), ("grpo-gradient-probe-4-passes", True, False),
+        ("grpo-gradient-probe-4-passes", True, True), ("grpo-random-mask", True, False),
+        ("grpo-random-mask", True, True),
         ("grpo-lora", True, False), ("grpo-lora", True, True),
         ("dpo-shared-reference-freed-copy", False, False), ("dpo-shared-reference-freed-copy", True, False)]
 
@@ -48,6 +50,7 @@ def child(case: str, trim: bool, output_dir: str) -> dict:
     from _common import reset_peak, status_mib
 
     from sparse_rl import SparseConfig, sparsify
+    from sparse_rl.discovery import ProbeOptions
     from sparse_rl.models import load_smollm2
 
     torch.set_num_threads(1)
@@ -73,8 +76,10 @@ def child(case: str, trim: bool, output_dir: str) -> dict:
             peft_config, _ = lora_config_matching(model, 0.1)
         trainer = build_demo_trainer(demo, model, tokenizer, rows, disable_tqdm=True, logging_steps=1,
                                      peft_config=peft_config)
+        probe = ProbeOptions(passes=4 if case == "grpo-gradient-probe-4-passes" else 1)
         config = None if case == "grpo-lora" else \
-            SparseConfig(density=0.1, discovery="gradient" if case == "grpo-gradient-probe" else "random")
+            SparseConfig(density=0.1, discovery="gradient" if case.startswith("grpo-gradient-probe") else "random",
+                         probe=probe)
     else:
         from bench_train_step import SETUPS, _build_dpo
 
@@ -82,24 +87,25 @@ def child(case: str, trim: bool, output_dir: str) -> dict:
         trainer = cls(**kwargs)
         config = SparseConfig(density=0.1, discovery="random", shared_reference=True)
     before = status_mib("VmRSS")
-    start = time.perf_counter()
+    start, setup_cpu = time.perf_counter(), time.process_time()
     if config is not None:
         sparsify(trainer, config)
-    seconds = time.perf_counter() - start
+    seconds, setup_cpu = time.perf_counter() - start, time.process_time() - setup_cpu
     after, peak_setup = status_mib("VmRSS"), status_mib("VmHWM")
     reset = reset_peak()
     cpu = time.process_time()
     trainer.train()
     return {"case": case, "trim": trim, "fixed_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None,
             "rss_before_sparsify_mib": before, "rss_after_sparsify_mib": after, "sparsify_seconds": seconds,
+            "sparsify_cpu_seconds": setup_cpu,
             "peak_before_train_mib": peak_setup, "peak_train_mib": status_mib("VmHWM") if reset else None,
             "rss_end_mib": status_mib("VmRSS"), "cpu_seconds_per_step": (time.process_time() - cpu) / STEPS}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| case | freed memory returned | mmap threshold | RSS before sparsify | RSS after sparsify | "
-             "process peak before train() | peak in train() | RSS after train() | CPU s/step | process peak vs LoRA "
-             "(same threshold) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "process peak before train() | peak in train() | RSS after train() | sparsify CPU s | CPU s/step "
+             "| process peak vs LoRA (same threshold) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lora = {r["fixed_mmap_threshold"]: max(r["peak_before_train_mib"], r["peak_train_mib"])
             for r in rows if r["case"] == "grpo-lora"}
     for row in rows:
@@ -107,18 +113,22 @@ def table(rows: list[dict]) -> str:
         versus = f"{peak / lora[row['fixed_mmap_threshold']]:.2f}x" if row["case"].startswith("grpo") else "-"
         sparsified = row["case"] != "grpo-lora"
         after = f"{row['rss_after_sparsify_mib']:.0f} MiB" if sparsified else "-"
+        setup_cpu = f"{row['sparsify_cpu_seconds']:.0f}" if sparsified and "sparsify_cpu_seconds" in row else "-"
         lines.append(f"| {row['case']} | {('yes' if row['trim'] else 'no') if sparsified else '-'} "
                      f"| {'fixed 128 KiB' if row['fixed_mmap_threshold'] else 'dynamic'} "
                      f"| {row['rss_before_sparsify_mib']:.0f} MiB | "
                      f"{after} "
                      f"| {row['peak_before_train_mib']:.0f} MiB | {row['peak_train_mib']:.0f} MiB "
-                     f"| {row['rss_end_mib']:.0f} MiB | {row['cpu_seconds_per_step']:.1f} | {versus} |")
+                     f"| {row['rss_end_mib']:.0f} MiB | {setup_cpu} | {row['cpu_seconds_per_step']:.1f} | {versus} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", choices=sorted({job[0] for job in JOBS}),
+                        help="run only these cases' rows (include grpo-lora for the vs-LoRA column)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table goes (and its .json)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -127,10 +137,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             emit_result(child(args.child[0], bool(int(args.child[1])), tmp))
         return 0
+    subset = f" --cases {' '.join(args.cases)} --results {args.results}" if args.cases else ""
     load_before = load_average()
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: run_child(child_command(__file__, "--child", job[0], int(job[1])),
-                                                   env_extra=FIXED_MMAP_THRESHOLD if job[2] else None), JOBS))
+                                                   env_extra=FIXED_MMAP_THRESHOLD if job[2] else None),
+                             [job for job in JOBS if args.cases is None or job[0] in args.cases]))
     text = "\n".join([
         "# Memory that sparsify's set-up leaves resident (SmolLM2-135M-Instruct, fp32, CPU)", "",
         f"One process per row ({args.jobs} at a time), 1 torch thread, {STEPS} training steps after `sparsify`. "
@@ -140,15 +152,17 @@ def main(argv=None) -> int:
         "process's environment (fixed). *process peak before train()*: VmHWM after `sparsify` (the probe's own "
         "peak). *peak in train()*: VmHWM reset when `train()` starts. *CPU s/step*: the process's CPU time in "
         "`train()` per step. GRPO: the choose_by protocol's batch (4 prompts x 8 completions of 4 tokens), no "
-        "reference (beta=0), 10% density: `discovery=\"gradient\"` (4 probe batches) or `\"random\"`, or LoRA on "
+        "reference (beta=0), 10% density: `discovery=\"gradient\"` (4 probe batches; *-4-passes*: "
+        "`ProbeOptions(passes=4)`, each pass scoring a quarter of the entries on the same batches) or `\"random\"`, "
+        "or LoRA on "
         "every linear layer at the same trained count (rank 44, no `sparsify`). DPO: TRL loads its reference copy, "
         "`shared_reference=True` frees it.", "",
         f"Machine: {cpu_description()}; 1-minute load average {load_before:.1f} before / "
         f"{load_average():.1f} after. Python {platform.python_version()}.", "",
         table(rows), "",
-        "Reproduce: `python benchmarks/bench_sparsify_memory.py --jobs 2`", ""])
-    write_result(text, RESULTS)
-    RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        f"Reproduce: `python benchmarks/bench_sparsify_memory.py --jobs {args.jobs}{subset}`", ""])
+    write_result(text, args.results)
+    args.results.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return 0
 
 
