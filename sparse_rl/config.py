@@ -50,7 +50,8 @@ class SparseConfig:
             (:meth:`suggested_learning_rate` gives these).
         probe: how ``"gradient"`` discovery probes: batches, score (``"gradient"`` |g|, ``"fisher"`` g², ``"adam"``
             the size of the AdamW update the entry would get, ``"precision"`` that update relative to half a bf16
-            ulp of the weight), budget rule (``"per_tensor"`` or ``"global"``). A
+            ulp of the weight), budget rule (``"per_tensor"`` or ``"global"``), passes (more passes over the same
+            batches hold fewer scores and gradients at once: a lower peak for more compute). A
             :class:`~sparse_rl.discovery.ProbeOptions` (or a dict of its fields); its unset AdamW hyperparameters
             come from the trainer's arguments.
         mask: a ready :class:`SubnetworkMask` or a path to one saved with ``SubnetworkMask.save``; overrides
