@@ -106,3 +106,13 @@ def test_passes_are_refused_under_torch_distributed(monkeypatch):
 def test_bad_passes_are_refused(passes):
     with pytest.raises(ValueError, match="passes must be a positive integer"):
         ProbeOptions(passes=passes)
+
+
+def test_a_failed_pass_leaves_every_flag_restored():
+    """NaN scores are refused (naming the tensor) and no parameter is left with requires_grad switched off."""
+    model = make_tiny_model()
+    loss = _fixed_batches_loss(model)
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        gradient_mask(model, lambda step: loss(step) * float("nan"), 0.1, ProbeOptions(steps=1, passes=2))
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())

@@ -228,9 +228,10 @@ def gradient_mask(
 
     def scores_by_pass():
         for number, group in enumerate(groups, start=1):
-            with only_these_require_grad(model, group):
-                yield accumulate_gradient_scores(model, loss_fn, options, include=include, exclude=exclude,
-                                                 desc=f"gradient probe, pass {number}/{len(groups)}")
+            with only_these_require_grad(model, group):  # closed before the scores leave: the flags are back
+                scores = accumulate_gradient_scores(model, loss_fn, options, include=include, exclude=exclude,
+                                                    desc=f"gradient probe, pass {number}/{len(groups)}")
+            yield scores
 
     if options.budget == "global":  # the threshold is over every score: keep them all
         return mask_from_scores({n: s for scores in scores_by_pass() for n, s in scores.items()}, density, "global")
