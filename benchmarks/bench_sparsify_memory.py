@@ -110,7 +110,8 @@ def table(rows: list[dict]) -> str:
             for r in rows if r["case"] == "grpo-lora"}
     for row in rows:
         peak = max(row["peak_before_train_mib"], row["peak_train_mib"])
-        versus = f"{peak / lora[row['fixed_mmap_threshold']]:.2f}x" if row["case"].startswith("grpo") else "-"
+        reference = lora.get(row["fixed_mmap_threshold"]) if row["case"].startswith("grpo") else None
+        versus = f"{peak / reference:.2f}x" if reference else "-"  # no LoRA row at this threshold in the run: "-"
         sparsified = row["case"] != "grpo-lora"
         after = f"{row['rss_after_sparsify_mib']:.0f} MiB" if sparsified else "-"
         setup_cpu = f"{row['sparsify_cpu_seconds']:.0f}" if sparsified and "sparsify_cpu_seconds" in row else "-"
