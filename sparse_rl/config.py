@@ -111,8 +111,10 @@ class SparseConfig:
         finetuning's best was 3e-6) divided by full finetuning's: the gradient probe at 10% 3x, at 5% and 1% 10x
         (at 3x they recovered resolvably less), a random mask at 10% 30x. The grid steps by ~3x, so each factor is
         known to about that step; a short sweep of your own around the suggestion decides on another model or
-        task. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x, smallest-|w|
-        masks at ~30x in our runs), so asking for one is an error.
+        task. The probe's factors were measured with its default ``score="gradient"``; the Fisher score's 10% sweep
+        tied 1e-5 and 3e-5 (3x and 10x) and its 1% mask trained well at 10x; the ``"adam"``/``"precision"`` scores
+        were not swept. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x,
+        smallest-|w| masks at ~30x in our runs), so asking for one is an error.
         """
         if not (isinstance(full_finetuning_lr, (int, float)) and math.isfinite(full_finetuning_lr)
                 and full_finetuning_lr > 0):
