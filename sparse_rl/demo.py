@@ -148,14 +148,15 @@ def run_demo(density: float | None = None, steps: int | None = None, output_dir:
     quiet_third_party_notices()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import SparseConfig, sparsify
+    from . import sparsify
     from .discovery import ProbeOptions
     from .models import smollm2_checkpoint
     from .optim import MaskedAdamW, unwrap_optimizer
 
     if config is None:
-        config = DemoConfig(output_dir=output_dir) if density is None else \
-            DemoConfig(density=density, output_dir=output_dir)
+        config = DemoConfig(output_dir=output_dir)
+    if density is not None:
+        config.density = density
     if steps is not None:
         config.steps = steps
     started = time.time()
