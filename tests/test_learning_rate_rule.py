@@ -4,10 +4,9 @@ input is refused."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +15,32 @@ import torch
 from sparse_rl import SparseConfig, SubnetworkMask
 from sparse_rl.config import learning_rate_factor
 
-RUNS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "choose_by" / "runs"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import choose_by  # noqa: E402
+from choosing.plan import build_plan  # noqa: E402
+
 GRID_STEP = math.sqrt(10)  # the sweeps' grid: 1e-6, 3e-6, 1e-5, 3e-5, ...
 
 
-def _best_lr_of_sweeps(task: str = "addition") -> dict[str, float]:
-    """Row -> lr with the highest final held-out reward among its seed-0 runs on ``task`` (rows swept with >= 3
-    lrs: the sweeps; a row that ran at one inherited lr has no best of its own)."""
-    rewards = defaultdict(dict)
-    for path in RUNS.glob(f"{task}__*__s0__*.json"):
-        record = json.loads(path.read_text())
-        config = record["config"]
-        if config.get("entropy_quantile", 1.0) == 1.0 and config.get("mask_from_task") is None:
-            rewards[record["row"]][config["learning_rate"]] = record["final_reward"]
-    return {row: max(by_lr, key=by_lr.get) for row, by_lr in rewards.items() if len(by_lr) >= 3}
+def _best_lr_of_sweeps(model_dir, weights_dir) -> dict[str, float]:
+    """Row -> best lr of each finished sweep on the main task, as the experiment's own plan decides it (complete,
+    widened while the best sat at an edge) from the committed runs. The plan reads the model only for LoRA's rank,
+    which no sparse or full row depends on, so the tiny checkpoint serves."""
+    args = choose_by.parse_args([])
+    plan = build_plan(choose_by.protocol_of(args), args.results / "runs", weights_dir, model_dir,
+                      tuple(args.tasks.split(",")))
+    return {row: lr for (task, row), lr in plan.best_lr.items()}
 
 
 SWEPT_ROW = re.compile(r"sparse-(gradient|random)-([0-9.]+)")  # the discovered masks the rule covers
 
 
-def test_factors_are_the_sweeps_best_lr_over_full_finetunings():
-    """Every committed sweep of a probe or random mask, whatever its density (stage N's random 1% and 30% join
-    when they land), has its best lr within half a grid step of the rule's suggestion."""
-    best = _best_lr_of_sweeps()
+def test_factors_are_the_sweeps_best_lr_over_full_finetunings(tiny_checkpoint, tmp_path):
+    """Every finished sweep of a probe or random mask, whatever its density (stage N's random 1% and 30% join
+    when their sweeps finish), has its best lr within half a grid step of the rule's suggestion."""
+    best = _best_lr_of_sweeps(tiny_checkpoint, tmp_path / "weights")
     covered = {row: SWEPT_ROW.fullmatch(row) for row in best if SWEPT_ROW.fullmatch(row)}
     assert "full" in best
     assert {"sparse-gradient-0.1", "sparse-gradient-0.05", "sparse-gradient-0.01", "sparse-random-0.1"} <= set(covered)
