@@ -16,14 +16,14 @@ from .restrict.tokens import check_entropy_quantile
 # SparseConfig.suggested_learning_rate): the gradient probe switches from 3x to 10x between 10% and 5%.
 PROBE_LR_FACTOR_FROM_10_PERCENT = 3.0
 PROBE_LR_FACTOR_BELOW_10_PERCENT = 10.0
-RANDOM_LR_FACTOR_FROM_10_PERCENT = 30.0
-RANDOM_LR_FACTOR_BELOW_10_PERCENT = 100.0  # random's 1% sweep: best at 3e-4 so far (seed 0; 1e-3 still to run)
+# a random mask's best lr went as 1/density: 30x at 10% (1e-4), 300x at 1% (1e-3, the sweep's widened edge)
+RANDOM_LR_FACTOR_AT_10_PERCENT = 30.0
 
 
 def learning_rate_factor(discovery: str, density: float) -> float:
     """How many times full finetuning's learning rate a discovered mask of ``density`` wants."""
     if discovery == "random":
-        return RANDOM_LR_FACTOR_FROM_10_PERCENT if density >= 0.1 else RANDOM_LR_FACTOR_BELOW_10_PERCENT
+        return RANDOM_LR_FACTOR_AT_10_PERCENT * 0.1 / density
     return PROBE_LR_FACTOR_FROM_10_PERCENT if density >= 0.1 else PROBE_LR_FACTOR_BELOW_10_PERCENT
 
 
@@ -45,11 +45,11 @@ class SparseConfig:
             in every matrix); ``"random"`` draws a uniform random subset (a strong baseline: at 10% the probe did
             not resolvably beat it in our runs, +0.049 [-0.019, 0.113] of reward over 5 seeds each, but the probe's
             seeds spread 7x less (SD 0.010 against 0.074); at 5% +0.033 [-0.003, 0.071], not resolved either; at 1%
-            random at its own lr, 3e-4, reached 0.783 against the probe's 0.731, one seed each so far). The two want
+            random at its own lr, 1e-3, reached 0.856 against the probe's 0.731, one seed each so far). The two want
             different learning rates (the trainer's ``learning_rate`` is used as given): in our sweeps the probe's
             10% mask was best at ~3x full finetuning's lr, its 5% and 1% masks at ~10x and the random mask at ~30x
-            (at 1% ~100x); an unfair lr decides more than the mask does (:meth:`suggested_learning_rate` gives
-            these).
+            (at 1% ~300x: 3/density); an unfair lr decides more than the mask does (:meth:`suggested_learning_rate`
+            gives these).
         probe: how ``"gradient"`` discovery probes: batches, score (``"gradient"`` |g|, ``"fisher"`` g², ``"adam"``
             the size of the AdamW update the entry would get, ``"precision"`` that update relative to half a bf16
             ulp of the weight), budget rule (``"per_tensor"`` or ``"global"``), passes (more passes over the same
@@ -111,12 +111,13 @@ class SparseConfig:
         finetuning, and how much larger depends on the mask and its density. The factors are the best learning rates
         of the README's "Choose by" sweeps (GRPO on SmolLM2-135M, seed 0 per lr, 3 seeds at the best; full
         finetuning's best was 3e-6) divided by full finetuning's: the gradient probe at 10% 3x, at 5% and 1% 10x (at
-        3x they recovered resolvably less), a random mask at 10% 30x and at 1% 100x (5% not swept). The grid steps
-        by ~3x, so each factor is known to about that step; a short sweep of your own around the suggestion decides
-        on another model or task. The probe's factors were measured with its default ``score="gradient"``; the
-        Fisher score's 10% sweep tied 1e-5 and 3e-5 (3x and 10x) and its 1% mask trained well at 10x; the
-        ``"adam"``/``"precision"`` scores were not swept. No factor was measured for a given ``mask`` (post-hoc diff
-        masks were best at ~10x, smallest-|w| masks at ~30x in our runs), so asking for one is an error.
+        3x they recovered resolvably less), a random mask 30x at 10% and 300x at 1%, i.e. 3/density (5% not swept;
+        at 30% the sweep is unfinished, best so far 1e-5, 3x). The grid steps by ~3x, so each factor is known to
+        about that step; a short sweep of your own around the suggestion decides on another model or task. The
+        probe's factors were measured with its default ``score="gradient"``; the Fisher score's 10% sweep tied 1e-5
+        and 3e-5 (3x and 10x) and its 1% mask trained well at 10x; the ``"adam"``/``"precision"`` scores were not
+        swept. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x, smallest-|w|
+        masks at ~30x in our runs), so asking for one is an error.
         """
         if not (isinstance(full_finetuning_lr, (int, float)) and math.isfinite(full_finetuning_lr)
                 and full_finetuning_lr > 0):
