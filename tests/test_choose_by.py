@@ -786,3 +786,60 @@ def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
     assert _style("sparse-posthoc-0.1-from-addition") == ("sparse, posthoc from addition", "C3", "X")
     assert _style("sparse-gradient-0.1-entropy0.2") == ("sparse, gradient, top-20% entropy tokens", "C2", "o")
     assert _style("lora-r44")[1:] == ("C1", "D") and _style("full")[1:] == ("C0", "s")
+
+
+def test_the_second_task_trains_twice_as_long_and_the_report_checks_it_repeats_the_shorter_runs(
+        tmp_path, tiny_checkpoint):
+    """Stage Q: full finetuning, the matched LoRA and the probe's 5% mask on the second task at twice the steps, each
+    at its protocol-length row's lr (the 5% mask waits for its own sweep). The report gives them their own section,
+    says whether their first steps repeat the shorter runs, and how much full finetuning gained after them."""
+    from choosing.plan import LONGER, SWEEPS
+
+    results = tmp_path / "choose_by"
+    runs, protocol = results / "runs", _protocol()
+    rank = matched_lora_rank(tiny_checkpoint)
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
+    tasks = ("addition", "subtraction")
+
+    def longer_runs():
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, tasks)
+        return p, {(c.config.row, c.config.learning_rate, c.config.seed, c.config.steps) for c in p.ready
+                   if c.stage.startswith("Q")}
+
+    p, planned = longer_runs()
+    steps = LONGER * protocol.steps
+    assert planned == {(row, SWEEPS[family][0], seed, steps) for row, family in (("full", "full"),
+                                                                                    (f"lora-r{rank}", "lora"))
+                       for seed in (0, 1, 2)}
+    assert any("subtraction sparse-gradient-0.05 (Q" in w for w in p.waiting)
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):  # the probe's 5% sweep: best at its middle lr
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.05, learning_rate=lr),
+                  [points] * 8)
+    p, planned = longer_runs()
+    assert {("sparse-gradient-0.05", SWEEPS["sparse"][0], seed, steps) for seed in (0, 1, 2)} <= planned
+    # the longer runs: seeds 0, 1 of full finetuning continue their shorter runs, seed 2 does not
+    _fake_run(runs, protocol.replace(task="subtraction"), [0] * 8)  # the base model
+    for seed in (0, 1, 2):
+        shorter = protocol.replace(task="subtraction", method="full", learning_rate=SWEEPS["full"][0], seed=seed)
+        _fake_run(runs, shorter, [1] * 8)
+        longer = shorter.replace(steps=steps)
+        _fake_run(runs, longer, [2] * 8)
+        record = json.loads(result_path(runs, longer).read_text())
+        head = json.loads(result_path(runs, shorter).read_text())["evals"]
+        if seed == 2:  # its first evaluation differs from the shorter run's
+            head = [{**head[0], "correct": [2] * 8}] + head[1:]
+        record["evals"] = head + record["evals"]
+        result_path(runs, longer).write_text(json.dumps(record))
+    assert CLI[-2:] == ["--tasks", "addition"]
+    assert choose_by.main(CLI[:-1] + ["addition,subtraction", "--model-dir", str(tiny_checkpoint), "--results",
+                                      str(results), "--work", str(tmp_path / "w"), "--report"]) == 0
+    text = results.with_suffix(".md").read_text()
+    assert f"## subtraction at {steps} steps (stage Q)" in text
+    section = text.split(f"## subtraction at {steps} steps")[1].split("## Every finished run")[0]
+    assert "in 2 of 3 runs" in section
+    assert next(line for line in section.splitlines() if line.startswith("| full |")).split(" | ")[2] == "3"
+    assert f"Full finetuning's held-out reward from step {protocol.steps} to {steps}: 0.500 [0.500, 0.500]" in section
+    assert f"subtraction__full__lr{SWEEPS['full'][0]:g}__s0__" in text.split("## Every finished run")[1]
+    # the protocol-length subtraction table keeps its own runs only
+    shorter_table = text.split("## subtraction: rows at their chosen lr")[1].split("## subtraction at")[0]
+    assert "| full | " in shorter_table and "| 0.500 [" in shorter_table

@@ -31,6 +31,9 @@ O. the second task with the probe's and Fisher's 1% masks, each at its own 1% lr
 P. the second task with the probe's 5% mask at its own 5% lr (stage M), 3 seeds: the candidate default density;
 N. the lr sweep (seed 0, widened like A's) of random at 1 and 30%, which E ran at its 10% lr, and seeds 1, 2 at
    its own best where that differs;
+Q. the second task at twice the steps (``LONGER``), 3 seeds of full finetuning, the matched-count LoRA and the
+   probe's 5% mask (the default), each at the lr of its 60-step row: full finetuning's reward on the second task was
+   still rising between steps 40 and 60, and issue 18 asks for longer runs where it is;
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank).
 
@@ -57,6 +60,7 @@ DENSITIES = (0.01, 0.05, 0.1, 0.3)
 MAIN_DENSITY = 0.1
 SEEDS = (0, 1, 2)
 OTHER_MASKS = ("fisher", "magnitude", "posthoc")  # the masks without an lr sweep in stage A
+LONGER = 2  # stage Q: the second task at this many times the protocol's steps
 DECISIVE_EXTRA_SEEDS = (3, 4)  # stage I: the random 10% mask's seeds spread 0.66-0.81, too wide to rank it in 3
 
 
@@ -122,7 +126,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         return protocol.replace(task=task, method=method, learning_rate=lr, seed=seed, density=kw.get("density"),
                                 mask=kw.get("mask"), lora_rank=kw.get("lora_rank"),
                                 entropy_quantile=kw.get("entropy_quantile", 1.0),
-                                mask_from_task=kw.get("mask_from_task"))
+                                mask_from_task=kw.get("mask_from_task"), steps=kw.get("steps", protocol.steps))
 
     def done(c: RunConfig) -> dict | None:
         return load_result(runs_dir, c)
@@ -314,6 +318,16 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for density in (0.01, 0.3):
         own_sweep(f"sparse-random-{density:g}", "sparse", {"mask": "random", "density": density}, random_row,
                   "N lr sweep of random at 1 and 30%", "N random at 1 and 30% at its own lr")
+    # Q: the second task trained twice as long (its full finetuning was still rising at the protocol's last step):
+    # does the default (the probe's 5% mask) stay level with full finetuning and LoRA once full finetuning converges?
+    # Each row at the lr of its protocol-length row; the first `protocol.steps` steps repeat those runs exactly
+    # Seed by seed, so that a part-done stage already pairs the three rows
+    for task, seed in itertools.product(tasks[1:], seeds):
+        longer = {"seeds": (seed,), "steps": LONGER * protocol.steps}
+        add_seeds(task, "Q second task, longer", "full", "full", **longer)
+        add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
+        add_seeds(task, "Q second task, longer", "sparse", "sparse-gradient-0.05", mask="gradient", density=0.05,
+                  **longer)
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:

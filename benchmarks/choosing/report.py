@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
-from choosing.runs import RunConfig, running_pid
+from choosing.plan import LONGER, MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
+from choosing.runs import RunConfig, load_result, running_pid
 from choosing.stats import (
     difference_interval,
     gain_share_interval,
@@ -64,21 +64,30 @@ def random_reference(rows: dict, best_lr: dict, task: str, density: float) -> li
     return refs.get(best_lr.get((task, row))) or next(iter(refs.values()), None)
 
 
+def _by_row(records: list[dict]) -> dict[tuple, list[dict]]:
+    """(task, row, lr) -> the runs of that row at that lr."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
+    return groups
+
+
 def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_seeds: int, work: Path) -> Path:
     runs_dir = Path(results) / "runs"
     records = load_runs(runs_dir, protocol)
     plan = build_plan(protocol, runs_dir, Path(work) / "weights", model_dir, tasks, extra_seeds)
     base = {r["config"]["task"]: r for r in records if r["config"]["method"] == "base"}
     trained = [r for r in records if r["config"]["method"] != "base"]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in trained:
-        groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
+    # stage Q's runs, twice the protocol's steps: their own section, not mixed into the rows of the protocol's length
+    longer_protocol = protocol.replace(steps=LONGER * protocol.steps)
+    longer = [r for r in load_runs(runs_dir, longer_protocol) if r["config"]["method"] != "base"]
+    groups = _by_row(trained)
     chosen = {(p.config.task, p.config.row, p.config.learning_rate) for p in plan.ready
               if not p.stage.startswith("0 base") and "lr sweep" not in p.stage}  # widened points are sweep runs too
     command = (Path(results) / "command.txt").read_text().strip() if (Path(results) / "command.txt").exists() else \
         "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --parallel 1"
-    seconds = [r["seconds"] for r in trained]
-    done_ids = {r["id"] for r in records}
+    seconds = [r["seconds"] for r in trained + longer]
+    done_ids = {r["id"] for r in records + longer}
     # a regenerating full run has a record already but still has to train again (its final weights were lost)
     pending = [p for p in plan.ready if p.regenerate or p.config.run_id() not in done_ids]
     per_run = statistics.mean(seconds) if seconds else None
@@ -102,7 +111,8 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         "`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by.py --report`.", "",
         f"CPU: {trained[0]['cpu'] if trained else (records[0]['cpu'] if records else '-')}.", "",
         "## Status", "",
-        f"{len(records)} runs finished ({len(trained)} trained, {len(base)} base evaluations); {len(pending)} "
+        f"{len(records) + len(longer)} runs finished ({len(trained) + len(longer)} trained, {len(base)} base "
+        f"evaluations); {len(pending)} "
         f"schedulable now, more once the {len(plan.waiting)} items below that wait for earlier runs can start."
         + (f" Mean wall time per finished training run {per_run / 60:.0f} min: the schedulable runs need about "
            f"{len(pending) * per_run / 3600:.0f} h of one process." if per_run else ""), "",
@@ -178,47 +188,30 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
             lines += [f"## {task}: rows at their chosen lr", "", "No row has its learning rate chosen yet "
                       "(the sweeps are not complete).", ""]
             continue
-        lines += [f"## {task}: rows at their chosen lr", "",
-                  "| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD | sampling SD "
-                  "| share of full FT's gain [95% CI] | vs random, same density [95% CI] | trained entries "
-                  "| optimizer state (MiB) | peak RSS in train(), max over seeds (MiB) | median step (s) |",
-                  "|---" * 13 + "|"]
+        table, figure = _rows_table(rows, base.get(task), plan.best_lr, task)
+        lines += [f"## {task}: rows at their chosen lr", ""] + table
+        figure_rows += figure
+
+    for task in tasks[1:]:
+        rows = {key: sorted(g, key=lambda r: r["config"]["seed"]) for key, g in _by_row(longer).items()
+                if key[0] == task}
+        if not rows:
+            continue
+        table, _ = _rows_table(rows, base.get(task), plan.best_lr, task)
+        lines += [f"## {task} at {longer_protocol.steps} steps (stage Q)", "",
+                  f"Issue 18 asks for longer runs where full finetuning's reward still rises at the last step "
+                  f"(the line under the {task} table says whether it did at step {protocol.steps}): these rows train "
+                  f"{LONGER}x as long, each at the lr of its {protocol.steps}-step row. "
+                  + _repeats_shorter_runs(longer, runs_dir, protocol.steps), ""] + table
         full_key = next((k for k in rows if k[1] == "full"), None)
-        base_matrix = success_matrix([base[task]]) if task in base else None
-        for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
-            runs = rows[key]
-            matrix = success_matrix(runs)
-            reward = mean_interval(matrix)
-            share = None
-            if full_key and base_matrix is not None and key != full_key:
-                share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix,
-                                            same_seeds=same_seeds(runs, rows[full_key]))
-            versus, few = None, len(runs)
-            config = runs[0]["config"]
-            if config["method"] == "sparse" and config["mask"] != "random":
-                ref = random_reference(rows, plan.best_lr, task, config["density"])
-                if ref:
-                    versus = difference_interval(matrix, success_matrix(ref), same_seeds=same_seeds(runs, ref))
-                    few = min(few, len(ref))
-            cost = runs[-1]
-            lines.append(
-                f"| {key[1]} | {key[2]:g} | {len(runs)} | {_ci(reward)} | {reward.width:.3f} | {seed_sd(matrix):.3f} "
-                f"| {sampling_sd(matrix, runs[0]['config']['eval_samples']):.3f} "
-                f"| {_ci(share, 2)}{'†' * (share is not None and len(runs) < 3)} "
-                f"| {_ci(versus)}{'†' * (versus is not None and few < 3)} | {cost['trained_entries']:,} | "
-                f"{_mib(cost['optimizer_state_bytes'])} | {max(r.get('peak_rss_train_mib', 0) for r in runs):.0f} | "
-                f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
-            figure_rows.append((task, key[1], key[2], cost["trained_entries"], reward, runs))
-        lines += ["", "† a row (or its random reference) with fewer than 3 seeds: the interval misses most of "
-                  "the seed spread.", "", _verdict(rows, base_matrix, full_key), ""]
         if full_key:
-            lines += [_still_rising(rows[full_key]), ""]
+            lines += [_reward_change(rows[full_key], protocol.steps), ""]
 
     # every finished run
     lines += ["## Every finished run", "", "| run | final held-out reward [95% CI over prompts] | curve (step: reward) "
               "| trained entries | optimizer state (MiB) | peak RSS (MiB) | median step (s) | load avg |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(trained, key=lambda r: r["id"]):
+    for r in sorted(trained + longer, key=lambda r: r["id"]):
         curve = ", ".join(f"{e['step']}: {e['reward']:.3f}" for e in r["evals"])
         lines.append(f"| `{r['id']}` | {_ci(mean_interval(success_matrix([r])))} | {curve} | "
                      f"{r['trained_entries']:,} | {_mib(r['optimizer_state_bytes'])} | "
@@ -232,6 +225,70 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return out
+
+
+def _rows_table(rows: dict, base_record: dict | None, best_lr: dict, task: str) -> tuple[list[str], list[tuple]]:
+    """The markdown table of one task's rows (``rows``: (task, row, lr) -> runs sorted by seed) with the verdict and
+    whether full finetuning still rose, and the rows' entries for the plot."""
+    lines = ["| row | lr | seeds | held-out reward [95% CI] | CI width | seed SD | sampling SD "
+             "| share of full FT's gain [95% CI] | vs random, same density [95% CI] | trained entries "
+             "| optimizer state (MiB) | peak RSS in train(), max over seeds (MiB) | median step (s) |",
+             "|---" * 13 + "|"]
+    figure_rows = []
+    full_key = next((k for k in rows if k[1] == "full"), None)
+    base_matrix = success_matrix([base_record]) if base_record else None
+    for key in sorted(rows, key=lambda k: (_family(k[1]) != "full", _family(k[1]) != "lora", k[1])):
+        runs = rows[key]
+        matrix = success_matrix(runs)
+        reward = mean_interval(matrix)
+        share = None
+        if full_key and base_matrix is not None and key != full_key:
+            share = gain_share_interval(matrix, success_matrix(rows[full_key]), base_matrix,
+                                        same_seeds=same_seeds(runs, rows[full_key]))
+        versus, few = None, len(runs)
+        config = runs[0]["config"]
+        if config["method"] == "sparse" and config["mask"] != "random":
+            ref = random_reference(rows, best_lr, task, config["density"])
+            if ref:
+                versus = difference_interval(matrix, success_matrix(ref), same_seeds=same_seeds(runs, ref))
+                few = min(few, len(ref))
+        cost = runs[-1]
+        lines.append(
+            f"| {key[1]} | {key[2]:g} | {len(runs)} | {_ci(reward)} | {reward.width:.3f} | {seed_sd(matrix):.3f} "
+            f"| {sampling_sd(matrix, runs[0]['config']['eval_samples']):.3f} "
+            f"| {_ci(share, 2)}{'†' * (share is not None and len(runs) < 3)} "
+            f"| {_ci(versus)}{'†' * (versus is not None and few < 3)} | {cost['trained_entries']:,} | "
+            f"{_mib(cost['optimizer_state_bytes'])} | {max(r.get('peak_rss_train_mib', 0) for r in runs):.0f} | "
+            f"{statistics.median(r['median_step_seconds'] for r in runs):.1f} |")
+        figure_rows.append((task, key[1], key[2], cost["trained_entries"], reward, runs))
+    lines += ["", "† a row (or its random reference) with fewer than 3 seeds: the interval misses most of "
+              "the seed spread.", "", _verdict(rows, base_matrix, full_key), ""]
+    if full_key:
+        lines += [_still_rising(rows[full_key]), ""]
+    return lines, figure_rows
+
+
+def _repeats_shorter_runs(longer: list[dict], runs_dir: Path, steps: int) -> str:
+    """Whether each longer run's evaluations up to ``steps`` equal those of the same row and seed at ``steps``
+    (constant lr, the same seeds: the longer run should be the shorter one continued)."""
+    same, compared = [], 0
+    for record in longer:
+        shorter = load_result(runs_dir, RunConfig(**record["config"]).replace(steps=steps))
+        if shorter is None:
+            continue
+        compared += 1
+        head = [(e["step"], e["correct"]) for e in record["evals"] if e["step"] <= steps]
+        same.append(head == [(e["step"], e["correct"]) for e in shorter["evals"]])
+    if not compared:
+        return ""
+    return (f"Up to step {steps} the longer runs repeat the {steps}-step runs of the same row and seed "
+            f"(every held-out count equal) in {sum(same)} of {compared} runs.")
+
+
+def _reward_change(runs: list[dict], since: int) -> str:
+    """Full finetuning's held-out reward gained after step ``since``, paired over seeds and prompts."""
+    change = difference_interval(success_matrix(runs), success_matrix(runs, since))
+    return f"Full finetuning's held-out reward from step {since} to {runs[0]['evals'][-1]['step']}: {_ci(change)}."
 
 
 def _verdict(rows: dict, base_matrix, full_key) -> str:
