@@ -91,11 +91,48 @@ def gradient_mask_from_trainer(
     leaving the trainer as it was.
 
     The AdamW hyperparameters of the ``"adam"``/``"precision"`` scores (lr, betas, eps) that ``options`` leaves unset
-    come from ``trainer.args``.
+    come from ``trainer.args``. With ``args.activation_checkpointing`` (TRL's default) the probe checkpoints
+    activations as training will (:class:`probe_activation_checkpointing`).
     """
     args = trainer.args
     options = as_probe_options(options).with_adamw_defaults(
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    with probe_trainer_state(trainer):
+    with probe_trainer_state(trainer), probe_activation_checkpointing(trainer):
         return gradient_mask(trainer.model, trainer_loss_fn(trainer, reuse_batches=options.passes > 1), density,
                              options, include=include, exclude=exclude)
+
+
+class probe_activation_checkpointing:
+    """Context manager: the trainer's model checkpoints activations during the probe when ``train()`` will.
+
+    transformers' ``Trainer`` turns ``args.activation_checkpointing`` on inside ``train()``, after ``sparsify`` has
+    probed, so without this the probe's forward keeps every layer's activations: on SmolLM2-135M with the
+    choose_by batch, ~0.7-1.6 GB above what a checkpointed training step holds (``bench_sparsify_memory.py``).
+    Recomputing a layer gives the same gradients, so the mask does not change. On exit the model is switched back
+    to how it was, including the input-gradient hook that enabling adds, so ``train()`` enables it as usual.
+    """
+
+    def __init__(self, trainer):
+        self.model, self.args = trainer.model, trainer.args
+
+    def __enter__(self):
+        model = self.model
+        self.enabled = (bool(getattr(self.args, "activation_checkpointing", False))
+                        and hasattr(model, "activation_checkpointing_enable")
+                        and not model.is_activation_checkpointing)
+        if self.enabled:
+            had_input_hook = bool(getattr(model, "_require_grads_hooks", None))
+            # what Trainer.train() passes (transformers 5.24): two of the kwargs are its own, the rest torch's
+            kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+            every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                                  every_n_layers=every_n_layers, offload=offload)
+            self.added_input_hook = not had_input_hook and bool(getattr(model, "_require_grads_hooks", None))
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.model.activation_checkpointing_disable()
+            if self.added_input_hook:
+                self.model.disable_input_require_grads()
+        return False
