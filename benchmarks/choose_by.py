@@ -32,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` and `choosing` when imported from tests
+# the sparse_rl of this checkout, not the one an editable install points at: a sweep run from a separate worktree
+# keeps training with its own code while the main checkout changes
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from choosing.runs import RunConfig, load_result, run_one, running_pid, weights_path  # noqa: E402
 
