@@ -44,8 +44,8 @@ class SparseConfig:
             own loss (``probe``; by default 4 batches, keeping the entries with the largest accumulated |gradient|
             in every matrix); ``"random"`` draws a uniform random subset (a strong baseline: at 10% the probe did
             not resolvably beat it in our runs, +0.049 [-0.019, 0.113] of reward over 5 seeds each, but the probe's
-            seeds spread 7x less (SD 0.010 against 0.074); at 5% +0.033 [-0.003, 0.071], not resolved either; at 1%
-            random at its own lr, 1e-3, reached 0.856 against the probe's 0.731, one seed each so far). The two want
+            seeds spread 7x less (SD 0.010 against 0.074); at 5% +0.033 [-0.003, 0.071], not resolved either; at 1%,
+            each at its own lr, +0.018 [-0.114, 0.137] over 3 seeds, random's spreading 2x wider). The two want
             different learning rates (the trainer's ``learning_rate`` is used as given): in our sweeps the probe's
             10% mask was best at ~3x full finetuning's lr, its 5% and 1% masks at ~10x and the random mask at ~30x
             (at 1% ~300x: 3/density); an unfair lr decides more than the mask does (:meth:`suggested_learning_rate`
