@@ -7,24 +7,28 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from .discovery.probe import ProbeOptions
 from .discovery.strategies import check_density
 from .mask import SubnetworkMask
 from .restrict.tokens import check_entropy_quantile
 
-# Best learning rate of a mask / full finetuning's, from the README's "Choose by" sweeps (see
-# SparseConfig.suggested_learning_rate): the gradient probe switches from 3x to 10x between 10% and 5%.
-PROBE_LR_FACTOR_FROM_10_PERCENT = 3.0
-PROBE_LR_FACTOR_BELOW_10_PERCENT = 10.0
-# a random mask's best lr went as 1/density: 30x at 10% (1e-4), 300x at 1% (1e-3, the sweep's widened edge)
-RANDOM_LR_FACTOR_AT_10_PERCENT = 30.0
+# (density, best learning rate of the mask / full finetuning's best, 3e-6) at each density the README's "Choose by"
+# sweeps measured (see SparseConfig.suggested_learning_rate), rounded to the sweeps' 1-3-10 grid; at density 1 every
+# mask is full finetuning
+MEASURED_LR_FACTORS = {
+    "gradient": ((0.01, 10.0), (0.05, 10.0), (0.1, 3.0), (1.0, 1.0)),  # best lr 3e-5, 3e-5, 1e-5 (30% not swept)
+    "random": ((0.01, 300.0), (0.1, 30.0), (0.3, 3.0), (1.0, 1.0)),  # best lr 1e-3, 1e-4, 1e-5 (5% not swept)
+}
 
 
 def learning_rate_factor(discovery: str, density: float) -> float:
-    """How many times full finetuning's learning rate a discovered mask of ``density`` wants."""
-    if discovery == "random":
-        return RANDOM_LR_FACTOR_AT_10_PERCENT * 0.1 / density
-    return PROBE_LR_FACTOR_FROM_10_PERCENT if density >= 0.1 else PROBE_LR_FACTOR_BELOW_10_PERCENT
+    """How many times full finetuning's learning rate a discovered mask of ``density`` wants: the measured factor
+    at a measured density (at density 1, full finetuning: 1), interpolated in log-log between two (a power law
+    between neighbours), and held below the lowest."""
+    densities, factors = zip(*MEASURED_LR_FACTORS[discovery])
+    return float(np.exp(np.interp(np.log(density), np.log(densities), np.log(factors))))
 
 
 @dataclass
@@ -48,7 +52,7 @@ class SparseConfig:
             each at its own lr, +0.018 [-0.114, 0.137] over 3 seeds, random's spreading 2x wider). The two want
             different learning rates (the trainer's ``learning_rate`` is used as given): in our sweeps the probe's
             10% mask was best at ~3x full finetuning's lr, its 5% and 1% masks at ~10x and the random mask at ~30x
-            (at 1% ~300x: 3/density); an unfair lr decides more than the mask does (:meth:`suggested_learning_rate`
+            (at 1% ~300x, at 30% ~3x); an unfair lr decides more than the mask does (:meth:`suggested_learning_rate`
             gives these).
         probe: how ``"gradient"`` discovery probes: batches, score (``"gradient"`` |g|, ``"fisher"`` g², ``"adam"``
             the size of the AdamW update the entry would get, ``"precision"`` that update relative to half a bf16
@@ -111,9 +115,13 @@ class SparseConfig:
         finetuning, and how much larger depends on the mask and its density. The factors are the best learning rates
         of the README's "Choose by" sweeps (GRPO on SmolLM2-135M, seed 0 per lr, 3 seeds at the best; full
         finetuning's best was 3e-6) divided by full finetuning's: the gradient probe at 10% 3x, at 5% and 1% 10x (at
-        3x they recovered resolvably less), a random mask 30x at 10% and 300x at 1%, i.e. 3/density (5% not swept;
-        at 30% the sweep is unfinished, best so far 1e-5, 3x). The grid steps by ~3x, so each factor is known to
-        about that step; a short sweep of your own around the suggestion decides on another model or task. The
+        3x they recovered resolvably less), a random mask 300x at 1%, 30x at 10% and 3x at 30% (its best lr fell
+        10x from 1% to 10% and again from 10% to 30%). At density 1 every mask is full
+        finetuning (1x). Between these densities the factor is interpolated in log-log (not measured there: the
+        probe at 7% gets ~5.6x, at 30% ~1.8x, where its mask at 3x recovered 1.06 of the gain; random at 5% ~60x),
+        and below 1% it is held at 1%'s. The grid steps by ~3x, so each
+        factor is known to about that step; a short sweep of your own around the suggestion decides on another
+        model or task. The
         probe's factors were measured with its default ``score="gradient"``; the Fisher score's 10% sweep tied 1e-5
         and 3e-5 (3x and 10x) and its 1% mask trained well at 10x; the ``"adam"``/``"precision"`` scores were not
         swept. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x, smallest-|w|

@@ -38,12 +38,13 @@ SWEPT_ROW = re.compile(r"sparse-(gradient|random)-([0-9.]+)")  # the discovered 
 
 
 def test_factors_are_the_sweeps_best_lr_over_full_finetunings(tiny_checkpoint, tmp_path):
-    """Every finished sweep of a probe or random mask, whatever its density (stage N's random 1% and 30% join
-    when their sweeps finish), has its best lr within half a grid step of the rule's suggestion."""
+    """Every finished sweep of a probe or random mask, whatever its density, has its best lr within half a grid
+    step of the rule's suggestion."""
     best = _best_lr_of_sweeps(tiny_checkpoint, tmp_path / "weights")
     covered = {row: SWEPT_ROW.fullmatch(row) for row in best if SWEPT_ROW.fullmatch(row)}
     assert "full" in best
-    assert {"sparse-gradient-0.1", "sparse-gradient-0.05", "sparse-gradient-0.01", "sparse-random-0.1"} <= set(covered)
+    assert {"sparse-gradient-0.1", "sparse-gradient-0.05", "sparse-gradient-0.01", "sparse-random-0.1",
+            "sparse-random-0.01", "sparse-random-0.3"} <= set(covered)
     for row, match in covered.items():
         config = SparseConfig(discovery=match[1], density=float(match[2]))
         suggested = config.suggested_learning_rate(best["full"])
@@ -51,12 +52,20 @@ def test_factors_are_the_sweeps_best_lr_over_full_finetunings(tiny_checkpoint, t
         assert abs(math.log(suggested / best[row])) < math.log(GRID_STEP) / 2, (row, suggested, best[row])
 
 
-def test_factor_steps_between_10_and_5_percent():
-    assert learning_rate_factor("gradient", 0.3) == learning_rate_factor("gradient", 0.1) == 3.0
-    assert learning_rate_factor("gradient", 0.05) == learning_rate_factor("gradient", 0.01) == 10.0
-    assert learning_rate_factor("random", 0.1) == pytest.approx(30.0)
-    assert learning_rate_factor("random", 0.01) == pytest.approx(300.0)  # 1/density
-    assert learning_rate_factor("random", 0.3) == pytest.approx(10.0)
+def test_factors_are_the_measured_ones_and_interpolate_in_log_log_between_them():
+    from sparse_rl.config import MEASURED_LR_FACTORS
+
+    for discovery, points in MEASURED_LR_FACTORS.items():
+        for density, factor in points:
+            assert learning_rate_factor(discovery, density) == pytest.approx(factor)
+        assert points[-1] == (1.0, 1.0)  # every mask at density 1 is full finetuning
+        assert learning_rate_factor(discovery, 0.001) == pytest.approx(points[0][1])  # held below the lowest
+        grid = [10 ** (e / 20) for e in range(-60, 1)]  # 0.1% .. 100%
+        factors = [learning_rate_factor(discovery, d) for d in grid]
+        assert all(a >= b for a, b in zip(factors, factors[1:]))  # a denser mask never wants a larger lr
+    # a power law between neighbours: halfway in log density is the geometric mean of the two factors
+    assert learning_rate_factor("gradient", (0.05 * 0.1) ** 0.5) == pytest.approx((10.0 * 3.0) ** 0.5)
+    assert learning_rate_factor("random", (0.1 * 0.3) ** 0.5) == pytest.approx((30.0 * 3.0) ** 0.5)
     assert SparseConfig(density=0.05).suggested_learning_rate(1e-6) == pytest.approx(1e-5)
 
 
