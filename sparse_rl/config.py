@@ -116,12 +116,11 @@ class SparseConfig:
         of the README's "Choose by" sweeps (GRPO on SmolLM2-135M, seed 0 per lr, 3 seeds at the best; full
         finetuning's best was 3e-6) divided by full finetuning's: the gradient probe at 10% 3x, at 5% and 1% 10x (at
         3x they recovered resolvably less), a random mask 300x at 1%, 30x at 10% and 3x at 30% (its best lr fell
-        10x from 1% to 10% and again from 10% to 30%). At density 1 every mask is full
-        finetuning (1x). Between these densities the factor is interpolated in log-log (not measured there: the
-        probe at 7% gets ~5.6x, at 30% ~1.8x, where its mask at 3x recovered 1.06 of the gain; random at 5% ~60x),
-        and below 1% it is held at 1%'s. The grid steps by ~3x, so each
-        factor is known to about that step; a short sweep of your own around the suggestion decides on another
-        model or task. The
+        10x from 1% to 10% and again from 10% to 30%). At density 1 every mask is full finetuning (1x). Between
+        these densities the factor is interpolated in log-log (not measured there: the probe at 7% gets ~5.6x, at
+        30% ~1.8x, where its mask at 3x recovered 1.06 of the gain; random at 5% ~60x), and below 1% it is held at
+        1%'s. The grid steps by ~3x, so each factor is known to about that step; a short sweep of your own around
+        the suggestion decides on another model or task. The
         probe's factors were measured with its default ``score="gradient"``; the Fisher score's 10% sweep tied 1e-5
         and 3e-5 (3x and 10x) and its 1% mask trained well at 10x; the ``"adam"``/``"precision"`` scores were not
         swept. No factor was measured for a given ``mask`` (post-hoc diff masks were best at ~10x, smallest-|w|
