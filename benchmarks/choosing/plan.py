@@ -320,8 +320,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                   "N lr sweep of random at 1 and 30%", "N random at 1 and 30% at its own lr")
     # Q: the second task trained twice as long (its full finetuning was still rising at the protocol's last step):
     # does the default (the probe's 5% mask) stay level with full finetuning and LoRA once full finetuning converges?
-    # Each row at the lr of its protocol-length row (the first `protocol.steps` steps repeat those runs exactly),
-    # seed by seed, so that a part-done stage already pairs the three rows
+    # Each row at the lr of its protocol-length row (new runs: the training set is sized to the steps and shuffled,
+    # so the batches differ from the first step on), seed by seed, so that a part-done stage already pairs the rows
     for task, seed in itertools.product(tasks[1:], seeds):
         longer = {"seeds": (seed,), "steps": LONGER * protocol.steps}
         add_seeds(task, "Q second task, longer", "full", "full", **longer)
