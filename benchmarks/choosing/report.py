@@ -65,9 +65,9 @@ def random_reference(rows: dict, best_lr: dict, task: str, density: float) -> li
 
 
 def _by_row(records: list[dict]) -> dict[tuple, list[dict]]:
-    """(task, row, lr) -> the runs of that row at that lr."""
+    """(task, row, lr) -> the runs of that row at that lr, by seed (so paired rows line up)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
+    for r in sorted(records, key=lambda r: r["config"]["seed"]):
         groups[(r["config"]["task"], r["row"], r["config"]["learning_rate"])].append(r)
     return groups
 
@@ -182,8 +182,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
     figure_rows = []
     for task in tasks:
         # seed 0 of a swept row ran in the sweep, at the lr now chosen: it is part of the row's group
-        rows = {(t, row, lr): sorted(g, key=lambda r: r["config"]["seed"])  # by seed: paired rows line up
-                for (t, row, lr), g in groups.items() if t == task and (t, row, lr) in chosen}
+        rows = {key: g for key, g in groups.items() if key[0] == task and key in chosen}
         if not rows:
             lines += [f"## {task}: rows at their chosen lr", "", "No row has its learning rate chosen yet "
                       "(the sweeps are not complete).", ""]
@@ -192,9 +191,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
         lines += [f"## {task}: rows at their chosen lr", ""] + table
         figure_rows += figure
 
+    longer_groups = _by_row(longer)
     for task in tasks[1:]:
-        rows = {key: sorted(g, key=lambda r: r["config"]["seed"]) for key, g in _by_row(longer).items()
-                if key[0] == task}
+        rows = {key: g for key, g in longer_groups.items() if key[0] == task}
         if not rows:
             continue
         table, _ = _rows_table(rows, base.get(task), plan.best_lr, task)
@@ -269,10 +268,15 @@ def _rows_table(rows: dict, base_record: dict | None, best_lr: dict, task: str) 
     return lines, figure_rows
 
 
-def _reward_change(runs: list[dict], since: int) -> str:
-    """Full finetuning's held-out reward gained after step ``since``, paired over seeds and prompts."""
+def _reward_change(runs: list[dict], since: int, judge: bool = False) -> str:
+    """Full finetuning's held-out reward gained from step ``since`` to its last evaluation, paired over seeds and
+    prompts; with ``judge``, whether that is still a rise (issue 18: train longer if it is)."""
     change = difference_interval(success_matrix(runs), success_matrix(runs, since))
-    return f"Full finetuning's held-out reward from step {since} to {runs[0]['evals'][-1]['step']}: {_ci(change)}."
+    text = f"Full finetuning's held-out reward from step {since} to {runs[0]['evals'][-1]['step']}: {_ci(change)}"
+    if judge:
+        text += (" (still rising: a longer run (`--steps`) would change the comparison)" if change.low > 0 else
+                 " (not resolvably rising any more)")
+    return text + "."
 
 
 def _verdict(rows: dict, base_matrix, full_key) -> str:
@@ -303,13 +307,7 @@ def _still_rising(runs: list[dict]) -> str:
     """Whether full finetuning's held-out reward still rose over its last evaluation interval (issue 18: train
     longer if it does), as a paired difference over the same seeds and prompts."""
     steps = [e["step"] for e in runs[0]["evals"]]
-    if len(steps) < 2:
-        return ""
-    last, before = steps[-1], steps[-2]
-    change = difference_interval(success_matrix(runs, last), success_matrix(runs, before))
-    verdict = ("still rising: a longer run (`--steps`) would change the comparison" if change.low > 0 else
-               "not resolvably rising any more")
-    return (f"Full finetuning's held-out reward from step {before} to {last}: {_ci(change)} ({verdict}).")
+    return _reward_change(runs, steps[-2], judge=True) if len(steps) >= 2 else ""
 
 
 def _style(row: str) -> tuple[str, str, str]:
