@@ -107,7 +107,8 @@ class probe_activation_checkpointing:
 
     transformers' ``Trainer`` turns ``args.activation_checkpointing`` on inside ``train()``, after ``sparsify`` has
     probed, so without this the probe's forward keeps every layer's activations: on SmolLM2-135M with the
-    choose_by batch, ~0.7-1.6 GB above what a checkpointed training step holds (``bench_sparsify_memory.py``).
+    choose_by batch the probe's process peak was 5121 MiB without and 3338 MiB with it, LoRA's training 3380
+    (``benchmarks/results/sparsify_memory_probe_checkpointing.md``).
     Recomputing a layer gives the same gradients, so the mask does not change. On exit the model is switched back
     to how it was, including the input-gradient hook that enabling adds, so ``train()`` enables it as usual.
     """
