@@ -838,3 +838,22 @@ def test_the_second_task_trains_twice_as_long_in_a_section_of_its_own(tmp_path, 
     # the protocol-length subtraction table keeps its own runs only
     shorter_table = text.split("## subtraction: rows at their chosen lr")[1].split("## subtraction at")[0]
     assert "| full | " in shorter_table and "| 0.500 [" in shorter_table
+
+
+def test_the_sweep_imports_the_sparse_rl_of_its_own_checkout(tmp_path):
+    """A sweep run from a separate worktree must train with that worktree's sparse_rl, not with the checkout an
+    editable install points at (edits there would otherwise reach runs started after them)."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent
+    checkout = tmp_path / "worktree"
+    shutil.copytree(repo / "benchmarks" / "choosing", checkout / "benchmarks" / "choosing")
+    shutil.copy(repo / "benchmarks" / "choose_by.py", checkout / "benchmarks" / "choose_by.py")
+    shutil.copytree(repo / "sparse_rl", checkout / "sparse_rl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    # the script's top level, as `python benchmarks/choose_by.py` runs it (without main()), then the package it sees
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='not_main'); import sparse_rl; "
+            "print(sparse_rl.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, str(checkout / "benchmarks" / "choose_by.py")], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert Path(out).resolve() == (checkout / "sparse_rl" / "__init__.py").resolve()
