@@ -1,14 +1,14 @@
 """Paired difference of two choose-by rows' held-out reward (the README's "paired" figures), from the run JSONs.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/choose_by_paired.py addition sparse-gradient-0.05@1e-5 \
-        sparse-gradient-0.1@1e-5 [--step 20] [--runs benchmarks/results/choose_by/runs]
+        sparse-gradient-0.1@1e-5 [--step 20] [--steps 120] [--runs benchmarks/results/choose_by/runs]
 
 A row is named as in the report (``RunConfig.row``) and its learning rate as any float spelling (``1e-4`` and
 ``0.0001`` are the same run). Runs are those of the sweep's protocol (``choose_by.py``'s default sizes), read by the
-report's own loader. Rows are paired over seeds and prompts (``choosing.stats.difference_interval``) on the seeds
-both ran (a row with extra seeds, e.g. stage I's seeds 3-4, is compared on the shared ones, so a figure computed
-before those seeds existed still reproduces); ``--all-seeds``, or rows without a shared seed, resample the two rows'
-seeds independently instead.
+report's own loader; ``--steps`` picks runs of another length (stage Q's 120-step runs). Rows are paired over seeds
+and prompts (``choosing.stats.difference_interval``) on the seeds both ran (a row with extra seeds, e.g. stage I's
+seeds 3-4, is compared on the shared ones, so a figure computed before those seeds existed still reproduces);
+``--all-seeds``, or rows without a shared seed, resample the two rows' seeds independently instead.
 """
 
 from __future__ import annotations
@@ -71,11 +71,13 @@ def main(argv=None) -> None:
     parser.add_argument("row", help="row@lr, e.g. sparse-gradient-0.1@1e-5")
     parser.add_argument("reference", help="row@lr subtracted from the first")
     parser.add_argument("--step", type=int, default=None, help="evaluation step (default: the last)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="runs trained this many steps (default: the protocol's, choose_by.py's --steps)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of run JSONs (default: %(default)s)")
     parser.add_argument("--all-seeds", action="store_true",
                         help="every seed of both rows, resampled independently (default: the shared seeds, paired)")
     args = parser.parse_args(argv)
-    protocol = choose_by.protocol_of(choose_by.parse_args([]))
+    protocol = choose_by.protocol_of(choose_by.parse_args([] if args.steps is None else ["--steps", str(args.steps)]))
     try:
         seeds_a, seeds_b, interval = paired_difference(args.runs, protocol, args.task, args.row, args.reference,
                                                        args.step, args.all_seeds)

@@ -742,6 +742,27 @@ def test_paired_script_pairs_rows_by_seed_whatever_the_lr_spelling(tmp_path):
     assert "expected ROW@LR" in err.getvalue()
 
 
+def test_paired_script_reads_runs_of_the_length_asked_for(tmp_path):
+    """Stage Q's runs train twice the protocol's steps: ``--steps`` selects them, the default ignores them."""
+    import choose_by_paired
+
+    runs, default = tmp_path / "runs", choose_by.protocol_of(choose_by.parse_args([]))
+    for steps, sparse_correct in ((default.steps, [4] * 8), (2 * default.steps, [0] * 8)):
+        for seed in (0, 1):
+            full = default.replace(method="full", learning_rate=3e-6, seed=seed, steps=steps)
+            _fake_run(runs, full, [2] * 8)
+            _fake_run(runs, full.replace(method="sparse", mask="gradient", density=0.05, learning_rate=3e-5),
+                      sparse_correct)
+    printed = {}
+    for extra in ([], ["--steps", str(2 * default.steps)]):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            choose_by_paired.main(["addition", "sparse-gradient-0.05@3e-5", "full@3e-6",
+                                   "--runs", str(runs)] + extra)
+        printed[bool(extra)] = out.getvalue()
+    assert "seeds [0, 1] vs [0, 1]" in printed[False] and ": +0.500 [+0.500, +0.500]" in printed[False]
+    assert ": -0.500 [-0.500, -0.500]" in printed[True]
+
+
 def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tmp_path):
     import choose_by_reproduced
 
