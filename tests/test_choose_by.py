@@ -837,6 +837,9 @@ def test_the_second_task_trains_twice_as_long_in_a_section_of_its_own(tmp_path, 
                   [points] * 8)
     p, planned = longer_runs()
     assert {("sparse-gradient-0.05", SWEEPS["sparse"][0], seed, steps) for seed in (0, 1, 2)} <= planned
+    # seed by seed, the default before LoRA: two runs at a time pair the default with full finetuning first
+    order = [(c.config.seed, c.config.row) for c in p.ready if c.stage.startswith("Q")]
+    assert order == [(seed, row) for seed in (0, 1, 2) for row in ("full", "sparse-gradient-0.05", f"lora-r{rank}")]
     # full finetuning at both lengths: the longer runs reach 0.5 at the protocol's last step, then 1.0
     _fake_run(runs, protocol.replace(task="subtraction"), [0] * 8)  # the base model
     for seed in (0, 1, 2):

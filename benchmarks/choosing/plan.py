@@ -321,13 +321,14 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # Q: the second task trained twice as long (its full finetuning was still rising at the protocol's last step):
     # does the default (the probe's 5% mask) stay level with full finetuning and LoRA once full finetuning converges?
     # Each row at the lr of its protocol-length row (new runs: the training set is sized to the steps and shuffled,
-    # so the batches differ from the first step on), seed by seed, so that a part-done stage already pairs the rows
+    # so the batches differ from the first step on), seed by seed, so that a part-done stage already pairs the rows;
+    # within a seed the default before LoRA, so two runs at a time pair the default with full finetuning first
     for task, seed in itertools.product(tasks[1:], seeds):
         longer = {"seeds": (seed,), "steps": LONGER * protocol.steps}
         add_seeds(task, "Q second task, longer", "full", "full", **longer)
-        add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
         add_seeds(task, "Q second task, longer", "sparse", "sparse-gradient-0.05", mask="gradient", density=0.05,
                   **longer)
+        add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
     # F: the other masks at the other densities, each at its own lr (stage H)
     for density in DENSITIES:
         if density != MAIN_DENSITY:
