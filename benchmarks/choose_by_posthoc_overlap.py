@@ -32,12 +32,13 @@ from sparse_rl.mask import SubnetworkMask  # noqa: E402
 
 
 def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, SubnetworkMask, float, int]:
-    """The post-hoc mask (``diff_mask(..., compare_dtype=bf16)``, as the choose-by runs cut it), its part that
-    changed in bf16, the share of all entries that changed, and how many tensors changed fewer than ``density`` of
-    theirs (filled). Two passes over the diff, so the mask is diff_mask's own rather than a copy of its scoring."""
+    """The post-hoc mask (``diff_mask(..., compare_dtype=bf16, fill="rounded")``, as the choose-by runs at 10% cut
+    it: the lowest-index fill), its part that changed in bf16, the share of all entries that changed, and how many
+    tensors changed fewer than ``density`` of theirs (filled). Two passes over the diff, so the mask is diff_mask's
+    own rather than a copy of its scoring."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the fill diff_mask warns about is counted in the table
-        mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16)
+        mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16, fill="rounded")
     changed = diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16)  # delta != 0 in bf16
     moved = SubnetworkMask({n: mask.selections[n] & c for n, c in changed.selections.items()})
     short = sum(int(c.sum()) < selected_count(c.numel(), density) for c in changed.selections.values())

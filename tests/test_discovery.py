@@ -102,6 +102,59 @@ def test_diff_with_density_warns_when_fewer_entries_changed_than_asked(base_and_
         diff_mask(base, finetuned, density=0.1, budget="global")
 
 
+def _bf16_changed_near_and_far(density: float, seed: int = 0):
+    """A base model with bf16-representable weights and a finetuned copy whose moves (away from zero, so rounding
+    goes by the spacing above |w|) are, in each tensor: ~3% by 8 half-spacings (changed in bf16), then up to the
+    ``density`` count by 0.6-0.9 half-spacings (unchanged, nearest to changing), the rest by 0-0.4 (unchanged).
+    Returns (base, finetuned, changed selections, selections of changed + near)."""
+    from sparse_rl.discovery import half_ulp, selected_count
+
+    generator = torch.Generator().manual_seed(seed)
+    base, finetuned = make_tiny_model(seed=0), make_tiny_model(seed=0)
+    changed, top = {}, {}
+    with torch.no_grad():
+        for (name, before), after in zip(base.named_parameters(), finetuned.parameters()):
+            before.copy_(torch.where(before == 0, 0.01, before).to(torch.bfloat16).float())  # no zero (padding row)
+            n, order = before.numel(), torch.randperm(before.numel(), generator=generator)
+            count, k = n // 33, selected_count(n, density)
+            share = 0.4 * torch.rand(n, generator=generator)
+            share[order[count:k]] = 0.6 + 0.3 * torch.rand(k - count, generator=generator)
+            share[order[:count]] = 8.0
+            move = (share.view(before.shape) * half_ulp(before)).copysign(before)
+            after.copy_(before + move)
+            changed[name], top[name] = (torch.zeros(n, dtype=torch.bool).index_fill(0, order[:m], True).view(
+                before.shape) for m in (count, k))
+    return base, finetuned, changed, top
+
+
+def test_bf16_diff_fills_the_density_with_the_entries_nearest_to_changing():
+    """Above the changed share, the default fill takes the unchanged entries that moved most before rounding (in
+    half bf16 spacings); ``fill="rounded"`` keeps the lowest-index block of unchanged entries instead."""
+    base, finetuned, changed, top = _bf16_changed_near_and_far(0.2)
+    with pytest.warns(UserWarning, match="those that moved most before rounding first"):
+        moved = diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="ties .* by lowest index"):
+        rounded = diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="rounded")
+    assert moved == SubnetworkMask(top)
+    assert diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16) == SubnetworkMask(changed)
+    for name, chosen in changed.items():
+        flat, filled = chosen.reshape(-1), rounded[name].reshape(-1) & ~chosen.reshape(-1)
+        assert rounded[name][chosen].all(), name
+        first_unchanged = (~flat).nonzero().reshape(-1)[: int(filled.sum())]
+        assert filled.nonzero().reshape(-1).tolist() == first_unchanged.tolist(), name  # the lowest-index block
+    assert moved != rounded
+    # below the changed share, or without rounding, the fill never comes into play: both fills agree
+    with warnings.catch_warnings():  # the MLP matrices changed 3% each, above 1%
+        warnings.simplefilter("error")
+        assert diff_mask(base, finetuned, density=0.01, compare_dtype=torch.bfloat16, include=("mlp",)) == diff_mask(
+            base, finetuned, density=0.01, compare_dtype=torch.bfloat16, include=("mlp",), fill="rounded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert diff_mask(base, finetuned, density=0.2) == diff_mask(base, finetuned, density=0.2, fill="rounded")
+    with pytest.raises(ValueError, match="fill must be one of"):
+        diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="index")
+
+
 def test_tied_embeddings_counted_once(tmp_path):
     base = make_tiny_model(seed=0, tie_word_embeddings=True)
     finetuned = make_tiny_model(seed=0, tie_word_embeddings=True)

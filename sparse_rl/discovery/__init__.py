@@ -9,7 +9,7 @@
   from in-memory models or safetensors checkpoints (sharded ones included).
 """
 
-from .checkpoints import WeightSource, as_weight_source, diff_mask, iter_deltas, matched_names
+from .checkpoints import FILLS, WeightSource, as_weight_source, diff_mask, iter_deltas, matched_names
 from .probe import PROBE_SCORES, ProbeOptions, accumulate_gradient_scores, gradient_mask
 from .strategies import (
     BUDGETS,
@@ -24,6 +24,7 @@ from .trainer_probe import gradient_mask_from_trainer, probe_trainer_state, trai
 
 __all__ = [
     "BUDGETS",
+    "FILLS",
     "PROBE_SCORES",
     "ProbeOptions",
     "WeightSource",

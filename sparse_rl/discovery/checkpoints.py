@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -21,10 +22,16 @@ from .strategies import (
     check_budget,
     check_density,
     filter_names,
+    half_ulp,
     mask_from_scores,
     parameter_aliases,
     selected_count,
 )
+
+Fill = Literal["moved", "rounded"]
+FILLS = ("moved", "rounded")
+_FILL_ORDER = {"moved": "those that moved most before rounding first",
+               "rounded": "largest |delta| first and ties (unchanged entries) by lowest index"}
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -155,19 +162,32 @@ def matched_names(
     return filter_names(first.names, include, exclude, aliases)
 
 
+def iter_weight_pairs(
+    base, finetuned, include: Iterable[str] | None = None, exclude: Iterable[str] = (), desc: str = "diff",
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(name, base_weight, finetuned_weight)`` tensor by tensor, as stored, for the names both share."""
+    base, finetuned = as_weight_source(base), as_weight_source(finetuned)
+    for name in tqdm(matched_names([base, finetuned], include, exclude), desc=desc):
+        yield name, base.get(name), finetuned.get(name)
+
+
+def _difference(before: torch.Tensor, after: torch.Tensor, compare_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``after - before`` in fp32 (fp64 if either side is fp64), after optionally rounding both to ``compare_dtype``."""
+    if compare_dtype is not None:
+        before, after = before.to(compare_dtype), after.to(compare_dtype)
+    wide = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+    return after.to(wide) - before.to(wide)
+
+
 def iter_deltas(
     base, finetuned, include: Iterable[str] | None = None, exclude: Iterable[str] = (), desc: str = "diff",
     compare_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(name, base_weight, finetuned - base)`` tensor by tensor; the difference is taken in fp32 (fp64 if
-    either side is fp64) after optionally rounding both sides to ``compare_dtype``."""
-    base, finetuned = as_weight_source(base), as_weight_source(finetuned)
-    for name in tqdm(matched_names([base, finetuned], include, exclude), desc=desc):
-        before, after = base.get(name), finetuned.get(name)
-        if compare_dtype is not None:
-            before, after = before.to(compare_dtype), after.to(compare_dtype)
-        wide = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
-        yield name, before, after.to(wide) - before.to(wide)
+    either side is fp64) after optionally rounding both sides to ``compare_dtype`` (the base weight too)."""
+    for name, before, after in iter_weight_pairs(base, finetuned, include, exclude, desc):
+        delta = _difference(before, after, compare_dtype)
+        yield name, before if compare_dtype is None else before.to(compare_dtype), delta
 
 
 def diff_mask(
@@ -180,33 +200,57 @@ def diff_mask(
     exclude: Iterable[str] = (),
     budget: Budget = "per_tensor",
     compare_dtype: torch.dtype | None = None,
+    fill: Fill = "moved",
 ) -> SubnetworkMask:
     """Entries that changed between ``base`` and ``finetuned`` (|Δ| > ``tolerance``; the paper's definition and
     default, loose enough for bf16 noise), streamed tensor by tensor.
 
-    With ``density`` the mask instead keeps the top ``density`` share of |Δ| under ``budget`` (if fewer entries
-    changed, unchanged ones fill the budget). ``compare_dtype=torch.bfloat16`` rounds both sides first, as the
-    paper's code does by loading both models in bf16.
+    With ``density`` the mask instead keeps the top ``density`` share of |Δ| under ``budget``.
+    ``compare_dtype=torch.bfloat16`` rounds both sides first, as the paper's code does by loading both models in
+    bf16. Rounding leaves most entries of a short run unchanged (the choose-by full runs: 9.3%), so a density above
+    the changed share needs a ``fill`` for the rest of the budget: ``"moved"`` takes the unchanged entries that moved
+    most before rounding, in half-spacings of ``compare_dtype`` at the base weight (the ones nearest to changing);
+    ``"rounded"`` ranks by the rounded |Δ| alone, so the unchanged entries tie and go by lowest index (a block, the
+    same for every checkpoint: sparse_rl's behaviour before ``fill`` existed, kept so its masks reproduce). Without
+    ``compare_dtype`` the two agree.
     """
     if density is not None:
         check_density(density)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     check_budget(budget)
     scores = {}
-    for name, _, delta in iter_deltas(base, finetuned, include, exclude, "diff mask", compare_dtype):
-        scores[name] = delta.abs() > tolerance if density is None else delta.abs().float()
+    for name, before, after in iter_weight_pairs(base, finetuned, include, exclude, "diff mask"):
+        rounded = _difference(before, after, compare_dtype).abs()
+        if density is None:
+            scores[name] = rounded > tolerance
+        elif fill == "moved" and compare_dtype is not None:
+            scores[name] = _changed_then_nearest(rounded, _difference(before, after), before, compare_dtype,
+                                                 tolerance)
+        else:
+            scores[name] = rounded.float()
     if density is None:
         return SubnetworkMask(scores)
-    _warn_if_filled(scores, density, tolerance, budget)
+    _warn_if_filled(scores, density, tolerance, budget, fill if compare_dtype is not None else "rounded")
     return mask_from_scores(scores, density, budget)
 
 
-def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget) -> None:
-    """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance,
-    and among exact ties (unchanged entries) the lowest index first (a structured block, the same for every
-    checkpoint), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do
-    this (the choose-by full runs changed 9.3%)."""
+def _changed_then_nearest(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor,
+                          compare_dtype: torch.dtype, tolerance: float) -> torch.Tensor:
+    """Scores whose top-k is the changed entries (rounded |Δ| > tolerance, positive, largest first), then the others
+    by how far they moved unrounded in half-spacings of ``compare_dtype`` at the base weight (:func:`half_ulp`;
+    mapped into [-1, 0), nearest to changing first)."""
+    moved = delta.abs().float() / half_ulp(before, compare_dtype)
+    return torch.where(rounded > tolerance, rounded.float(), -1.0 / (1.0 + moved))
+
+
+def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
+                    fill: Fill) -> None:
+    """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
+    (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
+    (the choose-by full runs changed 9.3%)."""
     changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
     total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
     if budget == "global":
@@ -217,9 +261,8 @@ def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: 
         where = "overall" if budget == "global" else f"in {short} of {len(scores)} tensors"
         warnings.warn(f"diff_mask: fewer than density={density:g} of the entries changed {where} (|delta| > "
                       f"tolerance={tolerance:g}; {total_changed / total:.1%} of all entries changed): the mask fills "
-                      "the rest with entries that moved by at most the tolerance, largest |delta| first and ties "
-                      "(unchanged entries) by lowest index. Pass density=None for exactly the changed entries, or a "
-                      "lower density.", stacklevel=3)
+                      f"the rest with entries that moved by at most the tolerance, {_FILL_ORDER[fill]}. Pass "
+                      "density=None for exactly the changed entries, or a lower density.", stacklevel=3)
 
 
 @contextlib.contextmanager
