@@ -155,6 +155,17 @@ def test_bf16_diff_fills_the_density_with_the_entries_nearest_to_changing():
         diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="index")
 
 
+def test_a_checkpoint_stored_in_the_compare_dtype_fills_by_index_and_says_so(tmp_path):
+    """A bf16 checkpoint holds no move before rounding (its difference to an fp32 base would be the base's own
+    rounding error): the fill falls back to lowest index, and the warning names why."""
+    base, finetuned, _, _ = _bf16_changed_near_and_far(0.2)
+    finetuned.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    with pytest.warns(UserWarning, match=r"21 of these tensors .* stored no finer than the compare dtype"):
+        stored = diff_mask(base, tmp_path / "bf16", density=0.2, compare_dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="by lowest index"):
+        assert stored == diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="rounded")
+
+
 def test_tied_embeddings_counted_once(tmp_path):
     base = make_tiny_model(seed=0, tie_word_embeddings=True)
     finetuned = make_tiny_model(seed=0, tie_word_embeddings=True)

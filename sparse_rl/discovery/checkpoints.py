@@ -212,7 +212,8 @@ def diff_mask(
     most before rounding, in half-spacings of ``compare_dtype`` at the base weight (the ones nearest to changing);
     ``"rounded"`` ranks by the rounded |Δ| alone, so the unchanged entries tie and go by lowest index (a block, the
     same for every checkpoint: sparse_rl's behaviour before ``fill`` existed, kept so its masks reproduce). Without
-    ``compare_dtype`` the two agree.
+    ``compare_dtype`` the two agree. ``"moved"`` needs both checkpoints stored finer than ``compare_dtype`` (save
+    the finetuned weights in fp32): a tensor stored in it fills as ``"rounded"``, and the warning says so.
     """
     if density is not None:
         check_density(density)
@@ -221,20 +222,29 @@ def diff_mask(
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     check_budget(budget)
-    scores = {}
+    scores, stored_rounded = {}, set()  # names a checkpoint stores no finer than compare_dtype
     for name, before, after in iter_weight_pairs(base, finetuned, include, exclude, "diff mask"):
         rounded = _difference(before, after, compare_dtype).abs()
         if density is None:
             scores[name] = rounded > tolerance
         elif fill == "moved" and compare_dtype is not None:
-            scores[name] = _changed_then_nearest(rounded, _difference(before, after), before, compare_dtype,
-                                                 tolerance)
+            if _finer(before.dtype, compare_dtype) and _finer(after.dtype, compare_dtype):
+                scores[name] = _changed_then_nearest(rounded, _difference(before, after), before, compare_dtype,
+                                                     tolerance)
+            else:  # the move before rounding is not in the checkpoint: nothing to rank the unchanged entries by
+                scores[name] = rounded.float()
+                stored_rounded.add(name)
         else:
             scores[name] = rounded.float()
     if density is None:
         return SubnetworkMask(scores)
-    _warn_if_filled(scores, density, tolerance, budget, fill if compare_dtype is not None else "rounded")
+    _warn_if_filled(scores, density, tolerance, budget, fill if compare_dtype is not None else "rounded",
+                    stored_rounded)
     return mask_from_scores(scores, density, budget)
+
+
+def _finer(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps < torch.finfo(than).eps
 
 
 def _changed_then_nearest(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor,
@@ -247,22 +257,26 @@ def _changed_then_nearest(rounded: torch.Tensor, delta: torch.Tensor, before: to
 
 
 def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
-                    fill: Fill) -> None:
+                    fill: Fill, stored_rounded: set[str]) -> None:
     """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
     (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
-    (the choose-by full runs changed 9.3%)."""
+    (the choose-by full runs changed 9.3%). ``stored_rounded``: tensors whose fill had to go by lowest index."""
     changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
     total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
     if budget == "global":
-        short = int(total_changed < selected_count(total, density))
+        short_names = list(scores) if total_changed < selected_count(total, density) else []
     else:
-        short = sum(changed[n] < selected_count(s.numel(), density) for n, s in scores.items())
-    if short:
-        where = "overall" if budget == "global" else f"in {short} of {len(scores)} tensors"
+        short_names = [n for n, s in scores.items() if changed[n] < selected_count(s.numel(), density)]
+    if short_names:
+        where = "overall" if budget == "global" else f"in {len(short_names)} of {len(scores)} tensors"
+        coarse = [n for n in short_names if n in stored_rounded]
+        unknown = (f"; {len(coarse)} of these tensors (e.g. {coarse[0]!r}) are stored no finer than the compare "
+                   "dtype in a checkpoint, so their move before rounding is unknown and they fill by lowest index "
+                   "(save the finetuned weights in fp32)") if coarse else ""
         warnings.warn(f"diff_mask: fewer than density={density:g} of the entries changed {where} (|delta| > "
                       f"tolerance={tolerance:g}; {total_changed / total:.1%} of all entries changed): the mask fills "
-                      f"the rest with entries that moved by at most the tolerance, {_FILL_ORDER[fill]}. Pass "
-                      "density=None for exactly the changed entries, or a lower density.", stacklevel=3)
+                      f"the rest with entries that moved by at most the tolerance, {_FILL_ORDER[fill]}{unknown}. "
+                      "Pass density=None for exactly the changed entries, or a lower density.", stacklevel=3)
 
 
 @contextlib.contextmanager
