@@ -475,6 +475,11 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
         own.replace(mask_from_task="subtraction")  # its own task: that is the plain post-hoc row
     with pytest.raises(ValueError, match="mask_from_task"):
         own.replace(mask="random", mask_from_task="addition")
+    # stage F: post-hoc at every density, 10% again too, with the moved fill, at its own lr, from the main task
+    p = build_plan(protocol, runs, weights, tiny_checkpoint, ("addition", "subtraction"))
+    stage_f = [c.config for c in p.ready if c.stage == "F densities" and c.config.mask == "posthoc"]
+    assert sorted((c.task, c.density, c.posthoc_fill, c.learning_rate, c.seed) for c in stage_f) == [
+        ("addition", density, "moved", 1e-4, seed) for density in (0.01, 0.05, 0.1, 0.3) for seed in (0, 1, 2)]
 
 
 def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_checkpoint):
@@ -800,6 +805,44 @@ def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tm
     assert (fresh.run_id(), None) in choose_by_reproduced.check(runs)
 
 
+def test_posthoc_fill_names_its_row_and_cuts_the_mask_with_it(tmp_path, tiny_checkpoint):
+    """Stage F's post-hoc rows fill what the bf16 diff leaves short of the density with the entries nearest to
+    changing ("moved"): their rows and ids stand apart from the 10% rows cut with the lowest-index fill (which keep
+    their ids and records), the run cuts its mask with its fill from fp32 final weights, and refuses bf16 ones."""
+    from choosing.runs import _sparse_config
+    from safetensors.torch import save_file
+
+    from sparse_rl.discovery import diff_mask, half_ulp
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    rounded = protocol.replace(method="sparse", mask="posthoc", density=0.3, learning_rate=3e-5)
+    moved = rounded.replace(posthoc_fill="moved")
+    assert (rounded.row, moved.row) == ("sparse-posthoc-0.3", "sparse-posthoc-0.3-fill-moved")
+    assert "fill" not in rounded.run_id() and moved.run_id() != rounded.run_id()
+    for bad in (dict(mask="random", posthoc_fill="moved"), dict(posthoc_fill="index")):
+        with pytest.raises(ValueError, match="posthoc_fill is one of"):
+            rounded.replace(**bad)
+    _fake_run(runs, rounded, [1] * 8)  # a record written before the field existed: the lowest-index fill
+    record = json.loads(result_path(runs, rounded).read_text())
+    del record["config"]["posthoc_fill"]
+    result_path(runs, rounded).write_text(json.dumps(record))
+    assert load_result(runs, rounded) is not None and load_result(runs, moved) is None
+
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    final = {n: w + 3 * torch.rand(w.shape, generator=generator) ** 4 * half_ulp(w) for n, w in weights.items()}
+    save_file(final, str(tmp_path / "fp32.safetensors"))
+    cut = {fill: diff_mask(tiny_checkpoint, tmp_path / "fp32.safetensors", density=0.3, fill=fill,
+                           compare_dtype=torch.bfloat16) for fill in ("moved", "rounded")}
+    assert cut["moved"] != cut["rounded"]
+    for config, fill in ((moved, "moved"), (rounded, "rounded")):
+        assert _sparse_config(config, None, tiny_checkpoint, tmp_path / "fp32.safetensors").mask == cut[fill]
+    save_file({n: w.to(torch.bfloat16) for n, w in final.items()}, str(tmp_path / "bf16.safetensors"))
+    with pytest.raises(ValueError, match="stores bf16 .* delete it to rerun"):
+        _sparse_config(moved, None, tiny_checkpoint, tmp_path / "bf16.safetensors")
+    _sparse_config(rounded, None, tiny_checkpoint, tmp_path / "bf16.safetensors")  # the rounded fill needs no more
+
+
 def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
     from choosing.report import _style
 
@@ -807,6 +850,7 @@ def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
     assert _style("sparse-posthoc-0.1-from-addition") == ("sparse, posthoc from addition", "C3", "X")
     assert _style("sparse-gradient-0.1-entropy0.2") == ("sparse, gradient, top-20% entropy tokens", "C2", "o")
     assert _style("lora-r44")[1:] == ("C1", "D") and _style("full")[1:] == ("C0", "s")
+    assert _style("sparse-posthoc-0.3-fill-moved") == ("sparse, posthoc, moved fill", "C3", "P")
 
 
 def test_the_second_task_trains_twice_as_long_in_a_section_of_its_own(tmp_path, tiny_checkpoint):

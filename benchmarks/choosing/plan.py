@@ -35,7 +35,8 @@ Q. the second task at twice the steps (``LONGER``), 3 seeds of full finetuning, 
    probe's 5% mask (the default), each at the lr of its 60-step row: full finetuning's reward on the second task was
    still rising between steps 40 and 60, and issue 18 asks for longer runs where it is;
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
-   refine the density axis for masks that the 10% rows already rank).
+   refine the density axis for masks that the 10% rows already rank); post-hoc with diff_mask's "moved" fill (the
+   entries nearest to changing in bf16 fill what the diff leaves short of the density), at 10% too (3 more runs).
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
@@ -126,7 +127,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         return protocol.replace(task=task, method=method, learning_rate=lr, seed=seed, density=kw.get("density"),
                                 mask=kw.get("mask"), lora_rank=kw.get("lora_rank"),
                                 entropy_quantile=kw.get("entropy_quantile", 1.0),
-                                mask_from_task=kw.get("mask_from_task"), steps=kw.get("steps", protocol.steps))
+                                mask_from_task=kw.get("mask_from_task"), steps=kw.get("steps", protocol.steps),
+                                posthoc_fill=kw.get("posthoc_fill", "rounded"))
 
     def done(c: RunConfig) -> dict | None:
         return load_result(runs_dir, c)
@@ -329,11 +331,14 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         add_seeds(task, "Q second task, longer", "sparse", "sparse-gradient-0.05", mask="gradient", density=0.05,
                   **longer)
         add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
-    # F: the other masks at the other densities, each at its own lr (stage H)
+    # F: the other masks at the other densities, each at its own lr (stage H). Post-hoc masks fill the density the
+    # bf16 diff leaves short with the entries nearest to changing (diff_mask's "moved"; the lowest-index block of
+    # the 10% rows would be most of a 30% mask), at 10% too, so the density axis has one fill throughout
     for density in DENSITIES:
-        if density != MAIN_DENSITY:
-            for mask in OTHER_MASKS:
-                add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density)
+        for mask in OTHER_MASKS:
+            fill = {"posthoc_fill": "moved"} if mask == "posthoc" else {}
+            if density != MAIN_DENSITY or fill:
+                add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density, **fill)
     return plan
 
 

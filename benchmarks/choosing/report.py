@@ -324,6 +324,9 @@ def _style(row: str) -> tuple[str, str, str]:
         marker = "X"
     if row.endswith("entropy0.2"):
         name += ", top-20% entropy tokens"
+    if "-fill-moved" in row:  # a post-hoc mask filled by the entries nearest to changing (stage F): its own marker
+        name += ", moved fill"
+        marker = "P"
     return name, color, marker
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_rl.discovery import FILLS
+
 METHODS = ("base", "full", "sparse", "lora")
 MASKS = ("gradient", "fisher", "random", "magnitude", "posthoc")
 
@@ -41,6 +43,9 @@ class RunConfig:
     lora_rank: int | None = None
     entropy_quantile: float = 1.0  # < 1: loss gradient on the top-q entropy completion tokens (GRPO's own option)
     mask_from_task: str | None = None  # post-hoc: the mask comes from this task's full run (None: the run's own task)
+    # post-hoc: diff_mask's fill where bf16 left fewer entries changed than the density ("rounded": lowest index, as
+    # every run before stage F; "moved": the unchanged entries that moved most before rounding)
+    posthoc_fill: str = "rounded"
     # protocol (the same for every run of a sweep; part of the file name through a hash)
     steps: int = 60
     prompts_per_step: int = 4
@@ -62,6 +67,9 @@ class RunConfig:
         if self.mask_from_task is not None and (self.mask != "posthoc" or self.mask_from_task == self.task):
             raise ValueError(f"mask_from_task names another task whose full run cuts a post-hoc mask, got "
                              f"{self.mask_from_task!r} for a {self.mask!r} mask on {self.task!r}")
+        if self.posthoc_fill not in FILLS or (self.posthoc_fill != "rounded" and self.mask != "posthoc"):
+            raise ValueError(f"posthoc_fill is one of {FILLS} and only for a post-hoc mask, got "
+                             f"{self.posthoc_fill!r} for a {self.mask!r} mask")
         if self.method != "base" and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -78,6 +86,8 @@ class RunConfig:
             name = f"sparse-{self.mask}-{self.density:g}"
             if self.mask_from_task is not None:
                 name += f"-from-{self.mask_from_task}"
+            if self.posthoc_fill != "rounded":
+                name += f"-fill-{self.posthoc_fill}"
         return name if self.entropy_quantile == 1.0 else f"{name}-entropy{self.entropy_quantile:g}"
 
     def protocol(self) -> dict:
@@ -119,7 +129,7 @@ def load_result(runs_dir: Path, config: RunConfig) -> dict | None:
 
 
 def weights_path(weights_dir: Path, config: RunConfig) -> Path:
-    """Where a full-finetuning run leaves its final weights (bf16), the source of post-hoc masks."""
+    """Where a full-finetuning run leaves its final weights (as trained, fp32), the source of post-hoc masks."""
     return Path(weights_dir) / f"{config.run_id()}.safetensors"
 
 
@@ -274,8 +284,8 @@ def run_one(config: RunConfig, runs_dir: Path, *, model_dir: str | os.PathLike |
 
         path = weights_path(weights_dir, config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()},
-                  str(path.with_suffix(".tmp")))
+        # as trained (fp32): a post-hoc mask's "moved" fill ranks by the move before bf16 rounding
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
         record["final_weights"] = str(path)
     # clearing the peak (reset_peak) also resets what getrusage reports, so the process peak is the larger of both
@@ -297,7 +307,15 @@ def _sparse_config(config: RunConfig, trainer, model_dir, posthoc_source) -> obj
         return SparseConfig(mask=magnitude_mask(trainer.model, config.density, largest=False), **common)
     if posthoc_source is None or not Path(posthoc_source).exists():
         raise ValueError(f"a post-hoc mask needs the full run's final weights, got {posthoc_source}")
-    mask = diff_mask(model_dir, posthoc_source, density=config.density, compare_dtype=torch.bfloat16)
+    if config.posthoc_fill == "moved":
+        from sparse_rl.discovery import WeightSource
+
+        with WeightSource(posthoc_source) as source:
+            if any(source.dtype(n) == torch.bfloat16 for n in source.names):
+                raise ValueError(f"{posthoc_source} stores bf16 (a full run from before its weights were kept in "
+                                 "fp32): the moved fill needs the move before rounding; delete it to rerun the run")
+    mask = diff_mask(model_dir, posthoc_source, density=config.density, compare_dtype=torch.bfloat16,
+                     fill=config.posthoc_fill)
     return SparseConfig(mask=mask, **common)
 
 
