@@ -2,6 +2,7 @@
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,25 @@ def test_posthoc_masks_match_diff_mask_and_separate_the_entries_that_moved(tiny_
     for name, selection in moved.items():
         assert not (selection & ~mask.selections[name]).any()  # the moved part lies inside the mask
     assert 0 < moved.num_selected < mask.num_selected
+
+
+def test_fill_share_is_the_part_of_the_rounded_mask_that_did_not_change(tiny_model):
+    """posthoc_fill_share.py counts the fill from per-tensor changed counts; the mask diff_mask cuts agrees."""
+    from posthoc_fill_share import fill_shares
+
+    finetuned = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for i, p in enumerate(finetuned.parameters()):
+            moving = torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < (0.03 if i % 2 else 0.4)
+            p.add_(moving * (p.abs() + 1.0))  # survives bf16 rounding
+    changed_share, shares = fill_shares(tiny_model, finetuned, (0.01, 0.1, 0.5))
+    changed = diff_mask(tiny_model, finetuned, compare_dtype=torch.bfloat16)
+    assert changed_share == changed.num_selected / changed.num_total
+    for density, (short, total, share) in shares.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mask = diff_mask(tiny_model, finetuned, density, compare_dtype=torch.bfloat16, fill="rounded")
+        inside = sum(int((mask.selections[n] & c).sum()) for n, c in changed.selections.items())
+        assert share == pytest.approx(1 - inside / mask.num_selected)
+        assert total == len(mask.selections) and (short > 0) == (share > 0)
+    assert shares[0.5][2] > shares[0.1][2] > 0  # more of the mask is fill the higher the density
