@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import choose_by  # noqa: E402
+from _common import write_result  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sparse_rl.analysis import mask_overlap  # noqa: E402
@@ -84,10 +85,7 @@ def main(argv=None) -> None:
         whole, part = mask_overlap(masks[a], smallest), mask_overlap(moved[a], smallest)
         lines.append(f"| `{a}` | smallest \\|w\\| 10% | {whole.overlap:.3f} ({whole.chance_overlap:.3f}) "
                      f"| {part.overlap:.3f} ({part.chance_overlap:.3f}) | {whole.jaccard:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_result("\n".join(lines) + "\n", args.out, write=args.out is not None)
 
 
 if __name__ == "__main__":

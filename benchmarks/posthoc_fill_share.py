@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import choose_by  # noqa: E402
+from _common import write_result  # noqa: E402
 
 from sparse_rl.discovery import diff_mask, selected_count  # noqa: E402
 
@@ -52,10 +53,7 @@ def main(argv=None) -> None:
              "| density | tensors that changed fewer entries than the density | share of the mask that is fill |",
              "|---|---|---|"]
     lines += [f"| {d:g} | {short} of {total} | {share:.1%} |" for d, (short, total, share) in shares.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_result("\n".join(lines) + "\n", args.out, write=args.out is not None)
 
 
 if __name__ == "__main__":
