@@ -480,6 +480,8 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
     stage_f = [c.config for c in p.ready if c.stage == "F densities" and c.config.mask == "posthoc"]
     assert sorted((c.task, c.density, c.posthoc_fill, c.learning_rate, c.seed) for c in stage_f) == [
         ("addition", density, "moved", 1e-4, seed) for density in (0.01, 0.05, 0.1, 0.3) for seed in (0, 1, 2)]
+    # post-hoc's 10% rerun first (the README's open question), then 5% (the default's density), 1%, 30%
+    assert [c.density for c in stage_f] == [d for d in (0.1, 0.05, 0.01, 0.3) for _ in (0, 1, 2)]
 
 
 def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_checkpoint):

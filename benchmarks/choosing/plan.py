@@ -37,6 +37,8 @@ Q. the second task at twice the steps (``LONGER``), 3 seeds of full finetuning, 
 F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
    refine the density axis for masks that the 10% rows already rank); post-hoc with diff_mask's "moved" fill (the
    entries nearest to changing in bf16 fill what the diff leaves short of the density), at 10% too (3 more runs).
+   Post-hoc's 10% rerun first (does its lead over random survive the new fill), then 5% (the default's density),
+   1%, 30%.
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
@@ -58,6 +60,7 @@ from choosing.runs import MASKS, RunConfig, load_result, weights_path
 SWEEPS = {"full": (1e-5, 3e-5, 3e-6), "sparse": (3e-5, 1e-4, 1e-5), "lora": (3e-4, 1e-3, 1e-4)}  # middle first
 MAX_WIDENING = 2  # grid points a row's sweep may add beyond its family's three while its best lr sits at an edge
 DENSITIES = (0.01, 0.05, 0.1, 0.3)
+F_DENSITY_ORDER = (0.1, 0.05, 0.01, 0.3)  # stage F's: the README's open question first, then the default density
 MAIN_DENSITY = 0.1
 SEEDS = (0, 1, 2)
 OTHER_MASKS = ("fisher", "magnitude", "posthoc")  # the masks without an lr sweep in stage A
@@ -333,8 +336,9 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
     # F: the other masks at the other densities, each at its own lr (stage H). Post-hoc masks fill the density the
     # bf16 diff leaves short with the entries nearest to changing (diff_mask's "moved"; the lowest-index block of
-    # the 10% rows would be most of a 30% mask), at 10% too, so the density axis has one fill throughout
-    for density in DENSITIES:
+    # the 10% rows would be most of a 30% mask), at 10% too, so the density axis has one fill throughout. Post-hoc
+    # at 10% first (whether its lead over random there survives the new fill), then the default's 5%, 1%, 30%
+    for density in sorted(DENSITIES, key=F_DENSITY_ORDER.index):
         for mask in OTHER_MASKS:
             fill = {"posthoc_fill": "moved"} if mask == "posthoc" else {}
             if density != MAIN_DENSITY or fill:
