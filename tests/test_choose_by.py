@@ -910,6 +910,50 @@ def test_the_second_task_trains_twice_as_long_in_a_section_of_its_own(tmp_path, 
     assert "| full | " in shorter_table and "| 0.500 [" in shorter_table
 
 
+def test_the_default_gets_an_lr_sweep_at_the_longer_length(tmp_path, tiny_checkpoint):
+    """Stage R: the default (the probe's 5% mask) on the second task at stage Q's length, seed 0 at the two
+    neighbours of its own lr, then seeds 1, 2 at a neighbour that beats it; it comes after stage F's 10% and 5% rows
+    and before F's 1% and 30%."""
+    from choosing.plan import LONGER, SWEEPS
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    _complete_sweeps(runs, protocol, tiny_checkpoint, best=[2] * 8, other=[1] * 8)
+    steps, tasks = LONGER * protocol.steps, ("addition", "subtraction")
+
+    def stage_r():
+        p = build_plan(protocol, runs, tmp_path / "w", tiny_checkpoint, tasks)
+        return p, [(c.config.task, c.config.density, c.config.learning_rate, c.config.seed, c.config.steps)
+                   for c in p.ready if c.stage.startswith("R")]
+
+    p, planned = stage_r()
+    assert not planned  # the default's own protocol-length lr is not known yet
+    for lr, points in zip(SWEEPS["sparse"], (2, 1, 1)):  # the probe's 5% sweep: best at 3e-5
+        _fake_run(runs, protocol.replace(method="sparse", mask="gradient", density=0.05, learning_rate=lr),
+                  [points] * 8)
+        for mask in ("fisher", "magnitude"):  # stage H: their own 10% lr, so stage F plans them
+            _fake_run(runs, protocol.replace(method="sparse", mask=mask, density=0.1, learning_rate=lr), [points] * 8)
+    p, planned = stage_r()
+    assert planned == [("subtraction", 0.05, lr, 0, steps) for lr in (1e-5, 1e-4)]
+    assert f"subtraction sparse-gradient-0.05 at {steps} steps, seeds 1, 2 at its own lr (R): waits for its seed-0 " \
+           "lr sweep (0/3 done)" in p.waiting
+    stages = [c.stage for c in p.ready]
+    first_r, last_r = stages.index("R lr sweep of the default, longer"), len(stages) - 1 - stages[::-1].index(
+        "R lr sweep of the default, longer")
+    f_before = [c.config.density for c in p.ready[:first_r] if c.stage == "F densities"]
+    f_after = [c.config.density for c in p.ready[last_r:] if c.stage == "F densities"]
+    assert (f_before, f_after) == ([0.05] * 6, [0.01] * 6 + [0.3] * 6)  # Fisher, smallest |w| x 3 seeds
+    # seed 0 at the three lrs: 1e-5 beats the default's 3e-5 at the longer length, so seeds 1, 2 train there
+    longer = protocol.replace(task="subtraction", method="sparse", mask="gradient", density=0.05, steps=steps,
+                              learning_rate=3e-5)
+    for lr, points in ((3e-5, 1), (1e-5, 2), (1e-4, 0)):
+        _fake_run(runs, longer.replace(learning_rate=lr), [points] * 8)
+    p, planned = stage_r()
+    assert [x for x in planned if x[3] > 0] == [("subtraction", 0.05, 1e-5, seed, steps) for seed in (1, 2)]
+    # the neighbour loses: nothing more
+    _fake_run(runs, longer.replace(learning_rate=1e-5), [0] * 8)
+    assert [x for x in stage_r()[1] if x[3] > 0] == []
+
+
 def test_the_sweep_imports_the_sparse_rl_of_its_own_checkout(tmp_path):
     """A sweep run from a separate worktree must train with that worktree's sparse_rl, not with the checkout an
     editable install points at (edits there would otherwise reach runs started after them)."""

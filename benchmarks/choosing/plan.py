@@ -34,11 +34,14 @@ N. the lr sweep (seed 0, widened like A's) of random at 1 and 30%, which E ran a
 Q. the second task at twice the steps (``LONGER``), 3 seeds of full finetuning, the matched-count LoRA and the
    probe's 5% mask (the default), each at the lr of its 60-step row: full finetuning's reward on the second task was
    still rising between steps 40 and 60, and issue 18 asks for longer runs where it is;
-F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (last: 27 runs that
+F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H, 3 seeds (27 runs that
    refine the density axis for masks that the 10% rows already rank); post-hoc with diff_mask's "moved" fill (the
    entries nearest to changing in bf16 fill what the diff leaves short of the density), at 10% too (3 more runs).
-   Post-hoc's 10% rerun first (does its lead over random survive the new fill), then 5% (the default's density),
-   1%, 30%.
+   Post-hoc's 10% rerun first (does its lead over random survive the new fill), then 5% (the default's density);
+   1% and 30% after stage R;
+R. the default (the probe's 5% mask) on the second task at stage Q's length, seed 0 at the two neighbours of its lr
+   on the 1-3-10 grid, then seeds 1, 2 at whichever beats its lr at seed 0: its lr rule comes from protocol-length
+   sweeps, and in stage Q it had the lowest point estimate of the three rows.
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
@@ -62,6 +65,7 @@ MAX_WIDENING = 2  # grid points a row's sweep may add beyond its family's three 
 DENSITIES = (0.01, 0.05, 0.1, 0.3)
 F_DENSITY_ORDER = (0.1, 0.05, 0.01, 0.3)  # stage F's: the README's open question first, then the default density
 MAIN_DENSITY = 0.1
+DEFAULT_DENSITY = 0.05  # SparseConfig's default since stage P: stages Q and R train it longer
 SEEDS = (0, 1, 2)
 OTHER_MASKS = ("fisher", "magnitude", "posthoc")  # the masks without an lr sweep in stage A
 LONGER = 2  # stage Q: the second task at this many times the protocol's steps
@@ -331,18 +335,44 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     for task, seed in itertools.product(tasks[1:], seeds):
         longer = {"seeds": (seed,), "steps": LONGER * protocol.steps}
         add_seeds(task, "Q second task, longer", "full", "full", **longer)
-        add_seeds(task, "Q second task, longer", "sparse", "sparse-gradient-0.05", mask="gradient", density=0.05,
-                  **longer)
+        add_seeds(task, "Q second task, longer", "sparse", f"sparse-gradient-{DEFAULT_DENSITY:g}", mask="gradient",
+                  density=DEFAULT_DENSITY, **longer)
         add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
     # F: the other masks at the other densities, each at its own lr (stage H). Post-hoc masks fill the density the
     # bf16 diff leaves short with the entries nearest to changing (diff_mask's "moved"; the lowest-index block of
     # the 10% rows would be most of a 30% mask), at 10% too, so the density axis has one fill throughout. Post-hoc
-    # at 10% first (whether its lead over random there survives the new fill), then the default's 5%, 1%, 30%
-    for density in sorted(DENSITIES, key=F_DENSITY_ORDER.index):
-        for mask in OTHER_MASKS:
-            fill = {"posthoc_fill": "moved"} if mask == "posthoc" else {}
-            if density != MAIN_DENSITY or fill:
-                add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density, **fill)
+    # at 10% first (whether its lead over random there survives the new fill), then the default's 5%; stage R
+    # comes before 1% and 30%
+    def densities(order) -> None:
+        for density in order:
+            for mask in OTHER_MASKS:
+                fill = {"posthoc_fill": "moved"} if mask == "posthoc" else {}
+                if density != MAIN_DENSITY or fill:
+                    add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density, **fill)
+
+    densities(F_DENSITY_ORDER[:2])
+    # R: the default's lr at the longer length. Its lr rule (10x full finetuning's) comes from protocol-length
+    # sweeps; in stage Q its point estimate was the lowest of the three rows and one seed's curve flattened early, so
+    # its neighbours on the 1-3-10 grid at seed 0, then seeds 1, 2 at whichever beats its lr there
+    default_row = f"sparse-gradient-{DEFAULT_DENSITY:g}"
+    default_lr = lr_of(default_row)
+    for task in tasks[1:]:
+        if default_lr is None:
+            break  # Q already says it waits for the default's sweep
+        kw = {"mask": "gradient", "density": DEFAULT_DENSITY, "steps": LONGER * protocol.steps}
+        lrs = (default_lr, widen((default_lr, math.inf), default_lr), widen((0.0, default_lr), default_lr))
+        for lr in lrs[1:]:
+            schedule(config(task, "sparse", lr, 0, **kw), "R lr sweep of the default, longer")
+        results = {lr: done(config(task, "sparse", lr, 0, **kw)) for lr in lrs}
+        if not all(results.values()):
+            plan.waiting.append(f"{task} {default_row} at {kw['steps']} steps, seeds 1, 2 at its own lr (R): waits "
+                                f"for its seed-0 lr sweep ({sum(map(bool, results.values()))}/{len(lrs)} done)")
+            continue
+        best = max(results, key=lambda lr: results[lr]["final_reward"])
+        if best != default_lr:
+            for seed in seeds[1:]:
+                schedule(config(task, "sparse", best, seed, **kw), "R the default, longer, at its own lr")
+    densities(F_DENSITY_ORDER[2:])
     return plan
 
 

@@ -202,7 +202,9 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
                   f"(the line under the {task} table says whether it did at step {protocol.steps}): these rows train "
                   f"{LONGER}x as long, each at the lr of its {protocol.steps}-step row. A task's training set is "
                   "sized to the run's steps and the trainer shuffles it, so these runs see other batches from their "
-                  f"first step on: new runs, not the {protocol.steps}-step runs continued.", ""] + table
+                  f"first step on: new runs, not the {protocol.steps}-step runs continued. Stage R adds the "
+                  "default at the two neighbours of its lr on the 1-3-10 grid (seed 0; seeds 1, 2 at one that beats "
+                  "its lr there).", ""] + table
         full_key = next((k for k in rows if k[1] == "full"), None)
         if full_key:
             lines += [_reward_change(rows[full_key], protocol.steps), ""]
