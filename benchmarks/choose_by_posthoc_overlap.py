@@ -28,7 +28,7 @@ from _common import write_result  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sparse_rl.analysis import mask_overlap  # noqa: E402
-from sparse_rl.discovery import diff_mask, magnitude_mask, selected_count  # noqa: E402
+from sparse_rl.discovery import budget_shortfall, diff_mask, magnitude_mask  # noqa: E402
 from sparse_rl.mask import SubnetworkMask  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, Subn
         mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16, fill="rounded")
     changed = diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16)  # delta != 0 in bf16
     moved = SubnetworkMask({n: mask.selections[n] & c for n, c in changed.selections.items()})
-    short = sum(int(c.sum()) < selected_count(c.numel(), density) for c in changed.selections.values())
+    short = sum(map(bool, budget_shortfall(changed.selections, density).values()))
     return mask, moved, changed.num_selected / changed.num_total, short
 
 

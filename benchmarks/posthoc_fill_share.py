@@ -23,20 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import choose_by  # noqa: E402
 from _common import write_result  # noqa: E402
 
-from sparse_rl.discovery import diff_mask, selected_count  # noqa: E402
+from sparse_rl.discovery import budget_shortfall, diff_mask, selected_count  # noqa: E402
 
 
 def fill_shares(base, finetuned, densities) -> tuple[float, dict[float, tuple[int, int, float]]]:
     """The share of all entries that changed in bf16, and per density (tensors short of it, tensors, share of the
     mask that is fill)."""
     changed = diff_mask(base, finetuned, compare_dtype=torch.bfloat16)
-    counts = {n: (int(s.sum()), s.numel()) for n, s in changed.selections.items()}
     shares = {}
     for density in densities:
-        budgets = {n: selected_count(numel, density) for n, (_, numel) in counts.items()}
-        short = [n for n, (c, _) in counts.items() if c < budgets[n]]
-        filled = sum(budgets[n] - counts[n][0] for n in short)
-        shares[density] = (len(short), len(counts), filled / sum(budgets.values()))
+        short = budget_shortfall(changed.selections, density)
+        budget = sum(selected_count(s.numel(), density) for s in changed.selections.values())
+        shares[density] = (sum(map(bool, short.values())), len(short), sum(short.values()) / budget)
     return changed.num_selected / changed.num_total, shares
 
 

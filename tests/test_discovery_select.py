@@ -98,6 +98,20 @@ def test_selected_count_is_what_each_budget_selects(sizes, density):
     assert mask_from_scores(scores, density, "global").num_selected == selected_count(sum(sizes), density)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 200), st.floats(0.0, 1.0)), min_size=1, max_size=4), st.floats(1e-6, 1.0))
+def test_budget_shortfall_is_what_a_top_k_over_the_changed_entries_fills(tensors, density):
+    """The per-tensor top-k over scores that rank every changed entry first selects exactly ``budget_shortfall``
+    unchanged ones per tensor (diff_mask's fill warning and the post-hoc fill scripts count with it)."""
+    from sparse_rl.discovery import budget_shortfall, mask_from_scores
+
+    changed = {f"t{i}": torch.rand(n) < share for i, (n, share) in enumerate(tensors)}
+    scores = {name: c.float() + torch.rand(c.shape) for name, c in changed.items()}  # changed: (1, 2), others: (0, 1)
+    mask = mask_from_scores(scores, density)
+    filled = {name: int((mask.selections[name] & ~c).sum()) for name, c in changed.items()}
+    assert budget_shortfall(changed, density) == filled
+
+
 def test_magnitude_mask_streams_per_tensor_and_refuses_nan():
     from sparse_rl.discovery import magnitude_mask, mask_from_scores
 

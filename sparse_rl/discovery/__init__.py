@@ -13,6 +13,7 @@ from .checkpoints import FILLS, WeightSource, as_weight_source, diff_mask, iter_
 from .probe import PROBE_SCORES, ProbeOptions, accumulate_gradient_scores, gradient_mask
 from .strategies import (
     BUDGETS,
+    budget_shortfall,
     half_ulp,
     magnitude_mask,
     mask_from_scores,
@@ -30,6 +31,7 @@ __all__ = [
     "WeightSource",
     "accumulate_gradient_scores",
     "as_weight_source",
+    "budget_shortfall",
     "diff_mask",
     "gradient_mask",
     "gradient_mask_from_trainer",

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..mask import SubnetworkMask
 from .strategies import (
     Budget,
+    budget_shortfall,
     check_budget,
     check_density,
     filter_names,
@@ -261,12 +262,12 @@ def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: 
     """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
     (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
     (the choose-by full runs changed 9.3%). ``stored_rounded``: tensors whose fill had to go by lowest index."""
-    changed = {name: int((score > tolerance).sum()) for name, score in scores.items()}
-    total_changed, total = sum(changed.values()), sum(s.numel() for s in scores.values())
+    changed = {name: score > tolerance for name, score in scores.items()}
+    total_changed, total = sum(int(c.sum()) for c in changed.values()), sum(s.numel() for s in scores.values())
     if budget == "global":
         short_names = list(scores) if total_changed < selected_count(total, density) else []
     else:
-        short_names = [n for n, s in scores.items() if changed[n] < selected_count(s.numel(), density)]
+        short_names = [n for n, short in budget_shortfall(changed, density).items() if short]
     if short_names:
         where = "overall" if budget == "global" else f"in {len(short_names)} of {len(scores)} tensors"
         coarse = [n for n in short_names if n in stored_rounded]

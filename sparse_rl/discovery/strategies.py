@@ -98,6 +98,13 @@ def selected_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.ceil(density * numel)))
 
 
+def budget_shortfall(selections: Mapping[str, torch.Tensor], density: float) -> dict[str, int]:
+    """Per tensor, how many entries a per-tensor ``density`` budget (:func:`selected_count`) needs beyond the
+    ``True`` entries of ``selections`` (0 where they suffice): what a top-k over a diff at that density fills with
+    entries that did not change."""
+    return {name: max(0, selected_count(s.numel(), density) - int(s.sum())) for name, s in selections.items()}
+
+
 def _top_k_selection(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean tensor selecting the :func:`selected_count` highest scores (ties at the threshold: lowest index
     first)."""
