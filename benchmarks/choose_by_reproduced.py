@@ -16,6 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from choosing.runs import RunConfig  # noqa: E402
+
 RUNS = Path(__file__).resolve().parent / "results" / "choose_by" / "runs"
 RESULTS = ("evals.correct", "evals.step", "train_reward", "final_reward", "trained_entries", "config")
 
@@ -37,6 +41,8 @@ def first_committed(path: Path) -> dict | None:
 def _field(record: dict, name: str):
     if name.startswith("evals."):
         return [e[name.split(".", 1)[1]] for e in record["evals"]]
+    if name == "config":  # as a RunConfig, so a first run recorded before a field with a default existed matches
+        return RunConfig(**record["config"])
     return record.get(name)
 
 

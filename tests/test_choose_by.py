@@ -777,6 +777,10 @@ def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tm
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:3] + ["init", "-q"], check=True)
     _fake_run(runs, config, [2, 1, 0, 2, 2, 1, 0, 1])
+    first = json.loads(result_path(runs, config).read_text())
+    for added_later in ("posthoc_fill", "mask_from_task"):  # a first run recorded before these fields existed
+        del first["config"][added_later]
+    result_path(runs, config).write_text(json.dumps(first))
     other = config.replace(seed=1)
     _fake_run(runs, other, [1] * 8)
     subprocess.run(git + ["add", "-A"], check=True)
@@ -790,7 +794,7 @@ def test_reproduced_script_compares_a_rerun_with_its_first_run_in_git_history(tm
         record.update(previous_run={"final_reward": first["final_reward"]}, seconds=999.0, **changes)
         result_path(runs, cfg).write_text(json.dumps(record))
 
-    rerun(config, [2, 1, 0, 2, 2, 1, 0, 1], median_step_seconds=7.0)  # only times differ
+    rerun(config, [2, 1, 0, 2, 2, 1, 0, 1], median_step_seconds=7.0)  # only times (and defaulted fields) differ
     rerun(other, [1] * 7 + [2])  # one prompt's count differs at the last evaluation
     subprocess.run(git + ["commit", "-qam", "reruns"], check=True)
     assert choose_by_reproduced.check(runs) == [(config.run_id(), []),
