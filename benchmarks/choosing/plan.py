@@ -332,11 +332,12 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # Each row at the lr of its protocol-length row (new runs: the training set is sized to the steps and shuffled,
     # so the batches differ from the first step on), seed by seed, so that a part-done stage already pairs the rows;
     # within a seed the default before LoRA, so two runs at a time pair the default with full finetuning first
+    default_row = f"sparse-gradient-{DEFAULT_DENSITY:g}"
     for task, seed in itertools.product(tasks[1:], seeds):
         longer = {"seeds": (seed,), "steps": LONGER * protocol.steps}
         add_seeds(task, "Q second task, longer", "full", "full", **longer)
-        add_seeds(task, "Q second task, longer", "sparse", f"sparse-gradient-{DEFAULT_DENSITY:g}", mask="gradient",
-                  density=DEFAULT_DENSITY, **longer)
+        add_seeds(task, "Q second task, longer", "sparse", default_row, mask="gradient", density=DEFAULT_DENSITY,
+                  **longer)
         add_seeds(task, "Q second task, longer", "lora", lora_row, lora_rank=plan.lora_rank, **longer)
     # F: the other masks at the other densities, each at its own lr (stage H). Post-hoc masks fill the density the
     # bf16 diff leaves short with the entries nearest to changing (diff_mask's "moved"; the lowest-index block of
@@ -354,13 +355,11 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # R: the default's lr at the longer length. Its lr rule (10x full finetuning's) comes from protocol-length
     # sweeps; in stage Q its point estimate was the lowest of the three rows and one seed's curve flattened early, so
     # its neighbours on the 1-3-10 grid at seed 0, then seeds 1, 2 at whichever beats its lr there
-    default_row = f"sparse-gradient-{DEFAULT_DENSITY:g}"
     default_lr = lr_of(default_row)
-    for task in tasks[1:]:
-        if default_lr is None:
-            break  # Q already says it waits for the default's sweep
+    for task in tasks[1:] if default_lr is not None else ():  # else Q already says it waits for the default's sweep
         kw = {"mask": "gradient", "density": DEFAULT_DENSITY, "steps": LONGER * protocol.steps}
-        lrs = (default_lr, widen((default_lr, math.inf), default_lr), widen((0.0, default_lr), default_lr))
+        lower, upper = widen((default_lr, math.inf), default_lr), widen((0.0, default_lr), default_lr)
+        lrs = (default_lr, lower, upper)  # its lr and the grid points either side (widen's step from an edge)
         for lr in lrs[1:]:
             schedule(config(task, "sparse", lr, 0, **kw), "R lr sweep of the default, longer")
         results = {lr: done(config(task, "sparse", lr, 0, **kw)) for lr in lrs}
