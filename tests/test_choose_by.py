@@ -482,6 +482,15 @@ def test_a_posthoc_mask_from_the_other_task_trains_at_posthocs_own_lr(tmp_path, 
         ("addition", density, "moved", 1e-4, seed) for density in (0.01, 0.05, 0.1, 0.3) for seed in (0, 1, 2)]
     # post-hoc's 10% rerun first (the README's open question), then 5% (the default's density), 1%, 30%
     assert [c.density for c in stage_f] == [d for d in (0.1, 0.05, 0.01, 0.3) for _ in (0, 1, 2)]
+    # stage S: post-hoc at 1 and 5% ranked by the move before rounding, at its own lr, before F's 1 and 30% rows
+    stages = [c.stage for c in p.ready]
+    stage_s = [c.config for c in p.ready if c.stage == "S post-hoc ranked by move"]
+    assert [(c.task, c.density, c.posthoc_fill, c.posthoc_rank, c.learning_rate, c.seed) for c in stage_s] == [
+        ("addition", density, "moved", "moved", 1e-4, seed) for density in (0.01, 0.05) for seed in (0, 1, 2)]
+    first_s, last_s = stages.index("S post-hoc ranked by move"), len(stages) - 1 - stages[::-1].index(
+        "S post-hoc ranked by move")
+    assert {c.config.density for c in p.ready[:first_s] if c.stage == "F densities"} == {0.1, 0.05}
+    assert {c.config.density for c in p.ready[last_s:] if c.stage == "F densities"} == {0.01, 0.3}
 
 
 def test_the_probe_at_lower_densities_gets_its_own_lr_sweep(tmp_path, tiny_checkpoint):
@@ -839,7 +848,7 @@ def test_posthoc_fill_names_its_row_and_cuts_the_mask_with_it(tmp_path, tiny_che
     final = {n: w + 3 * torch.rand(w.shape, generator=generator) ** 4 * half_ulp(w) for n, w in weights.items()}
     save_file(final, str(tmp_path / "fp32.safetensors"))
     cut = {fill: diff_mask(tiny_checkpoint, tmp_path / "fp32.safetensors", density=0.3, fill=fill,
-                           compare_dtype=torch.bfloat16) for fill in ("moved", "rounded")}
+                           rank_changed="rounded", compare_dtype=torch.bfloat16) for fill in ("moved", "rounded")}
     assert cut["moved"] != cut["rounded"]
     for config, fill in ((moved, "moved"), (rounded, "rounded")):
         assert _sparse_config(config, None, tiny_checkpoint, tmp_path / "fp32.safetensors").mask == cut[fill]
@@ -847,6 +856,42 @@ def test_posthoc_fill_names_its_row_and_cuts_the_mask_with_it(tmp_path, tiny_che
     with pytest.raises(ValueError, match="stores bf16 .* delete it to rerun"):
         _sparse_config(moved, None, tiny_checkpoint, tmp_path / "bf16.safetensors")
     _sparse_config(rounded, None, tiny_checkpoint, tmp_path / "bf16.safetensors")  # the rounded fill needs no more
+
+
+def test_posthoc_rank_names_its_row_and_orders_the_changed_entries_with_it(tmp_path, tiny_checkpoint):
+    """Stage S's post-hoc rows rank the changed entries a density keeps only some of by their move before rounding:
+    their rows and ids stand apart from F's (ranked by the rounded |Δ|, whose records lack the field), the run cuts
+    its mask with that rank from fp32 final weights, and refuses bf16 ones."""
+    from choosing.runs import _sparse_config
+    from safetensors.torch import save_file
+
+    from sparse_rl.discovery import diff_mask, half_ulp
+
+    runs, protocol = tmp_path / "runs", _protocol()
+    filled = protocol.replace(method="sparse", mask="posthoc", density=0.05, learning_rate=3e-5, posthoc_fill="moved")
+    ranked = filled.replace(posthoc_rank="moved")
+    assert ranked.row == "sparse-posthoc-0.05-fill-moved-rank-moved" and ranked.run_id() != filled.run_id()
+    for bad in (dict(mask="random", posthoc_fill="rounded", posthoc_rank="moved"), dict(posthoc_rank="index")):
+        with pytest.raises(ValueError, match="posthoc_rank is one of"):
+            filled.replace(**bad)
+    _fake_run(runs, filled, [1] * 8)  # a record written before the field existed: ranked by the rounded |Δ|
+    record = json.loads(result_path(runs, filled).read_text())
+    del record["config"]["posthoc_rank"]
+    result_path(runs, filled).write_text(json.dumps(record))
+    assert load_result(runs, filled) is not None and load_result(runs, ranked) is None
+
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)  # ~24% of entries move more than half a bf16 spacing: above 5%
+    final = {n: w + 3 * torch.rand(w.shape, generator=generator) ** 4 * half_ulp(w) for n, w in weights.items()}
+    save_file(final, str(tmp_path / "fp32.safetensors"))
+    cut = {rank: diff_mask(tiny_checkpoint, tmp_path / "fp32.safetensors", density=0.05, rank_changed=rank,
+                           compare_dtype=torch.bfloat16) for rank in ("moved", "rounded")}
+    assert cut["moved"] != cut["rounded"]
+    for config, rank in ((ranked, "moved"), (filled, "rounded")):
+        assert _sparse_config(config, None, tiny_checkpoint, tmp_path / "fp32.safetensors").mask == cut[rank]
+    save_file({n: w.to(torch.bfloat16) for n, w in final.items()}, str(tmp_path / "bf16.safetensors"))
+    with pytest.raises(ValueError, match="stores bf16 .* delete it to rerun"):
+        _sparse_config(ranked.replace(posthoc_fill="rounded"), None, tiny_checkpoint, tmp_path / "bf16.safetensors")
 
 
 def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
@@ -857,6 +902,8 @@ def test_plot_styles_keep_a_masks_colour_and_mark_entropy_and_other_task_rows():
     assert _style("sparse-gradient-0.1-entropy0.2") == ("sparse, gradient, top-20% entropy tokens", "C2", "o")
     assert _style("lora-r44")[1:] == ("C1", "D") and _style("full")[1:] == ("C0", "s")
     assert _style("sparse-posthoc-0.3-fill-moved") == ("sparse, posthoc, moved fill", "C3", "P")
+    assert _style("sparse-posthoc-0.01-fill-moved-rank-moved") == ("sparse, posthoc, moved fill, ranked by move", "C3",
+                                                                    "*")
 
 
 def test_the_second_task_trains_twice_as_long_in_a_section_of_its_own(tmp_path, tiny_checkpoint):

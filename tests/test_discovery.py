@@ -166,6 +166,63 @@ def test_a_checkpoint_stored_in_the_compare_dtype_fills_by_index_and_says_so(tmp
         assert stored == diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="rounded")
 
 
+def _bf16_one_step_changes(seed: int = 0):
+    """Base weights in [1, 1.9] (one bf16 spacing, 2^-7, everywhere) and a finetuned copy where every tensor's first
+    20% of entries by a random order moved up by 0.6-1.4 spacings (each rounds to exactly one spacing: the rounded
+    |Δ| ties) and the rest by under 0.4 (unchanged). Returns (base, finetuned, unrounded moves)."""
+    generator = torch.Generator().manual_seed(seed)
+    base, finetuned = make_tiny_model(seed=0), make_tiny_model(seed=0)
+    moves = {}
+    with torch.no_grad():
+        for (name, before), after in zip(base.named_parameters(), finetuned.parameters()):
+            before.copy_((1 + 0.9 * torch.rand(before.shape, generator=generator)).to(torch.bfloat16).float())
+            n, order = before.numel(), torch.randperm(before.numel(), generator=generator)
+            share = 0.4 * torch.rand(n, generator=generator)
+            changed = order[: n // 5]
+            share[changed] = 0.6 + 0.8 * torch.rand(changed.numel(), generator=generator)
+            moves[name] = share.view(before.shape) * 2.0**-7
+            after.copy_(before + moves[name])
+    return base, finetuned, moves
+
+
+def test_below_the_changed_share_the_changed_entries_rank_by_their_move_before_rounding():
+    """Every changed entry moved one bf16 spacing after rounding, so the rounded |Δ| ties throughout: the default
+    keeps those that moved most before rounding, ``rank_changed="rounded"`` the lowest-index changed entries."""
+    from sparse_rl.discovery import selected_count
+
+    base, finetuned, moves = _bf16_one_step_changes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 20% changed everywhere: no fill at 5%
+        moved = diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16)
+        rounded = diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16, rank_changed="rounded")
+        pooled = diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16, budget="global")
+    changed = diff_mask(base, finetuned, compare_dtype=torch.bfloat16)
+    for name, move in moves.items():
+        k = selected_count(move.numel(), 0.05)
+        flat = move.reshape(-1)
+        assert moved[name].reshape(-1).nonzero().reshape(-1).tolist() == sorted(flat.topk(k).indices.tolist()), name
+        first_changed = changed[name].reshape(-1).nonzero().reshape(-1)[:k]
+        assert rounded[name].reshape(-1).nonzero().reshape(-1).tolist() == first_changed.tolist(), name
+    every = torch.cat([m.reshape(-1) for m in moves.values()])  # the global budget pools the unrounded moves
+    k = selected_count(every.numel(), 0.05)
+    assert torch.cat([pooled[n].reshape(-1) for n in moves]).nonzero().reshape(-1).tolist() == sorted(
+        every.topk(k).indices.tolist())
+    # the fill rule does not change which changed entries rank first; above the changed share all changed are in
+    assert diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16, fill="rounded") == moved
+    with pytest.warns(UserWarning, match="fills the rest"):
+        assert diff_mask(base, finetuned, density=0.3, compare_dtype=torch.bfloat16).intersection(changed) == changed
+    with pytest.raises(ValueError, match="rank_changed must be one of"):
+        diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16, rank_changed="index")
+
+
+def test_a_checkpoint_stored_in_the_compare_dtype_ranks_its_changed_entries_by_index_and_says_so(tmp_path):
+    base, finetuned, _ = _bf16_one_step_changes()
+    finetuned.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    with pytest.warns(UserWarning, match=r"tensors .* changed more entries than density=0.05 keeps .* ties by lowest"):
+        stored = diff_mask(base, tmp_path / "bf16", density=0.05, compare_dtype=torch.bfloat16)
+    assert stored == diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16, rank_changed="rounded")
+
+
 def test_tied_embeddings_counted_once(tmp_path):
     base = make_tiny_model(seed=0, tie_word_embeddings=True)
     finetuned = make_tiny_model(seed=0, tie_word_embeddings=True)

@@ -38,10 +38,14 @@ F. Fisher, smallest |w| and post-hoc at 1, 5 and 30%, each at its own lr from H,
    refine the density axis for masks that the 10% rows already rank); post-hoc with diff_mask's "moved" fill (the
    entries nearest to changing in bf16 fill what the diff leaves short of the density), at 10% too (3 more runs).
    Post-hoc's 10% rerun first (does its lead over random survive the new fill), then 5% (the default's density);
-   1% and 30% after stage R;
+   1% and 30% after stages R and S;
 R. the default (the probe's 5% mask) on the second task at stage Q's length, seed 0 at the two neighbours of its lr
    on the 1-3-10 grid, then seeds 1, 2 at whichever beats its lr at seed 0: its lr rule comes from protocol-length
-   sweeps, and in stage Q it had the lowest point estimate of the three rows.
+   sweeps, and in stage Q it had the lowest point estimate of the three rows;
+S. post-hoc at 1 and 5% (moved fill) with the changed entries ranked by their move before rounding (diff_mask's
+   ``rank_changed="moved"``), at post-hoc's own lr, 3 seeds: every post-hoc row before ranked them by the rounded
+   |Δ|, whose bf16 ties went by lowest index (66% of the 1% mask on addition's seed-0 full run). Before F's 1 and
+   30% rows (which it joins late: F's 1% post-hoc row showed the problem).
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
@@ -64,6 +68,7 @@ SWEEPS = {"full": (1e-5, 3e-5, 3e-6), "sparse": (3e-5, 1e-4, 1e-5), "lora": (3e-
 MAX_WIDENING = 2  # grid points a row's sweep may add beyond its family's three while its best lr sits at an edge
 DENSITIES = (0.01, 0.05, 0.1, 0.3)
 F_DENSITY_ORDER = (0.1, 0.05, 0.01, 0.3)  # stage F's: the README's open question first, then the default density
+S_DENSITIES = (0.01, 0.05)  # where the rank of the changed entries decides most of a post-hoc mask (10%: 6% of it)
 MAIN_DENSITY = 0.1
 DEFAULT_DENSITY = 0.05  # SparseConfig's default since stage P: stages Q and R train it longer
 SEEDS = (0, 1, 2)
@@ -135,7 +140,8 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
                                 mask=kw.get("mask"), lora_rank=kw.get("lora_rank"),
                                 entropy_quantile=kw.get("entropy_quantile", 1.0),
                                 mask_from_task=kw.get("mask_from_task"), steps=kw.get("steps", protocol.steps),
-                                posthoc_fill=kw.get("posthoc_fill", "rounded"))
+                                posthoc_fill=kw.get("posthoc_fill", "rounded"),
+                                posthoc_rank=kw.get("posthoc_rank", "rounded"))
 
     def done(c: RunConfig) -> dict | None:
         return load_result(runs_dir, c)
@@ -371,6 +377,12 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         if best != default_lr:
             for seed in seeds[1:]:
                 schedule(config(task, "sparse", best, seed, **kw), "R the default, longer, at its own lr")
+    # S: post-hoc below the changed share, its changed entries ranked by their move before rounding: F's ranked them
+    # by the rounded |Δ|, so bf16's ties went by lowest index and its 1% row came out far below random's. Before
+    # F's 30% rows, which rank nothing (the changed entries are all in)
+    for density in S_DENSITIES:
+        add_seeds(main_task, "S post-hoc ranked by move", "sparse", own_row("posthoc"), mask="posthoc",
+                  density=density, posthoc_fill="moved", posthoc_rank="moved")
     densities(F_DENSITY_ORDER[2:])
     return plan
 

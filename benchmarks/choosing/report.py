@@ -329,6 +329,9 @@ def _style(row: str) -> tuple[str, str, str]:
     if "-fill-moved" in row:  # a post-hoc mask filled by the entries nearest to changing (stage F): its own marker
         name += ", moved fill"
         marker = "P"
+    if "-rank-moved" in row:  # its changed entries ranked by the move before rounding (stage S): its own marker
+        name += ", ranked by move"
+        marker = "*"
     return name, color, marker
 
 

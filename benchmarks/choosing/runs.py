@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_rl.discovery import FILLS
+from sparse_rl.discovery import FILLS, RANKS
 
 METHODS = ("base", "full", "sparse", "lora")
 MASKS = ("gradient", "fisher", "random", "magnitude", "posthoc")
@@ -46,6 +46,9 @@ class RunConfig:
     # post-hoc: diff_mask's fill where bf16 left fewer entries changed than the density ("rounded": lowest index, as
     # every run before stage F; "moved": the unchanged entries that moved most before rounding)
     posthoc_fill: str = "rounded"
+    # post-hoc: how diff_mask orders the changed entries a density keeps only some of ("rounded": by the rounded |Δ|,
+    # bf16's ties by lowest index, as every run before stage S; "moved": by the move before rounding)
+    posthoc_rank: str = "rounded"
     # protocol (the same for every run of a sweep; part of the file name through a hash)
     steps: int = 60
     prompts_per_step: int = 4
@@ -70,6 +73,9 @@ class RunConfig:
         if self.posthoc_fill not in FILLS or (self.posthoc_fill != "rounded" and self.mask != "posthoc"):
             raise ValueError(f"posthoc_fill is one of {FILLS} and only for a post-hoc mask, got "
                              f"{self.posthoc_fill!r} for a {self.mask!r} mask")
+        if self.posthoc_rank not in RANKS or (self.posthoc_rank != "rounded" and self.mask != "posthoc"):
+            raise ValueError(f"posthoc_rank is one of {RANKS} and only for a post-hoc mask, got "
+                             f"{self.posthoc_rank!r} for a {self.mask!r} mask")
         if self.method != "base" and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -88,6 +94,8 @@ class RunConfig:
                 name += f"-from-{self.mask_from_task}"
             if self.posthoc_fill != "rounded":
                 name += f"-fill-{self.posthoc_fill}"
+            if self.posthoc_rank != "rounded":
+                name += f"-rank-{self.posthoc_rank}"
         return name if self.entropy_quantile == 1.0 else f"{name}-entropy{self.entropy_quantile:g}"
 
     def protocol(self) -> dict:
@@ -307,15 +315,16 @@ def _sparse_config(config: RunConfig, trainer, model_dir, posthoc_source) -> obj
         return SparseConfig(mask=magnitude_mask(trainer.model, config.density, largest=False), **common)
     if posthoc_source is None or not Path(posthoc_source).exists():
         raise ValueError(f"a post-hoc mask needs the full run's final weights, got {posthoc_source}")
-    if config.posthoc_fill == "moved":
+    if "moved" in (config.posthoc_fill, config.posthoc_rank):
         from sparse_rl.discovery import WeightSource
 
         with WeightSource(posthoc_source) as source:
             if any(source.dtype(n) == torch.bfloat16 for n in source.names):
                 raise ValueError(f"{posthoc_source} stores bf16 (a full run from before its weights were kept in "
-                                 "fp32): the moved fill needs the move before rounding; delete it to rerun the run")
+                                 "fp32): the moved fill and rank need the move before rounding; delete it to rerun "
+                                 "the run")
     mask = diff_mask(model_dir, posthoc_source, density=config.density, compare_dtype=torch.bfloat16,
-                     fill=config.posthoc_fill)
+                     fill=config.posthoc_fill, rank_changed=config.posthoc_rank)
     return SparseConfig(mask=mask, **common)
 
 

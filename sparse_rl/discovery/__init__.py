@@ -9,7 +9,7 @@
   from in-memory models or safetensors checkpoints (sharded ones included).
 """
 
-from .checkpoints import FILLS, WeightSource, as_weight_source, diff_mask, iter_deltas, matched_names
+from .checkpoints import FILLS, RANKS, WeightSource, as_weight_source, diff_mask, iter_deltas, matched_names
 from .probe import PROBE_SCORES, ProbeOptions, accumulate_gradient_scores, gradient_mask
 from .strategies import (
     BUDGETS,
@@ -27,6 +27,7 @@ __all__ = [
     "BUDGETS",
     "FILLS",
     "PROBE_SCORES",
+    "RANKS",
     "ProbeOptions",
     "WeightSource",
     "accumulate_gradient_scores",

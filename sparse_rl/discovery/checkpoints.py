@@ -33,6 +33,8 @@ Fill = Literal["moved", "rounded"]
 FILLS = ("moved", "rounded")
 _FILL_ORDER = {"moved": "those that moved most before rounding first",
                "rounded": "largest |delta| first and ties (unchanged entries) by lowest index"}
+Rank = Literal["moved", "rounded"]
+RANKS = ("moved", "rounded")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -202,6 +204,7 @@ def diff_mask(
     budget: Budget = "per_tensor",
     compare_dtype: torch.dtype | None = None,
     fill: Fill = "moved",
+    rank_changed: Rank = "moved",
 ) -> SubnetworkMask:
     """Entries that changed between ``base`` and ``finetuned`` (|Δ| > ``tolerance``; the paper's definition and
     default, loose enough for bf16 noise), streamed tensor by tensor.
@@ -215,6 +218,11 @@ def diff_mask(
     same for every checkpoint: sparse_rl's behaviour before ``fill`` existed, kept so its masks reproduce). Without
     ``compare_dtype`` the two agree. ``"moved"`` needs both checkpoints stored finer than ``compare_dtype`` (save
     the finetuned weights in fp32): a tensor stored in it fills as ``"rounded"``, and the warning says so.
+
+    A density below a tensor's changed share keeps only some changed entries, ordered by ``rank_changed``:
+    ``"moved"`` by |Δ| before rounding (needs the same finer checkpoints); ``"rounded"`` by the rounded |Δ|, which in
+    bf16 is mostly the spacing at the weight, so many entries tie and go by lowest index (addition's seed-0 choose-by
+    full run: 66% of a 1% mask; sparse_rl's behaviour before ``rank_changed`` existed, kept so its masks reproduce).
     """
     if density is not None:
         check_density(density)
@@ -222,25 +230,29 @@ def diff_mask(
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    if rank_changed not in RANKS:
+        raise ValueError(f"rank_changed must be one of {RANKS}, got {rank_changed!r}")
     check_budget(budget)
-    scores, stored_rounded = {}, set()  # names a checkpoint stores no finer than compare_dtype
+    by_move = compare_dtype is not None and "moved" in (fill, rank_changed)
+    scores, changed, stored_rounded = {}, {}, set()  # stored_rounded: names stored no finer than compare_dtype
     for name, before, after in iter_weight_pairs(base, finetuned, include, exclude, "diff mask"):
         rounded = _difference(before, after, compare_dtype).abs()
+        changed[name] = rounded > tolerance
         if density is None:
-            scores[name] = rounded > tolerance
-        elif fill == "moved" and compare_dtype is not None:
-            if _finer(before.dtype, compare_dtype) and _finer(after.dtype, compare_dtype):
-                scores[name] = _changed_then_nearest(rounded, _difference(before, after), before, compare_dtype,
-                                                     tolerance)
-            else:  # the move before rounding is not in the checkpoint: nothing to rank the unchanged entries by
-                scores[name] = rounded.float()
-                stored_rounded.add(name)
-        else:
+            continue
+        if by_move and _finer(before.dtype, compare_dtype) and _finer(after.dtype, compare_dtype):
+            scores[name] = _changed_first(rounded, _difference(before, after), before, compare_dtype, tolerance,
+                                          fill, rank_changed)
+        else:  # no rounding, both orders asked "rounded", or the move before rounding is not in the checkpoint
             scores[name] = rounded.float()
+            if by_move:
+                stored_rounded.add(name)
     if density is None:
-        return SubnetworkMask(scores)
-    _warn_if_filled(scores, density, tolerance, budget, fill if compare_dtype is not None else "rounded",
+        return SubnetworkMask(changed)
+    _warn_if_filled(changed, density, tolerance, budget, fill if compare_dtype is not None else "rounded",
                     stored_rounded)
+    if rank_changed == "moved":
+        _warn_if_ranked_by_index(changed, density, budget, stored_rounded)
     return mask_from_scores(scores, density, budget)
 
 
@@ -248,28 +260,34 @@ def _finer(dtype: torch.dtype, than: torch.dtype) -> bool:
     return torch.finfo(dtype).eps < torch.finfo(than).eps
 
 
-def _changed_then_nearest(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor,
-                          compare_dtype: torch.dtype, tolerance: float) -> torch.Tensor:
-    """Scores whose top-k is the changed entries (rounded |Δ| > tolerance, positive, largest first), then the others
-    by how far they moved unrounded in half-spacings of ``compare_dtype`` at the base weight (:func:`half_ulp`;
-    mapped into [-1, 0), nearest to changing first)."""
-    moved = delta.abs().float() / half_ulp(before, compare_dtype)
-    return torch.where(rounded > tolerance, rounded.float(), -1.0 / (1.0 + moved))
+def _changed_first(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor, compare_dtype: torch.dtype,
+                   tolerance: float, fill: Fill, rank_changed: Rank) -> torch.Tensor:
+    """Scores whose top-k takes the changed entries (rounded |Δ| > tolerance; scores >= 0) before the others (scores
+    in [-1, 0)). Changed: largest |Δ| first, unrounded (``rank_changed="moved"``) or rounded. Others: with
+    ``fill="moved"`` by how far they moved unrounded in half-spacings of ``compare_dtype`` at the base weight
+    (:func:`half_ulp`; nearest to changing first), else by the rounded |Δ| (ties by lowest index)."""
+    if fill == "moved":
+        unchanged = -1.0 / (1.0 + delta.abs().float() / half_ulp(before, compare_dtype))
+    elif tolerance > 0:  # rounded |Δ| in [0, tolerance] into [-1, -0.5], order kept
+        unchanged = -1.0 / (1.0 + rounded.float() / tolerance)
+    else:
+        unchanged = torch.full(rounded.shape, -1.0)
+    ranked = delta.abs() if rank_changed == "moved" else rounded
+    return torch.where(rounded > tolerance, ranked.float(), unchanged)
 
 
-def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
+def _warn_if_filled(changed: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
                     fill: Fill, stored_rounded: set[str]) -> None:
     """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
     (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
     (the choose-by full runs changed 9.3%). ``stored_rounded``: tensors whose fill had to go by lowest index."""
-    changed = {name: score > tolerance for name, score in scores.items()}
-    total_changed, total = sum(int(c.sum()) for c in changed.values()), sum(s.numel() for s in scores.values())
+    total_changed, total = sum(int(c.sum()) for c in changed.values()), sum(c.numel() for c in changed.values())
     if budget == "global":
-        short_names = list(scores) if total_changed < selected_count(total, density) else []
+        short_names = list(changed) if total_changed < selected_count(total, density) else []
     else:
         short_names = [n for n, short in budget_shortfall(changed, density).items() if short]
     if short_names:
-        where = "overall" if budget == "global" else f"in {len(short_names)} of {len(scores)} tensors"
+        where = "overall" if budget == "global" else f"in {len(short_names)} of {len(changed)} tensors"
         coarse = [n for n in short_names if n in stored_rounded]
         unknown = (f"; {len(coarse)} of these tensors (e.g. {coarse[0]!r}) are stored no finer than the compare "
                    "dtype in a checkpoint, so their move before rounding is unknown and they fill by lowest index "
@@ -278,6 +296,22 @@ def _warn_if_filled(scores: dict[str, torch.Tensor], density: float, tolerance: 
                       f"tolerance={tolerance:g}; {total_changed / total:.1%} of all entries changed): the mask fills "
                       f"the rest with entries that moved by at most the tolerance, {_FILL_ORDER[fill]}{unknown}. "
                       "Pass density=None for exactly the changed entries, or a lower density.", stacklevel=3)
+
+
+def _warn_if_ranked_by_index(changed: dict[str, torch.Tensor], density: float, budget: Budget,
+                             stored_rounded: set[str]) -> None:
+    """Say when the density keeps only some changed entries of a tensor the checkpoint stores no finer than the
+    compare dtype: they rank by the rounded |Δ|, whose ties go by lowest index, not by ``rank_changed="moved"``."""
+    if budget == "global":
+        total, total_changed = (sum(f(c) for c in changed.values()) for f in (torch.numel, lambda c: int(c.sum())))
+        cut = sorted(stored_rounded) if total_changed > selected_count(total, density) else []
+    else:
+        cut = [n for n in sorted(stored_rounded) if int(changed[n].sum()) > selected_count(changed[n].numel(), density)]
+    if cut:
+        warnings.warn(f"diff_mask: {len(cut)} tensors (e.g. {cut[0]!r}) changed more entries than density={density:g} "
+                      "keeps but are stored no finer than the compare dtype in a checkpoint, so their move before "
+                      "rounding is unknown: their changed entries rank by the rounded |delta|, ties by lowest index "
+                      "(save the finetuned weights in fp32)", stacklevel=3)
 
 
 @contextlib.contextmanager
