@@ -59,3 +59,17 @@ def test_fill_share_is_the_part_of_the_rounded_mask_that_did_not_change(tiny_mod
         assert share == pytest.approx(1 - inside / mask.num_selected)
         assert total == len(mask.selections) and (short > 0) == (share > 0)
     assert shares[0.5][2] > shares[0.1][2] > 0  # more of the mask is fill the higher the density
+
+
+def test_rank_ties_counts_the_changed_entries_a_rounded_rank_chose_by_index():
+    """Every changed entry of the pair moved one bf16 spacing after rounding: below the changed share (20%) a mask
+    ranked by the rounded |Δ| is all a tie cut by index, and the mask ranked by the move keeps part of it; above it
+    every changed entry is in, so nothing is ranked and both masks agree."""
+    from posthoc_fill_share import rank_ties
+
+    from tests.tiny import make_bf16_one_step_pair
+
+    base, finetuned, _ = make_bf16_one_step_pair()
+    ties = rank_ties(base, finetuned, (0.05, 0.3))
+    assert ties[0.05][0] == 1.0 and 0 < ties[0.05][1] < 1
+    assert ties[0.3] == (0.0, 1.0)

@@ -15,7 +15,7 @@ from sparse_rl.discovery import (
     random_mask,
 )
 from sparse_rl.mask import SubnetworkMask
-from tests.tiny import make_tiny_model
+from tests.tiny import make_bf16_one_step_pair, make_tiny_model
 
 
 def _perturb(model, share=0.05, size=1e-3, seed=1):
@@ -166,31 +166,12 @@ def test_a_checkpoint_stored_in_the_compare_dtype_fills_by_index_and_says_so(tmp
         assert stored == diff_mask(base, finetuned, density=0.2, compare_dtype=torch.bfloat16, fill="rounded")
 
 
-def _bf16_one_step_changes(seed: int = 0):
-    """Base weights in [1, 1.9] (one bf16 spacing, 2^-7, everywhere) and a finetuned copy where every tensor's first
-    20% of entries by a random order moved up by 0.6-1.4 spacings (each rounds to exactly one spacing: the rounded
-    |Δ| ties) and the rest by under 0.4 (unchanged). Returns (base, finetuned, unrounded moves)."""
-    generator = torch.Generator().manual_seed(seed)
-    base, finetuned = make_tiny_model(seed=0), make_tiny_model(seed=0)
-    moves = {}
-    with torch.no_grad():
-        for (name, before), after in zip(base.named_parameters(), finetuned.parameters()):
-            before.copy_((1 + 0.9 * torch.rand(before.shape, generator=generator)).to(torch.bfloat16).float())
-            n, order = before.numel(), torch.randperm(before.numel(), generator=generator)
-            share = 0.4 * torch.rand(n, generator=generator)
-            changed = order[: n // 5]
-            share[changed] = 0.6 + 0.8 * torch.rand(changed.numel(), generator=generator)
-            moves[name] = share.view(before.shape) * 2.0**-7
-            after.copy_(before + moves[name])
-    return base, finetuned, moves
-
-
 def test_below_the_changed_share_the_changed_entries_rank_by_their_move_before_rounding():
     """Every changed entry moved one bf16 spacing after rounding, so the rounded |Δ| ties throughout: the default
     keeps those that moved most before rounding, ``rank_changed="rounded"`` the lowest-index changed entries."""
     from sparse_rl.discovery import selected_count
 
-    base, finetuned, moves = _bf16_one_step_changes()
+    base, finetuned, moves = make_bf16_one_step_pair()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 20% changed everywhere: no fill at 5%
         moved = diff_mask(base, finetuned, density=0.05, compare_dtype=torch.bfloat16)
@@ -216,7 +197,7 @@ def test_below_the_changed_share_the_changed_entries_rank_by_their_move_before_r
 
 
 def test_a_checkpoint_stored_in_the_compare_dtype_ranks_its_changed_entries_by_index_and_says_so(tmp_path):
-    base, finetuned, _ = _bf16_one_step_changes()
+    base, finetuned, _ = make_bf16_one_step_pair()
     finetuned.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     with pytest.warns(UserWarning, match=r"tensors .* changed more entries than density=0.05 keeps .* ties by lowest"):
         stored = diff_mask(base, tmp_path / "bf16", density=0.05, compare_dtype=torch.bfloat16)

@@ -48,6 +48,25 @@ def make_tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return model
 
 
+def make_bf16_one_step_pair(seed: int = 0):
+    """Base weights in [1, 1.9] (one bf16 spacing, 2^-7, everywhere) and a finetuned copy where every tensor's first
+    20% of entries by a random order moved up by 0.6-1.4 spacings (each rounds to exactly one spacing: the rounded
+    |Δ| ties) and the rest by under 0.4 (unchanged). Returns (base, finetuned, unrounded moves)."""
+    generator = torch.Generator().manual_seed(seed)
+    base, finetuned = make_tiny_model(seed=0), make_tiny_model(seed=0)
+    moves = {}
+    with torch.no_grad():
+        for (name, before), after in zip(base.named_parameters(), finetuned.parameters()):
+            before.copy_((1 + 0.9 * torch.rand(before.shape, generator=generator)).to(torch.bfloat16).float())
+            n, order = before.numel(), torch.randperm(before.numel(), generator=generator)
+            share = 0.4 * torch.rand(n, generator=generator)
+            changed = order[: n // 5]
+            share[changed] = 0.6 + 0.8 * torch.rand(changed.numel(), generator=generator)
+            moves[name] = share.view(before.shape) * 2.0**-7
+            after.copy_(before + moves[name])
+    return base, finetuned, moves
+
+
 def save_tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
     folder = Path(folder)
     make_tiny_model(seed, **overrides).save_pretrained(folder)
