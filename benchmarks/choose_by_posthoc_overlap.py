@@ -33,13 +33,14 @@ from sparse_rl.mask import SubnetworkMask  # noqa: E402
 
 
 def posthoc_masks(base, finetuned, density: float) -> tuple[SubnetworkMask, SubnetworkMask, float, int]:
-    """The post-hoc mask (``diff_mask(..., compare_dtype=bf16, fill="rounded")``, as the choose-by runs at 10% cut
-    it: the lowest-index fill), its part that changed in bf16, the share of all entries that changed, and how many
-    tensors changed fewer than ``density`` of theirs (filled). Two passes over the diff, so the mask is diff_mask's
-    own rather than a copy of its scoring."""
+    """The post-hoc mask (``diff_mask(..., compare_dtype=bf16, fill="rounded", rank_changed="rounded")``, as the
+    choose-by runs at 10% cut it: the lowest-index fill, the changed entries by their rounded |Δ|), its part that
+    changed in bf16, the share of all entries that changed, and how many tensors changed fewer than ``density`` of
+    theirs (filled). Two passes over the diff, so the mask is diff_mask's own rather than a copy of its scoring."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the fill diff_mask warns about is counted in the table
-        mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16, fill="rounded")
+        mask = diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16, fill="rounded",
+                         rank_changed="rounded")
     changed = diff_mask(base, finetuned, tolerance=0.0, compare_dtype=torch.bfloat16)  # delta != 0 in bf16
     moved = SubnetworkMask({n: mask.selections[n] & c for n, c in changed.selections.items()})
     short = sum(map(bool, budget_shortfall(changed.selections, density).values()))

@@ -31,7 +31,8 @@ def test_posthoc_masks_match_diff_mask_and_separate_the_entries_that_moved(tiny_
     tensors = len(list(finetuned.parameters()))
     assert short == (tensors + 1) // 2
     with pytest.warns(UserWarning, match=f"in {short} of {short + tensors // 2} tensors"):  # the fill is announced
-        reference = diff_mask(tiny_model, finetuned, density=0.1, compare_dtype=torch.bfloat16, fill="rounded")
+        reference = diff_mask(tiny_model, finetuned, density=0.1, compare_dtype=torch.bfloat16, fill="rounded",
+                              rank_changed="rounded")
     assert mask.digests() == reference.digests()
     assert changed_share == changed / mask.num_total
     for name, selection in moved.items():
@@ -73,3 +74,21 @@ def test_rank_ties_counts_the_changed_entries_a_rounded_rank_chose_by_index():
     ties = rank_ties(base, finetuned, (0.05, 0.3))
     assert ties[0.05][0] == 1.0 and 0 < ties[0.05][1] < 1
     assert ties[0.3] == (0.0, 1.0)
+
+
+def test_the_overlap_scripts_mask_is_the_one_the_10pct_post_hoc_runs_trained(tmp_path, tiny_checkpoint):
+    """The overlap script describes the masks stage C/J/L trained (``RunConfig`` defaults: the lowest-index fill and
+    the changed entries by their rounded |Δ|), not ``diff_mask``'s current defaults, which cut another mask here."""
+    from choosing.runs import RunConfig, _sparse_config
+    from safetensors.torch import load_file, save_file
+
+    from sparse_rl.discovery import half_ulp
+
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)  # ~24% of entries move over half a bf16 spacing: above 10%
+    final = {n: w + 3 * torch.rand(w.shape, generator=generator) ** 4 * half_ulp(w) for n, w in weights.items()}
+    save_file(final, str(tmp_path / "final.safetensors"))
+    trained = _sparse_config(RunConfig(method="sparse", mask="posthoc", density=0.1, learning_rate=3e-5), None,
+                             tiny_checkpoint, tmp_path / "final.safetensors").mask
+    assert posthoc_masks(tiny_checkpoint, tmp_path / "final.safetensors", 0.1)[0] == trained
+    assert diff_mask(tiny_checkpoint, tmp_path / "final.safetensors", 0.1, compare_dtype=torch.bfloat16) != trained

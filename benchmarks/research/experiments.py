@@ -149,8 +149,8 @@ class Research:
         natural = diff_mask(self.base_dir, reference, compare_dtype=torch.bfloat16)
         info = {"natural_density": natural.density, "step": self.compare}
         if natural.density > self.plan.max_mask_density:
-            diff = diff_mask(self.base_dir, reference, density=self.plan.max_mask_density,
-                             compare_dtype=torch.bfloat16, fill="rounded")  # as the committed results were cut
+            diff = diff_mask(self.base_dir, reference, density=self.plan.max_mask_density,  # as the committed
+                             compare_dtype=torch.bfloat16, fill="rounded", rank_changed="rounded")  # results were cut
             info["rule"] = (f"the bf16 diff changed {natural.density:.1%} of entries, above the paper's 30%: the mask "
                             f"keeps the top {self.plan.max_mask_density:.0%} of |Δ_bf16| of every tensor")
         else:
