@@ -213,6 +213,20 @@ def test_report_aggregates_rows_at_their_best_lr(tmp_path, tiny_checkpoint):
     assert "| 3 |" in lora_row  # seed 0 (0.75) plus two seeds at the base reward
     assert "Recovering >= 95% of full finetuning's gain with the whole interval: sparse-gradient-0.1" in text
     assert "Full finetuning's held-out reward from step 1 to 2: 0.750 [" in text and "still rising" in text
+    # the density axis: a mask's rows at other densities at its own lr, one line per way of choosing the mask
+    for seed in (0, 1, 2):
+        _fake_run(runs, protocol.replace(learning_rate=best["gradient"], seed=seed, method="sparse", mask="gradient",
+                                         density=0.05), base if seed else full)
+    assert choose_by.main(args) == 0
+    lines = results.with_suffix(".md").read_text().splitlines()
+    axis = lines.index("### addition: the density axis (share of full finetuning's gain [95% CI] at each mask's own "
+                       "lr)")
+    assert lines[axis + 2] == "| mask | 1% | 5% | 10% | 30% |"
+    gradient_axis = next(line for line in lines[axis:] if line.startswith("| sparse-gradient |"))
+    assert gradient_axis.startswith("| sparse-gradient | - | 0.33 [") and gradient_axis.endswith(
+        f"| 1.00 [1.00, 1.00] at {best['gradient']:g} | - |")
+    assert next(line for line in lines[axis:] if line.startswith("| sparse-random |")).startswith(
+        "| sparse-random | - | - | 0.67 [")  # seed 0 recovers all, seeds 1-2 half
 
 
 def test_sweep_widens_while_its_best_lr_sits_at_an_edge(tmp_path, tiny_checkpoint):

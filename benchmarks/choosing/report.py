@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import LONGER, MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
+from choosing.plan import DENSITIES, LONGER, MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import (
     difference_interval,
@@ -189,6 +189,7 @@ def write_report(results: Path, protocol: RunConfig, model_dir, tasks, extra_see
             continue
         table, figure = _rows_table(rows, base.get(task), plan.best_lr, task)
         lines += [f"## {task}: rows at their chosen lr", ""] + table
+        lines += _density_axis(rows, base.get(task), plan.best_lr, task)
         figure_rows += figure
 
     longer_groups = _by_row(longer)
@@ -268,6 +269,40 @@ def _rows_table(rows: dict, base_record: dict | None, best_lr: dict, task: str) 
     if full_key:
         lines += [_still_rising(rows[full_key]), ""]
     return lines, figure_rows
+
+
+def _density_axis(rows: dict, base_record: dict | None, best_lr: dict, task: str) -> list[str]:
+    """Each way of choosing a mask across densities in one view: its share of full finetuning's gain at its own lr
+    (its row's sweep where it has one, else its 10% row's), the table above's figures without the rows at
+    inherited lrs. Empty where the task has no full finetuning or no mask at more than one density."""
+    full_key = next((k for k in rows if k[1] == "full"), None)
+    if full_key is None or base_record is None:
+        return []
+    cells: dict[str, dict[float, tuple]] = defaultdict(dict)  # mask variant (row without density) -> density -> key
+    for key, runs in rows.items():
+        config = runs[0]["config"]
+        if config["method"] != "sparse" or config["entropy_quantile"] != 1.0:
+            continue
+        own = best_lr.get((task, key[1])) or best_lr.get((task, f"sparse-{config['mask']}-{MAIN_DENSITY:g}"))
+        if key[2] == own:
+            cells[key[1].replace(f"-{config['density']:g}", "", 1)][config["density"]] = key
+    if not any(len(by_density) > 1 for by_density in cells.values()):
+        return []
+    base_matrix, full_matrix = success_matrix([base_record]), success_matrix(rows[full_key])
+
+    def cell(key) -> str:
+        if key is None:
+            return "-"
+        runs = rows[key]
+        share = gain_share_interval(success_matrix(runs), full_matrix, base_matrix,
+                                    same_seeds=same_seeds(runs, rows[full_key]))
+        return f"{_ci(share, 2)}{'†' * (len(runs) < 3)} at {key[2]:g}"
+
+    lines = [f"### {task}: the density axis (share of full finetuning's gain [95% CI] at each mask's own lr)", "",
+             "| mask | " + " | ".join(f"{d:.0%}" for d in DENSITIES) + " |", "|---" * (len(DENSITIES) + 1) + "|"]
+    for variant in sorted(cells):
+        lines.append(f"| {variant} | " + " | ".join(cell(cells[variant].get(d)) for d in DENSITIES) + " |")
+    return lines + ["", "- : not run (or not at that mask's own lr yet).", ""]
 
 
 def _reward_change(runs: list[dict], since: int, judge: bool = False) -> str:
