@@ -390,6 +390,18 @@ def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_p
             and c.stage == "F densities"} == {(d, 1e-4) for d in (0.01, 0.05, 0.3)}
     # the 10% row at the probe's lr keeps its seeds (stage C), so both rows can be compared
     assert {seed for _, _, _, seed in planned(p, mask="magnitude", density=0.1, learning_rate=probe_lr)} == {1, 2}
+    # stage T: at 30% its own seed-0 sweep follows (F's 1e-4 run is its seed 0 there), then seeds 1, 2 at a lower best
+    at_30 = dict(magnitude, density=0.3)
+    sweep_30 = {(c.config.learning_rate, c.config.seed) for c in p.ready if c.stage.startswith("T lr sweep")
+                and c.config.mask == "magnitude"}
+    assert sweep_30 == {(3e-5, 0), (1e-5, 0)}
+    for lr, points in ((1e-4, 0), (3e-5, 2), (1e-5, 1)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **at_30), [points] * 8)
+    p = plan()
+    assert p.best_lr[("addition", "sparse-magnitude-0.3")] == 3e-5
+    assert planned(p, mask="magnitude", density=0.3) == {("T other masks at 30% at their own lr", 0.3, 3e-5, seed)
+                                                         for seed in (1, 2)} | {("F densities", 0.3, 1e-4, seed)
+                                                                                for seed in (1, 2)}
 
 
 def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_checkpoint):

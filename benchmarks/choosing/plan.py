@@ -45,7 +45,10 @@ R. the default (the probe's 5% mask) on the second task at stage Q's length, see
 S. post-hoc at 1 and 5% (moved fill) with the changed entries ranked by their move before rounding (diff_mask's
    ``rank_changed="moved"``), at post-hoc's own lr, 3 seeds: every post-hoc row before ranked them by the rounded
    |Δ|, whose bf16 ties went by lowest index (66% of the 1% mask on addition's seed-0 full run). Before F's 1 and
-   30% rows (which it joins late: F's 1% post-hoc row showed the problem).
+   30% rows (which it joins late: F's 1% post-hoc row showed the problem);
+T. the lr sweep (seed 0, widened like A's) of Fisher, smallest |w| and post-hoc (moved fill) at 30%, which F ran at
+   their 10% lr, and seeds 1, 2 at their own best where that differs: random's own 30% lr was 10x below its 10% one
+   (stage N), and Fisher's 30% at its 10% lr rose to 0.768 at step 20 and fell to 0.483 on one seed.
 
 Rows without a sweep of their own take the best lr of their family's swept row: random masks at every density
 the 10% random row's (random wants a ~10x larger lr than a probe mask, so the probe's lr would be unfair to it);
@@ -384,6 +387,12 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         add_seeds(main_task, "S post-hoc ranked by move", "sparse", own_row("posthoc"), mask="posthoc",
                   density=density, posthoc_fill="moved", posthoc_rank="moved")
     densities(F_DENSITY_ORDER[2:])
+    # T: the other masks' own lr at 30%, last (F ran them at their 10% lr, too high at 30% for random and Fisher),
+    # once that lr is known (F's run at it is the sweep's seed 0)
+    for mask in (m for m in OTHER_MASKS if lr_of(own_row(m)) is not None):
+        kw = {"mask": mask, "density": 0.3, **({"posthoc_fill": "moved"} if mask == "posthoc" else {})}
+        own_sweep(config(main_task, "sparse", 1.0, 0, **kw).row, "sparse", kw, own_row(mask),
+                  "T lr sweep of the other masks at 30%", "T other masks at 30% at their own lr")
     return plan
 
 
