@@ -230,6 +230,10 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         """The row whose lr a mask uses once stage H has swept its own (the probe and random were swept in A)."""
         return mask_row(mask) if mask in ("gradient", "random") else f"sparse-{mask}-{MAIN_DENSITY:g}"
 
+    def moved_fill(mask: str) -> dict:
+        """Stage F's and T's post-hoc masks fill with the entries nearest to changing; other masks have no fill."""
+        return {"posthoc_fill": "moved"} if mask == "posthoc" else {}
+
     def best_two_masks(lr_row) -> list | None:
         """The main task's two best 10% masks, each at the lr of ``lr_row(mask)`` (see ``_best_masks``)."""
         def seed0(mask: str) -> RunConfig | None:
@@ -356,7 +360,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     def densities(order) -> None:
         for density in order:
             for mask in OTHER_MASKS:
-                fill = {"posthoc_fill": "moved"} if mask == "posthoc" else {}
+                fill = moved_fill(mask)
                 if density != MAIN_DENSITY or fill:
                     add_seeds(main_task, "F densities", "sparse", own_row(mask), mask=mask, density=density, **fill)
 
@@ -390,7 +394,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # T: the other masks' own lr at 30%, last (F ran them at their 10% lr, too high at 30% for random and Fisher),
     # once that lr is known (F's run at it is the sweep's seed 0)
     for mask in (m for m in OTHER_MASKS if lr_of(own_row(m)) is not None):
-        kw = {"mask": mask, "density": 0.3, **({"posthoc_fill": "moved"} if mask == "posthoc" else {})}
+        kw = {"mask": mask, "density": 0.3, **moved_fill(mask)}
         own_sweep(config(main_task, "sparse", 1.0, 0, **kw).row, "sparse", kw, own_row(mask),
                   "T lr sweep of the other masks at 30%", "T other masks at 30% at their own lr")
     return plan
