@@ -302,7 +302,7 @@ def _density_axis(rows: dict, base_record: dict | None, best_lr: dict, task: str
              "| mask | " + " | ".join(f"{d:.0%}" for d in DENSITIES) + " |", "|---" * (len(DENSITIES) + 1) + "|"]
     for variant in sorted(cells):
         lines.append(f"| {variant} | " + " | ".join(cell(cells[variant].get(d)) for d in DENSITIES) + " |")
-    return lines + ["", "- : not run (or not at that mask's own lr yet).", ""]
+    return lines + ["", "A cell `-`: not run (or not at that mask's own lr yet); † fewer than 3 seeds.", ""]
 
 
 def _reward_change(runs: list[dict], since: int, judge: bool = False) -> str:
