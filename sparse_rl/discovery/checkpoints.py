@@ -241,8 +241,8 @@ def diff_mask(
         if density is None:
             continue
         if by_move and _finer(before.dtype, compare_dtype) and _finer(after.dtype, compare_dtype):
-            scores[name] = _changed_first(rounded, _difference(before, after), before, compare_dtype, tolerance,
-                                          fill, rank_changed)
+            scores[name] = _changed_first(changed[name], rounded, _difference(before, after), before, compare_dtype,
+                                          tolerance, fill, rank_changed)
         else:  # no rounding, both orders asked "rounded", or the move before rounding is not in the checkpoint
             scores[name] = rounded.float()
             if by_move:
@@ -260,9 +260,9 @@ def _finer(dtype: torch.dtype, than: torch.dtype) -> bool:
     return torch.finfo(dtype).eps < torch.finfo(than).eps
 
 
-def _changed_first(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor, compare_dtype: torch.dtype,
-                   tolerance: float, fill: Fill, rank_changed: Rank) -> torch.Tensor:
-    """Scores whose top-k takes the changed entries (rounded |Δ| > tolerance; scores >= 0) before the others (scores
+def _changed_first(changed: torch.Tensor, rounded: torch.Tensor, delta: torch.Tensor, before: torch.Tensor,
+                   compare_dtype: torch.dtype, tolerance: float, fill: Fill, rank_changed: Rank) -> torch.Tensor:
+    """Scores whose top-k takes the ``changed`` entries (rounded |Δ| > tolerance; scores >= 0) before the others (scores
     in [-1, 0)). Changed: largest |Δ| first, unrounded (``rank_changed="moved"``) or rounded. Others: with
     ``fill="moved"`` by how far they moved unrounded in half-spacings of ``compare_dtype`` at the base weight
     (:func:`half_ulp`; nearest to changing first), else by the rounded |Δ| (ties by lowest index)."""
@@ -273,7 +273,7 @@ def _changed_first(rounded: torch.Tensor, delta: torch.Tensor, before: torch.Ten
     else:
         unchanged = torch.full(rounded.shape, -1.0)
     ranked = delta.abs() if rank_changed == "moved" else rounded
-    return torch.where(rounded > tolerance, ranked.float(), unchanged)
+    return torch.where(changed, ranked.float(), unchanged)
 
 
 def _warn_if_filled(changed: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
@@ -303,7 +303,7 @@ def _warn_if_ranked_by_index(changed: dict[str, torch.Tensor], density: float, b
     """Say when the density keeps only some changed entries of a tensor the checkpoint stores no finer than the
     compare dtype: they rank by the rounded |Δ|, whose ties go by lowest index, not by ``rank_changed="moved"``."""
     if budget == "global":
-        total, total_changed = (sum(f(c) for c in changed.values()) for f in (torch.numel, lambda c: int(c.sum())))
+        total, total_changed = sum(c.numel() for c in changed.values()), sum(int(c.sum()) for c in changed.values())
         cut = sorted(stored_rounded) if total_changed > selected_count(total, density) else []
     else:
         cut = [n for n in sorted(stored_rounded) if int(changed[n].sum()) > selected_count(changed[n].numel(), density)]
