@@ -32,13 +32,13 @@ from _common import write_result  # noqa: E402
 
 from sparse_rl.discovery import budget_shortfall, diff_mask, iter_deltas, selected_count  # noqa: E402
 
-TOLERANCE = 1e-5  # diff_mask's default: what counts as changed after rounding
+TOLERANCE = 1e-5  # what counts as changed after rounding (diff_mask's default); passed to every diff here
 
 
 def fill_shares(base, finetuned, densities) -> tuple[float, dict[float, tuple[int, int, float]]]:
     """The share of all entries that changed in bf16, and per density (tensors short of it, tensors, share of the
     mask that is fill)."""
-    changed = diff_mask(base, finetuned, compare_dtype=torch.bfloat16)
+    changed = diff_mask(base, finetuned, tolerance=TOLERANCE, compare_dtype=torch.bfloat16)
     shares = {}
     for density in densities:
         short = budget_shortfall(changed.selections, density)
@@ -54,7 +54,8 @@ def rank_ties(base, finetuned, densities) -> dict[float, tuple[float, float]]:
     for density in densities:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the fill, which the first table counts
-            masks = {rank: diff_mask(base, finetuned, density, compare_dtype=torch.bfloat16, rank_changed=rank)
+            masks = {rank: diff_mask(base, finetuned, density, tolerance=TOLERANCE, compare_dtype=torch.bfloat16,
+                                      rank_changed=rank)
                      for rank in ("rounded", "moved")}
         rounded, tied = masks["rounded"], 0
         for name, _, delta in iter_deltas(base, finetuned, compare_dtype=torch.bfloat16, desc="ties"):

@@ -97,6 +97,12 @@ class Plan:
     sweep_lrs: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (task, swept row) -> lrs so far
 
 
+def own_row(mask: str) -> str:
+    """The row whose lr a mask uses at every density without its own sweep: its 10% row (swept in stage A for the
+    probe and random, in stage H for the others)."""
+    return f"sparse-{mask}-{MAIN_DENSITY:g}"
+
+
 def widen(lrs, best: float) -> float | None:
     """The next lr of the 1-3-10 grid beyond ``best`` when it is the smallest or largest of ``lrs``, else None: a best
     lr at the edge of a sweep says only that the optimum may lie further out."""
@@ -225,10 +231,6 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     def mask_row(mask: str) -> str:
         """The swept row whose lr a mask's rows use (in stages C and D; stage H sweeps the other masks' own)."""
         return random_row if mask == "random" else sparse_row
-
-    def own_row(mask: str) -> str:
-        """The row whose lr a mask uses once stage H has swept its own (the probe and random were swept in A)."""
-        return mask_row(mask) if mask in ("gradient", "random") else f"sparse-{mask}-{MAIN_DENSITY:g}"
 
     def moved_fill(mask: str) -> dict:
         """Stage F's and T's post-hoc masks fill with the entries nearest to changing; other masks have no fill."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from choosing.plan import DENSITIES, LONGER, MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan
+from choosing.plan import DENSITIES, LONGER, MAIN_DENSITY, MAX_WIDENING, SWEEPS, build_plan, own_row
 from choosing.runs import RunConfig, running_pid
 from choosing.stats import (
     difference_interval,
@@ -283,7 +283,7 @@ def _density_axis(rows: dict, base_record: dict | None, best_lr: dict, task: str
         config = runs[0]["config"]
         if config["method"] != "sparse" or config["entropy_quantile"] != 1.0:
             continue
-        own = best_lr.get((task, key[1])) or best_lr.get((task, f"sparse-{config['mask']}-{MAIN_DENSITY:g}"))
+        own = best_lr.get((task, key[1])) or best_lr.get((task, own_row(config["mask"])))
         if key[2] == own:
             cells[key[1].replace(f"-{config['density']:g}", "", 1)][config["density"]] = key
     if not any(len(by_density) > 1 for by_density in cells.values()):
