@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from ..mask import SubnetworkMask
 from .strategies import (
     Budget,
-    budget_shortfall,
     check_budget,
     check_density,
     filter_names,
@@ -234,14 +233,17 @@ def diff_mask(
         raise ValueError(f"rank_changed must be one of {RANKS}, got {rank_changed!r}")
     check_budget(budget)
     by_move = compare_dtype is not None and "moved" in (fill, rank_changed)
+    # changed: the maps (density None) or, for the warnings, (changed entries, entries) per tensor, not the maps
     scores, changed, stored_rounded = {}, {}, set()  # stored_rounded: names stored no finer than compare_dtype
     for name, before, after in iter_weight_pairs(base, finetuned, include, exclude, "diff mask"):
         rounded = _difference(before, after, compare_dtype).abs()
-        changed[name] = rounded > tolerance
+        changed_here = rounded > tolerance
         if density is None:
+            changed[name] = changed_here
             continue
+        changed[name] = (int(changed_here.sum()), changed_here.numel())
         if by_move and _finer(before.dtype, compare_dtype) and _finer(after.dtype, compare_dtype):
-            scores[name] = _changed_first(changed[name], rounded, _difference(before, after), before, compare_dtype,
+            scores[name] = _changed_first(changed_here, rounded, _difference(before, after), before, compare_dtype,
                                           tolerance, fill, rank_changed)
         else:  # no rounding, both orders asked "rounded", or the move before rounding is not in the checkpoint
             scores[name] = rounded.float()
@@ -276,16 +278,17 @@ def _changed_first(changed: torch.Tensor, rounded: torch.Tensor, delta: torch.Te
     return torch.where(changed, ranked.float(), unchanged)
 
 
-def _warn_if_filled(changed: dict[str, torch.Tensor], density: float, tolerance: float, budget: Budget,
+def _warn_if_filled(changed: dict[str, tuple[int, int]], density: float, tolerance: float, budget: Budget,
                     fill: Fill, stored_rounded: set[str]) -> None:
     """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
     (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
-    (the choose-by full runs changed 9.3%). ``stored_rounded``: tensors whose fill had to go by lowest index."""
-    total_changed, total = sum(int(c.sum()) for c in changed.values()), sum(c.numel() for c in changed.values())
+    (the choose-by full runs changed 9.3%). ``changed``: (changed entries, entries) per tensor; ``stored_rounded``:
+    tensors whose fill had to go by lowest index."""
+    total_changed, total = sum(c for c, _ in changed.values()), sum(n for _, n in changed.values())
     if budget == "global":
         short_names = list(changed) if total_changed < selected_count(total, density) else []
     else:
-        short_names = [n for n, short in budget_shortfall(changed, density).items() if short]
+        short_names = [n for n, (count, size) in changed.items() if count < selected_count(size, density)]
     if short_names:
         where = "overall" if budget == "global" else f"in {len(short_names)} of {len(changed)} tensors"
         coarse = [n for n in short_names if n in stored_rounded]
@@ -298,15 +301,15 @@ def _warn_if_filled(changed: dict[str, torch.Tensor], density: float, tolerance:
                       "Pass density=None for exactly the changed entries, or a lower density.", stacklevel=3)
 
 
-def _warn_if_ranked_by_index(changed: dict[str, torch.Tensor], density: float, budget: Budget,
+def _warn_if_ranked_by_index(changed: dict[str, tuple[int, int]], density: float, budget: Budget,
                              stored_rounded: set[str]) -> None:
     """Say when the density keeps only some changed entries of a tensor the checkpoint stores no finer than the
     compare dtype: they rank by the rounded |Δ|, whose ties go by lowest index, not by ``rank_changed="moved"``."""
     if budget == "global":
-        total, total_changed = sum(c.numel() for c in changed.values()), sum(int(c.sum()) for c in changed.values())
+        total_changed, total = sum(c for c, _ in changed.values()), sum(n for _, n in changed.values())
         cut = sorted(stored_rounded) if total_changed > selected_count(total, density) else []
     else:
-        cut = [n for n in sorted(stored_rounded) if int(changed[n].sum()) > selected_count(changed[n].numel(), density)]
+        cut = [n for n in sorted(stored_rounded) if changed[n][0] > selected_count(changed[n][1], density)]
     if cut:
         warnings.warn(f"diff_mask: {len(cut)} tensors (e.g. {cut[0]!r}) changed more entries than density={density:g} "
                       "keeps but are stored no finer than the compare dtype in a checkpoint, so their move before "
