@@ -402,6 +402,24 @@ def test_the_other_masks_get_their_own_lr_sweep_and_their_densities_use_it(tmp_p
     assert planned(p, mask="magnitude", density=0.3) == {("T other masks at 30% at their own lr", 0.3, 3e-5, seed)
                                                          for seed in (1, 2)} | {("F densities", 0.3, 1e-4, seed)
                                                                                 for seed in (1, 2)}
+    # stage U: the same at 1%, where the best lr here is above the 10% one
+    at_1 = dict(magnitude, density=0.01)
+    assert {(c.config.learning_rate, c.config.seed) for c in p.ready if c.stage.startswith("U lr sweep")
+            and c.config.mask == "magnitude"} == {(3e-5, 0), (1e-5, 0)}
+    for lr, points in ((1e-4, 2), (3e-5, 1), (1e-5, 0)):
+        _fake_run(runs, protocol.replace(learning_rate=lr, **at_1), [points] * 8)
+    p = plan()
+    assert planned(p, mask="magnitude", density=0.01, seed=0) == {("U lr sweep of the other masks at 1% (widened)",
+                                                                   0.01, 3e-4, 0)}
+    _fake_run(runs, protocol.replace(learning_rate=3e-4, **at_1), [3] * 8)
+    p = plan()
+    assert p.best_lr.get(("addition", "sparse-magnitude-0.01")) is None  # best at the edge again: widened once more
+    _fake_run(runs, protocol.replace(learning_rate=1e-3, **at_1), [0] * 8)
+    p = plan()
+    assert p.best_lr[("addition", "sparse-magnitude-0.01")] == 3e-4
+    assert planned(p, mask="magnitude", density=0.01) == {("U other masks at 1% at their own lr", 0.01, 3e-4, seed)
+                                                          for seed in (1, 2)} | {("F densities", 0.01, 1e-4, seed)
+                                                                                 for seed in (1, 2)}
 
 
 def test_the_second_task_reruns_the_best_masks_at_their_own_lr(tmp_path, tiny_checkpoint):

@@ -399,6 +399,14 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         kw = {"mask": mask, "density": 0.3, **moved_fill(mask)}
         own_sweep(config(main_task, "sparse", 1.0, 0, **kw).row, "sparse", kw, own_row(mask),
                   "T lr sweep of the other masks at 30%", "T other masks at 30% at their own lr")
+    # U: the same at 1%, after T (F and S ran them at their 10% lr, but at 1% the probe's own lr was 3x its 10% one
+    # and random's 10x, so a 1% row at the 10% lr may lose by its lr, not its mask); post-hoc cut as stage S's
+    for mask in (m for m in OTHER_MASKS if lr_of(own_row(m)) is not None):
+        kw = {"mask": mask, "density": 0.01, **moved_fill(mask)}
+        if mask == "posthoc":
+            kw["posthoc_rank"] = "moved"
+        own_sweep(config(main_task, "sparse", 1.0, 0, **kw).row, "sparse", kw, own_row(mask),
+                  "U lr sweep of the other masks at 1%", "U other masks at 1% at their own lr")
     return plan
 
 
