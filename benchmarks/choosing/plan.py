@@ -236,6 +236,10 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
         """Stage F's and T's post-hoc masks fill with the entries nearest to changing; other masks have no fill."""
         return {"posthoc_fill": "moved"} if mask == "posthoc" else {}
 
+    def cut_by_move(mask: str) -> dict:
+        """Stage S's and U's post-hoc masks also rank their changed entries by the move before rounding."""
+        return {**moved_fill(mask), "posthoc_rank": "moved"} if mask == "posthoc" else {}
+
     def best_two_masks(lr_row) -> list | None:
         """The main task's two best 10% masks, each at the lr of ``lr_row(mask)`` (see ``_best_masks``)."""
         def seed0(mask: str) -> RunConfig | None:
@@ -391,7 +395,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # F's 30% rows, which rank nothing (the changed entries are all in)
     for density in S_DENSITIES:
         add_seeds(main_task, "S post-hoc ranked by move", "sparse", own_row("posthoc"), mask="posthoc",
-                  density=density, posthoc_fill="moved", posthoc_rank="moved")
+                  density=density, **cut_by_move("posthoc"))
     densities(F_DENSITY_ORDER[2:])
     # T: the other masks' own lr at 30%, last (F ran them at their 10% lr, too high at 30% for random and Fisher),
     # once that lr is known (F's run at it is the sweep's seed 0)
@@ -402,9 +406,7 @@ def build_plan(protocol: RunConfig, runs_dir: Path, weights_dir: Path, model_dir
     # U: the same at 1%, after T (F and S ran them at their 10% lr, but at 1% the probe's own lr was 3x its 10% one
     # and random's 10x, so a 1% row at the 10% lr may lose by its lr, not its mask); post-hoc cut as stage S's
     for mask in (m for m in OTHER_MASKS if lr_of(own_row(m)) is not None):
-        kw = {"mask": mask, "density": 0.01, **moved_fill(mask)}
-        if mask == "posthoc":
-            kw["posthoc_rank"] = "moved"
+        kw = {"mask": mask, "density": 0.01, **cut_by_move(mask)}
         own_sweep(config(main_task, "sparse", 1.0, 0, **kw).row, "sparse", kw, own_row(mask),
                   "U lr sweep of the other masks at 1%", "U other masks at 1% at their own lr")
     return plan

@@ -278,13 +278,18 @@ def _changed_first(changed: torch.Tensor, rounded: torch.Tensor, delta: torch.Te
     return torch.where(changed, ranked.float(), unchanged)
 
 
+def _totals(changed: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(changed entries, entries) over all tensors, from the per-tensor counts the warnings below take."""
+    return sum(c for c, _ in changed.values()), sum(n for _, n in changed.values())
+
+
 def _warn_if_filled(changed: dict[str, tuple[int, int]], density: float, tolerance: float, budget: Budget,
                     fill: Fill, stored_rounded: set[str]) -> None:
     """Say when fewer entries changed than ``density`` asks for: the top-k then takes entries within the tolerance
     (``fill``), which a user reading "the changed entries" would not expect. Short RL runs compared in bf16 do this
     (the choose-by full runs changed 9.3%). ``changed``: (changed entries, entries) per tensor; ``stored_rounded``:
     tensors whose fill had to go by lowest index."""
-    total_changed, total = sum(c for c, _ in changed.values()), sum(n for _, n in changed.values())
+    total_changed, total = _totals(changed)
     if budget == "global":
         short_names = list(changed) if total_changed < selected_count(total, density) else []
     else:
@@ -306,7 +311,7 @@ def _warn_if_ranked_by_index(changed: dict[str, tuple[int, int]], density: float
     """Say when the density keeps only some changed entries of a tensor the checkpoint stores no finer than the
     compare dtype: they rank by the rounded |Δ|, whose ties go by lowest index, not by ``rank_changed="moved"``."""
     if budget == "global":
-        total_changed, total = sum(c for c, _ in changed.values()), sum(n for _, n in changed.values())
+        total_changed, total = _totals(changed)
         cut = sorted(stored_rounded) if total_changed > selected_count(total, density) else []
     else:
         cut = [n for n in sorted(stored_rounded) if changed[n][0] > selected_count(changed[n][1], density)]
